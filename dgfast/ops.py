@@ -1,0 +1,193 @@
+"""Fused ops: one dispatch point per op, three implementations that must agree.
+
+- "torch":  the plain formulas below. The reference every other backend is tested against.
+- "cpp":    csrc/ (OpenMP + SIMD), for CPU tensors. Built by setup.py or JIT-loaded with ninja.
+- "triton": kernels/ (installed as dgfast.kernels), for CUDA tensors; on CPU only under
+            TRITON_INTERPRET=1 (how the kernels are tested on machines without a GPU).
+
+backend="auto" picks triton on CUDA, cpp on CPU, torch otherwise. The environment variable
+DGFAST_BACKEND replaces the "auto" choice (an explicit backend argument still wins).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "triton", "cpp", "torch")
+SAMPLER_MODES = ("ddpm", "ddim")
+LN_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend discovery
+# ----------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def cpp_extension():
+    """The compiled C++ module, or None (with one warning) when it cannot be had."""
+    try:
+        from dgfast import _C  # built by setup.py
+        return _C
+    except ImportError:
+        pass
+    if os.environ.get("DGFAST_NO_JIT") == "1":
+        return None
+    try:
+        from dgfast._build import jit_load
+        return jit_load()
+    except Exception as err:  # no compiler, no ninja, build error: fall back to torch
+        warnings.warn(f"dgfast: C++ ops unavailable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                      f"using the torch path on CPU", stacklevel=2)
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernels():
+    """dgfast.kernels, or None when Triton is missing or has no driver (no GPU, no interpreter)."""
+    try:
+        import dgfast.kernels as kernels
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    return kernels
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    """Which implementation runs `tensor`'s op. Raises a clear error for impossible choices."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("DGFAST_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"DGFAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if tensor.is_cuda and triton_kernels() is not None:
+            return "triton"
+        if tensor.device.type == "cpu" and cpp_extension() is not None:
+            return "cpp"
+        return "torch"
+    if backend == "triton":
+        if triton_kernels() is None:
+            raise RuntimeError("backend='triton': triton is not installed")
+        if not tensor.is_cuda and not triton_interpreting():
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
+    if backend == "cpp":
+        if tensor.device.type != "cpu":
+            raise ValueError(f"backend='cpp' runs CPU tensors only, got a tensor on {tensor.device}")
+        if cpp_extension() is None:
+            raise RuntimeError("backend='cpp': the C++ extension could not be built or loaded")
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------
+# guided_step: guidance combination + scheduler update, one pass
+# ----------------------------------------------------------------------------------------------
+
+def guided_step(x, out_ft, out_pre, noise, coefs, *, scale: float = 1.0, guidance_channels: int = 0,
+                mode: str = "ddpm", clip_denoised: bool = False, backend: str = "auto") -> torch.Tensor:
+    """x_prev for one sampler step of the kept (fine-tuned) half.
+
+    x:        (n, C, H, W) current sample
+    out_ft:   (n, 2C, H, W) fine-tuned output: eps channels then variance values (ddim: >= C channels)
+    out_pre:  (n, >=k, H, W) pre-trained output, or None for unguided sampling
+    noise:    (n, C, H, W) standard normal draw (may be a strided view, e.g. rows of a 2n draw)
+    coefs:    the step's row of Schedule.ddpm_coefs()/ddim_coefs() (7 float32 values)
+    scale:    guidance scale w in  eps = u + w * (c - u)  (u = pre-trained, c = fine-tuned)
+    guidance_channels: k, guidance applies to eps channels [0, k); the rest are the fine-tuned eps.
+    """
+    if mode not in SAMPLER_MODES:
+        raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
+    k = guidance_channels if out_pre is not None else 0
+    coefs = [float(c) for c in coefs]
+    which = resolve_backend(backend, x)
+    if which == "cpp":
+        return cpp_extension().guided_step(x, out_ft, out_pre, noise, coefs, float(scale), int(k),
+                                           mode == "ddim", bool(clip_denoised))
+    if which == "triton":
+        return triton_kernels().guided_step(x, out_ft, out_pre, noise, coefs, scale=float(scale), k=int(k),
+                                            mode=mode, clip_denoised=bool(clip_denoised))
+    return guided_step_torch(x, out_ft, out_pre, noise, coefs, scale=scale, guidance_channels=k, mode=mode,
+                             clip_denoised=clip_denoised)
+
+
+def guide_eps(eps_ft, eps_pre, scale, k):
+    """eps with channels [0, k) guided as u + s*(c - u) (the reference's op order), rest from eps_ft."""
+    if eps_pre is None or k == 0:
+        return eps_ft
+    g = eps_pre[:, :k] + scale * (eps_ft[:, :k] - eps_pre[:, :k])
+    return g if k == eps_ft.shape[1] else torch.cat([g, eps_ft[:, k:]], dim=1)
+
+
+def guided_step_torch(x, out_ft, out_pre, noise, coefs, *, scale=1.0, guidance_channels=0, mode="ddpm",
+                      clip_denoised=False):
+    """Plain-torch twin, op for op as DiT's p_mean_variance + p_sample (or ddim_sample)."""
+    C = x.shape[1]
+    c = [torch.tensor(v, dtype=torch.float32, device=x.device) for v in coefs]  # f32 scalars, as _extract
+    eps = guide_eps(out_ft[:, :C], out_pre, scale, guidance_channels)
+    x0 = c[0] * x - c[1] * eps
+    if clip_denoised:
+        x0 = x0.clamp(-1, 1)
+    if mode == "ddim":
+        eps2 = (c[0] * x - x0) / c[1]
+        mean = x0 * c[2] + c[3] * eps2
+        return mean + c[4] * noise
+    mean = c[2] * x0 + c[3] * x
+    frac = (out_ft[:, C:2 * C] + 1) / 2
+    logvar = frac * c[5] + (1 - frac) * c[4]
+    return mean + c[6] * torch.exp(0.5 * logvar) * noise
+
+
+# ----------------------------------------------------------------------------------------------
+# DiT block elementwise work
+# ----------------------------------------------------------------------------------------------
+
+def adaln_modulate(h, shift, scale, *, eps: float = LN_EPS, backend: str = "auto") -> torch.Tensor:
+    """LayerNorm(h) (no affine) * (1 + scale) + shift, per sample. h (N, T, D); shift, scale (N, D)."""
+    which = resolve_backend(backend, h)
+    if which == "cpp":
+        return cpp_extension().adaln_modulate(h, shift, scale, float(eps))
+    if which == "triton":
+        return triton_kernels().adaln_modulate(h, shift, scale, eps=float(eps))
+    return adaln_modulate_torch(h, shift, scale, eps=eps)
+
+
+def adaln_modulate_torch(h, shift, scale, *, eps=LN_EPS):
+    z = F.layer_norm(h, (h.shape[-1],), eps=eps)
+    return z * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def gated_residual_modulate(h, gate, y, shift, scale, *, eps: float = LN_EPS, backend: str = "auto"):
+    """(h + gate * y, adaln_modulate(h + gate * y, shift, scale)): residual and the next sub-layer's input."""
+    which = resolve_backend(backend, h)
+    if which == "cpp":
+        return tuple(cpp_extension().gated_residual_modulate(h, gate, y, shift, scale, float(eps)))
+    if which == "triton":
+        return triton_kernels().gated_residual_modulate(h, gate, y, shift, scale, eps=float(eps))
+    return gated_residual_modulate_torch(h, gate, y, shift, scale, eps=eps)
+
+
+def gated_residual_modulate_torch(h, gate, y, shift, scale, *, eps=LN_EPS):
+    h = h + gate.unsqueeze(1) * y
+    return h, adaln_modulate_torch(h, shift, scale, eps=eps)
+
+
+def gelu_tanh(x, bias=None, *, backend: str = "auto") -> torch.Tensor:
+    """GELU with the tanh approximation of (x + bias); bias (D,) broadcasts over the last dim."""
+    which = resolve_backend(backend, x)
+    if which == "cpp":
+        return cpp_extension().gelu_tanh(x, bias)
+    if which == "triton":
+        return triton_kernels().gelu_tanh(x, bias)
+    return gelu_tanh_torch(x, bias)
+
+
+def gelu_tanh_torch(x, bias=None):
+    return F.gelu(x if bias is None else x + bias, approximate="tanh")
