@@ -1,0 +1,297 @@
+"""`dgfast.sample()` and `dgfast.dog_forward()`: the drop-in API.
+
+    eps = eps_pre(x, t, null) + w * (eps_ft(x, t, y) - eps_pre(x, t, null))
+
+With guidance_channels=3, noise="reference" and fp32, `sample` reproduces the first n rows of
+the DiT/DoG scripts' `diffusion.p_sample_loop(dog_fn, ...)` (the sampler step bit for bit,
+the models to float tolerance), including the default generator's consumption.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from dgfast import ops
+from dgfast.schedule import Schedule
+
+SAMPLERS = ("ddpm", "ddim")
+NOISE_MODES = ("reference", "per-sample")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+def model_info(model) -> dict:
+    """What can be read off a model: in/out channels, latent size, label table rows (None if unknown)."""
+    info = dict(in_channels=None, out_channels=None, input_size=None, table_rows=None, learn_sigma=None)
+    if not isinstance(model, nn.Module):
+        return info
+    info["in_channels"] = getattr(model, "in_channels", None)
+    info["out_channels"] = getattr(model, "out_channels", None)
+    info["learn_sigma"] = getattr(model, "learn_sigma", None)
+    info["input_size"] = getattr(model, "input_size", None)
+    x_emb = getattr(model, "x_embedder", None)
+    if info["input_size"] is None and x_emb is not None:  # upstream: timm PatchEmbed.img_size
+        size = getattr(x_emb, "img_size", None)
+        info["input_size"] = size[0] if isinstance(size, (tuple, list)) else size
+    table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
+    if isinstance(table, nn.Embedding):
+        info["table_rows"] = table.num_embeddings
+    return info
+
+
+def check_eval(model, name: str) -> None:
+    if not callable(model):
+        raise TypeError(f"{name} must be a callable model f(x, t, y), got {type(model).__name__}")
+    if isinstance(model, nn.Module) and any(m.training for m in model.modules()):
+        raise ValueError(f"{name} is in train mode: call {name}.eval() first (in train mode DiT's label "
+                         f"dropout draws random numbers and drops labels)")
+
+
+def check_pair(ft_info: dict, pre_info: dict) -> None:
+    for key in ("in_channels", "out_channels", "input_size", "learn_sigma"):
+        a, b = ft_info[key], pre_info[key]
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"finetuned and pretrained models disagree on {key}: {a} vs {b}")
+
+
+def check_inputs(z, y, info: dict, device_of_model) -> None:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 4:
+        raise ValueError(f"z must be (n, C, H, W), got shape {tuple(z.shape)}")
+    if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"z must be a floating tensor (float32 for faithful sampling), got {z.dtype}")
+    if not torch.isfinite(z).all():
+        raise ValueError("z contains NaN or infinite values")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor of class labels, got {type(y).__name__}")
+    if y.dtype != torch.int64 or y.dim() != 1:
+        raise TypeError(f"y must be a 1-D int64 tensor, got dtype {y.dtype} and shape {tuple(y.shape)}")
+    if len(y) != len(z):
+        raise ValueError(f"y has {len(y)} labels but z has {len(z)} samples")
+    if y.device != z.device:
+        raise ValueError(f"y is on {y.device} but z is on {z.device}")
+    if device_of_model is not None and device_of_model != z.device:
+        raise ValueError(f"z is on {z.device} but the models are on {device_of_model}")
+    if info["in_channels"] is not None and z.shape[1] != info["in_channels"]:
+        raise ValueError(f"z has {z.shape[1]} channels, the models take {info['in_channels']}")
+    if info["input_size"] is not None and tuple(z.shape[2:]) != (info["input_size"],) * 2:
+        raise ValueError(f"z is {tuple(z.shape[2:])} spatially, the models take {info['input_size']}x{info['input_size']}")
+    if len(y) and (int(y.min()) < 0 or (info["table_rows"] is not None and int(y.max()) >= info["table_rows"])):
+        raise ValueError(f"y holds labels outside [0, {info['table_rows']}) of the finetuned model's label table: "
+                         f"min {int(y.min())}, max {int(y.max())}")
+
+
+def model_device(model):
+    if isinstance(model, nn.Module):
+        p = next(model.parameters(), None)
+        return p.device if p is not None else None
+    return None
+
+
+def resolve_channels(guidance_channels, C: int) -> int:
+    if guidance_channels == "all":
+        return C
+    if isinstance(guidance_channels, bool) or not isinstance(guidance_channels, int):
+        raise TypeError(f"guidance_channels must be an int or 'all', got {guidance_channels!r}")
+    if not 0 <= guidance_channels <= C:
+        raise ValueError(f"guidance_channels must be in [0, {C}] or 'all', got {guidance_channels}")
+    return guidance_channels
+
+
+def check_scale(guidance_scale) -> float:
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+    s = float(guidance_scale)
+    if not math.isfinite(s) or s < 0:
+        raise ValueError(f"guidance_scale must be finite and >= 0, got {guidance_scale}")
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise
+# ----------------------------------------------------------------------------------------------
+
+class ReferenceNoise:
+    """One default-generator draw per step over the batch the upstream loop holds (2n when guided)."""
+
+    def __init__(self, n: int, rows: int, shape, device, dtype):
+        self.n, self.shape, self.device, self.dtype = n, (rows, *shape[1:]), device, dtype
+
+    def __call__(self) -> torch.Tensor:
+        return torch.randn(self.shape, device=self.device, dtype=self.dtype)[: self.n]
+
+
+class PerSampleNoise:
+    """Sample i's latents and step noise come from its own generator seeded with seeds[i]:
+    results do not depend on batch size or on which other samples share the batch."""
+
+    def __init__(self, seeds: Sequence[int], shape, device, dtype):
+        self.gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.shape, self.device, self.dtype = tuple(shape[1:]), device, dtype
+
+    def latents(self) -> torch.Tensor:
+        return self()
+
+    def __call__(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g, device=self.device, dtype=self.dtype)
+                            for g in self.gens])
+
+
+# ----------------------------------------------------------------------------------------------
+# Forwards
+# ----------------------------------------------------------------------------------------------
+
+def _is_dgfast_dit(m) -> bool:
+    from dgfast.models import DiT
+    return isinstance(m, DiT)
+
+
+def make_pair_forward(finetuned, pretrained, paired) -> Callable:
+    """f(x, t, y, null) -> (out_ft, out_pre): one concatenated batch when possible, else two calls."""
+    if paired is not False and not isinstance(paired, bool):  # a prebuilt paired model
+        return paired.forward_pair
+    if paired and _is_dgfast_dit(finetuned) and _is_dgfast_dit(pretrained):
+        try:
+            from dgfast.paired import get_pair
+        except ImportError:
+            get_pair = None
+        if get_pair is not None:
+            return get_pair(finetuned, pretrained).forward_pair
+
+    def two_pass(x, t, y, null):
+        return finetuned(x, t, y), pretrained(x, t, torch.full_like(y, null))
+    return two_pass
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="250", guidance_channels=3,
+           null_label: int = 1000, sampler: str = "ddpm", eta: float = 0.0, noise: str = "reference",
+           seeds: Sequence[int] | None = None, clip_denoised: bool = False, progress: bool = False,
+           backend: str = "auto", paired=True) -> torch.Tensor:
+    """Domain Guidance sampling; returns the n kept samples (n, C, H, W).
+
+    finetuned(x, t, y) gets the labels y; pretrained(x, t, null_label) is the guiding branch.
+    guidance_channels=3 reproduces the DiT/DoG scripts' 3-channel quirk; "all" guides every eps
+    channel. guidance_scale == 1 samples the fine-tuned model alone (one forward per step).
+    noise="reference" draws from the default generator exactly as the upstream loop does;
+    noise="per-sample" with seeds= makes sample i depend only on seeds[i] (z may then be None).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    scale = check_scale(guidance_scale)
+    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    guided = scale != 1.0
+    check_eval(finetuned, "finetuned")
+    ft_info = model_info(finetuned)
+    if guided:
+        if pretrained is None:
+            raise ValueError("pretrained is required when guidance_scale != 1")
+        check_eval(pretrained, "pretrained")
+        pre_info = model_info(pretrained)
+        check_pair(ft_info, pre_info)
+        if isinstance(null_label, bool) or not isinstance(null_label, int) or null_label < 0 or (
+                pre_info["table_rows"] is not None and null_label >= pre_info["table_rows"]):
+            raise ValueError(f"null_label {null_label!r} is outside the pretrained model's label table "
+                             f"[0, {pre_info['table_rows']})")
+    draw = None
+    if noise == "per-sample":
+        if seeds is None:
+            raise ValueError("noise='per-sample' needs seeds= (one int per sample)")
+        if z is None:  # latents from each sample's generator, which then goes on to the step noise
+            if ft_info["in_channels"] is None or ft_info["input_size"] is None:
+                raise ValueError("z=None needs a model whose in_channels and input_size are known")
+            size = ft_info["input_size"]
+            device = model_device(finetuned) or torch.device("cpu")
+            draw = PerSampleNoise(seeds, (len(seeds), ft_info["in_channels"], size, size), device, torch.float32)
+            z = draw.latents()
+        if len(seeds) != len(z):
+            raise ValueError(f"seeds has {len(seeds)} entries but z has {len(z)} samples")
+    elif seeds is not None:
+        raise ValueError("seeds= is only used with noise='per-sample'")
+    check_inputs(z, y, ft_info, model_device(finetuned))
+    if guided:
+        check_inputs(z, y.clamp(max=0), pre_info, model_device(pretrained))
+    k = resolve_channels(guidance_channels, z.shape[1])
+
+    schedule = Schedule.from_steps(steps)
+    coefs = schedule.ddim_coefs(float(eta)) if sampler == "ddim" else schedule.ddpm_coefs()
+    n = len(z)
+    if draw is None:
+        draw = (PerSampleNoise(seeds, z.shape, z.device, z.dtype) if noise == "per-sample"
+                else ReferenceNoise(n, 2 * n if guided else n, z.shape, z.device, z.dtype))
+    pair_forward = make_pair_forward(finetuned, pretrained, paired) if guided else None
+
+    x = z
+    indices = range(schedule.num_steps - 1, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+        indices = tqdm(indices, desc="dgfast", unit="step")
+    for j in indices:
+        t = torch.full((n,), int(schedule.timestep_map[j]), dtype=torch.int64, device=z.device)
+        if guided:
+            out_ft, out_pre = pair_forward(x, t, y, null_label)
+            out_ft, out_pre = _first(out_ft), _first(out_pre)
+        else:
+            out_ft, out_pre = _first(finetuned(x, t, y)), None
+        _check_output(out_ft, x, sampler, "finetuned")
+        x = ops.guided_step(x, out_ft, out_pre, draw(), coefs[j], scale=scale, guidance_channels=k,
+                            mode=sampler, clip_denoised=clip_denoised, backend=backend)
+    return x
+
+
+def _check_output(out, x, sampler, name):
+    C = x.shape[1]
+    need = 2 * C if sampler == "ddpm" else C
+    if not isinstance(out, torch.Tensor) or out.shape[0] != x.shape[0] or out.shape[1] < need \
+            or out.shape[2:] != x.shape[2:]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{name} returned {shape}; sampler {sampler!r} needs (n, {need}, H, W) "
+                         f"(eps then learned-range variance channels for ddpm)")
+
+
+# ----------------------------------------------------------------------------------------------
+# forward_with_cfg-style drop-in for scripts that keep their own p_sample_loop
+# ----------------------------------------------------------------------------------------------
+
+def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels=3, paired=True) -> Callable:
+    """A callable with upstream `forward_with_cfg(x, t, y, cfg_scale)` semantics, as the DoG script's
+    guidance closure: both models read x[:n]; the fine-tuned one gets y[:n], the pre-trained one
+    `null_label`; guidance on the first `guidance_channels` eps channels; rows [:n] carry the
+    fine-tuned variance channels, rows [n:] the pre-trained ones. Returns (2n, 2C, H, W).
+    """
+    check_eval(finetuned, "finetuned")
+    check_eval(pretrained, "pretrained")
+    check_pair(model_info(finetuned), model_info(pretrained))
+    pair_forward = make_pair_forward(finetuned, pretrained, paired)
+
+    @torch.no_grad()
+    def forward_with_cfg(x, t, y, cfg_scale):
+        n = len(x) // 2
+        C = x.shape[1]
+        k = resolve_channels(guidance_channels, C)
+        out_ft, out_pre = pair_forward(x[:n], t[:n], y[:n], null_label)
+        out_ft, out_pre = _first(out_ft), _first(out_pre)
+        g = out_pre[:, :k] + cfg_scale * (out_ft[:, :k] - out_pre[:, :k])
+        rest = torch.cat([out_ft[:, k:], out_pre[:, k:]], dim=0)
+        return torch.cat([torch.cat([g, g], dim=0), rest], dim=1)
+
+    return forward_with_cfg
