@@ -49,11 +49,29 @@ def cpp_extension():
 def triton_kernels():
     """dgfast.kernels, or None when Triton is missing or has no driver (no GPU, no interpreter)."""
     try:
-        import dgfast.kernels as kernels
         import triton  # noqa: F401
     except ImportError:
         return None
+    try:
+        import dgfast.kernels as kernels
+    except ImportError:
+        kernels = _kernels_from_source_tree()
     return kernels
+
+
+def _kernels_from_source_tree():
+    """Run from a checkout without installing: the repo's top-level kernels/ as dgfast.kernels."""
+    import importlib.util
+    import sys
+    init = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "__init__.py")
+    if not os.path.isfile(init):
+        return None
+    spec = importlib.util.spec_from_file_location("dgfast.kernels", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dgfast.kernels"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def triton_interpreting() -> bool:
