@@ -1,0 +1,34 @@
+# Two commands for a fresh machine (see README.md):
+#   make demo   sample with Domain Guidance on the embedded models, write a grid, print throughput
+#   make test   run the whole test suite (benchmarks run once each, untimed)
+# Each creates its own virtual environment in .venv and installs what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch==2.13.0 is the CPU wheel; the C++ ops build against it (no build isolation, so pip
+# does not fetch a second torch into a throwaway build environment).
+STAMP  := $(VENV)/.dgfast-installed
+
+.PHONY: demo test bench gpu-check clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "setuptools>=64" wheel pybind11 ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,diffusers]"
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m dgfast demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests bench --benchmark-disable -q
+
+bench: $(STAMP)
+	$(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,max,rounds
+
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info
