@@ -107,6 +107,26 @@ def attention(qkv: torch.Tensor, num_heads: int, impl: str = "sdpa") -> torch.Te
     return o.transpose(1, 2).reshape(B, T, -1)
 
 
+def blocks_forward(h, mods, final, attn, mlp, *, eps: float, mlp_eps: float, backend: str = "auto"):
+    """The adaLN-Zero block stack, shared by DiT.run_blocks and the paired model (dgfast.paired).
+
+    h: (N, T, D) tokens; mods[i]: block i's six (N, D) chunks (shift_msa, scale_msa, gate_msa,
+    shift_mlp, scale_mlp, gate_mlp); final: the final layer's (shift, scale);
+    attn(i, xm) / mlp(i, xm): block i's sub-layer on its modulated input (N, T, D).
+    The gate+residual of one sub-layer is fused with the LayerNorm-modulate of the next one
+    (across block boundaries too). Returns the final layer's modulated input (N, T, D).
+    """
+    first = mods[0][:2] if mods else final
+    xm = ops.adaln_modulate(h, first[0], first[1], eps=eps, backend=backend)
+    for i, (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) in enumerate(mods):
+        h, xm = ops.gated_residual_modulate(h, gate_msa, attn(i, xm), shift_mlp, scale_mlp, eps=mlp_eps,
+                                            backend=backend)
+        nxt_shift, nxt_scale = mods[i + 1][:2] if i + 1 < len(mods) else final
+        h, xm = ops.gated_residual_modulate(h, gate_mlp, mlp(i, xm), nxt_shift, nxt_scale, eps=eps,
+                                            backend=backend)
+    return xm
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -253,19 +273,12 @@ class DiT(nn.Module):
 
     def run_blocks(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Blocks + final layer with fused LN-modulate / gated-residual ops; returns (N, T, p*p*O)."""
-        be, eps, eps_mlp = self.backend, self.norm_eps, self.mlp_norm_eps
         silu_c = F.silu(c)  # identical for every block: compute once
         final = self.final_layer.adaLN_modulation[1](silu_c).chunk(2, dim=1)  # shift, scale
         mods = [blk.adaLN_modulation[1](silu_c).chunk(6, dim=1) for blk in self.blocks]
-        xm = ops.adaln_modulate(h, mods[0][0], mods[0][1], eps=eps, backend=be) if mods else \
-            ops.adaln_modulate(h, final[0], final[1], eps=eps, backend=be)
-        for i, blk in enumerate(self.blocks):
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[i]
-            h, xm = ops.gated_residual_modulate(h, gate_msa, blk.attn(xm), shift_mlp, scale_mlp,
-                                                eps=eps_mlp, backend=be)
-            nxt_shift, nxt_scale = (mods[i + 1][0], mods[i + 1][1]) if i + 1 < len(mods) else final
-            h, xm = ops.gated_residual_modulate(h, gate_mlp, blk.mlp(xm), nxt_shift, nxt_scale,
-                                                eps=eps, backend=be)
+        # Sub-layers go through the modules, so wrapped Linears (peft LoRA, hooks) keep working.
+        xm = blocks_forward(h, mods, final, lambda i, z: self.blocks[i].attn(z), lambda i, z: self.blocks[i].mlp(z),
+                            eps=self.norm_eps, mlp_eps=self.mlp_norm_eps, backend=self.backend)
         return self.final_layer.linear(xm)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
