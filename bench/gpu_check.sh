@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One command for a machine with a CUDA GPU and nothing but this repo (and a python3 with torch,
+# triton and pytest): the CUDA-only tests with Triton compiled (not interpreted), the benchmarks
+# in bench/, copy-bandwidth / bf16-matmul references, guided_step bandwidth and bit-equality, and a
+# summary table last. No installation: runs from the repo root with PYTHONPATH=.
+#   bash bench/gpu_check.sh            (PYTHON=/path/to/python to choose the interpreter)
+# Exit status 0 when every check passes, or when there is no GPU ("no CUDA GPU: skipped").
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET  # compiled Triton: the interpreter would test numpy, not the GPU
+
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "no CUDA GPU: skipped ($PY cannot import torch or sees no CUDA device)"
+    exit 0
+fi
+if ! "$PY" -c 'import triton, pytest' 2>/dev/null; then
+    echo "gpu_check: $PY needs triton and pytest" >&2
+    exit 2
+fi
+
+echo "== pytest -m cuda tests/ =="
+"$PY" -m pytest -m cuda tests/ -q -rs
+tests_rc=$?
+
+if "$PY" -c 'import pytest_benchmark' 2>/dev/null; then
+    echo "== pytest bench/ --benchmark-only =="
+    "$PY" -m pytest bench/ --benchmark-only -q
+    bench_rc=$?
+    bench_mode=pytest
+else
+    echo "== pytest-benchmark is not installed: timing the ops with triton.testing.do_bench instead =="
+    bench_rc=0
+    bench_mode=fallback
+fi
+
+echo "== measurements =="
+"$PY" bench/gpu_summary.py --tests-rc "$tests_rc" --bench-rc "$bench_rc" --bench-mode "$bench_mode"

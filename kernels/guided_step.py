@@ -1,0 +1,148 @@
+"""guided_step: DoG guidance combination + one sampler update, one pass over memory.
+
+Reads x, the fine-tuned output (eps, and the variance values in ddpm mode), the first k eps
+channels of the pre-trained output and the noise; writes x_prev. Op for op the same float32
+arithmetic as ops.guided_step_torch (DiT's p_mean_variance + p_sample / ddim_sample), so the
+result is bit-equal to PyTorch's op-by-op kernels:
+- launched with enable_fp_fusion=False: no FMA contraction (also passes --fmad=false to ptxas);
+- exp is libdevice __nv_expf (what torch's CUDA exp calls), without flush-to-zero, as torch;
+- u + s*(c - u), A*x - B*eps, C1*x0 + C2*x, (m*std)*z: the reference's order, no rewrites;
+- the one true division (ddim) is tl.div_rn: Triton's `/` on fp32 is not correctly rounded.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # libdevice calls cannot run under the interpreter; tl.exp there is numpy's float32 exp.
+    @triton.jit
+    def _exp(x):
+        return tl.exp(x)
+else:
+    from triton.language.extra.cuda import libdevice
+
+    @triton.jit
+    def _exp(x):
+        return libdevice.exp(x)
+
+
+MODES = {"ddpm": 0, "ddim": 1}  # a new sampler adds a MODE branch below and uses coefficient slots
+NUM_SLOTS = 8                   # per-step float32 scalars c0..c7 (ddpm/ddim use 7)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _guided_step_kernel(x_ptr, ft_ptr, pre_ptr, z_ptr, out_ptr,
+                        C, HW, k,
+                        sx_n, sx_c, sft_n, sft_c, spre_n, spre_c, sz_n, sz_c, so_n, so_c,
+                        c0, c1, c2, c3, c4, c5, c6, c7, scale,
+                        MODE: tl.constexpr, HAS_PRE: tl.constexpr, CLIP: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    # Program (row, block): one block of one contiguous (H, W) plane of sample n, channel c.
+    row = tl.program_id(0)
+    n = (row // C).to(tl.int64)
+    c = row % C
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < HW
+
+    x = tl.load(x_ptr + n * sx_n + c * sx_c + offs, mask=mask, other=0.0).to(tl.float32)
+    eps = tl.load(ft_ptr + n * sft_n + c * sft_c + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_PRE:
+        if c < k:  # guided channels: eps = u + s*(c - u), u the pre-trained eps
+            u = tl.load(pre_ptr + n * spre_n + c * spre_c + offs, mask=mask, other=0.0).to(tl.float32)
+            eps = u + scale * (eps - u)
+    z = tl.load(z_ptr + n * sz_n + c * sz_c + offs, mask=mask, other=0.0).to(tl.float32)
+
+    x0 = c0 * x - c1 * eps                       # pred_xstart = A*x - B*eps
+    if CLIP:  # clamp(-1, 1); comparisons keep NaN as torch.clamp does
+        x0 = tl.where(x0 < -1.0, -1.0, tl.where(x0 > 1.0, 1.0, x0))
+
+    if MODE == 0:
+        # ddpm, learned-range variance. c = A, B, C1, C2, Lmin, Lmax, mask
+        v = tl.load(ft_ptr + n * sft_n + (c + C) * sft_c + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = c2 * x0 + c3 * x
+        frac = (v + 1.0) * 0.5                   # == (v + 1) / 2 exactly
+        logvar = frac * c5 + (1.0 - frac) * c4
+        out = mean + c6 * _exp(0.5 * logvar) * z
+    else:
+        # ddim. c = A, B, sqrt(abar_prev), sqrt(1 - abar_prev - sigma^2), mask*sigma
+        eps2 = tl.div_rn(c0 * x - x0, c1)        # eps re-derived from x0, as ddim_sample
+        mean = x0 * c2 + c3 * eps2
+        out = mean + c4 * z
+
+    tl.store(out_ptr + n * so_n + c * so_c + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _planes(t):
+    """t itself when every (H, W) plane is one contiguous run (batch/channel strides are free),
+    else a contiguous copy: the kernel walks a plane as H*W consecutive elements."""
+    H, W = t.shape[-2:]
+    if (W == 1 or t.stride(-1) == 1) and (H == 1 or t.stride(-2) == W):
+        return t
+    return t.contiguous()
+
+
+def _check(name, t, n, min_c, H, W, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"guided_step: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"guided_step: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"guided_step: {name} is on {t.device}, x is on {device}")
+    if t.dim() != 4 or t.shape[0] != n or t.shape[1] < min_c or tuple(t.shape[2:]) != (H, W):
+        raise ValueError(f"guided_step: {name} must be ({n}, >={min_c}, {H}, {W}), got {tuple(t.shape)}")
+
+
+def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm", clip_denoised=False,
+                out=None, block=1024):
+    """x_prev (n, C, H, W) in x's dtype; float32 math. See ops.guided_step for the arguments.
+
+    out: optional preallocated (n, C, H, W) output of x's dtype with contiguous planes.
+    """
+    if mode not in MODES:
+        raise ValueError(f"guided_step: mode must be one of {tuple(MODES)}, got {mode!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError("guided_step: x must be a 4-d tensor (n, C, H, W)")
+    n, C, H, W = x.shape
+    _check("x", x, n, C, H, W, x.device)
+    _check("out_ft", out_ft, n, 2 * C if mode == "ddpm" else C, H, W, x.device)
+    _check("noise", noise, n, C, H, W, x.device)
+    if noise.shape[1] != C:
+        raise ValueError(f"guided_step: noise must have {C} channels, got {noise.shape[1]}")
+    k = int(k)
+    if not 0 <= k <= C:
+        raise ValueError(f"guided_step: k must be in [0, {C}], got {k}")
+    if out_pre is not None:
+        _check("out_pre", out_pre, n, k, H, W, x.device)
+    elif k > 0:
+        raise ValueError(f"guided_step: k={k} guided channels need out_pre")
+    coefs = [float(v) for v in coefs]
+    if not 1 <= len(coefs) <= NUM_SLOTS:
+        raise ValueError(f"guided_step: coefs must hold at most {NUM_SLOTS} values, got {len(coefs)}")
+    coefs += [0.0] * (NUM_SLOTS - len(coefs))
+    if out is None:
+        out = torch.empty((n, C, H, W), dtype=x.dtype, device=x.device)
+    else:
+        _check("out", out, n, C, H, W, x.device)
+        if out.dtype != x.dtype or out.shape[1] != C or _planes(out) is not out:
+            raise ValueError("guided_step: out must match x's shape and dtype, with contiguous (H, W) planes")
+    if x.numel() == 0:
+        return out
+
+    x, out_ft, noise = _planes(x), _planes(out_ft), _planes(noise)
+    has_pre = out_pre is not None and k > 0
+    pre = _planes(out_pre) if has_pre else x  # placeholder pointer, never read when HAS_PRE is False
+    HW = H * W
+    block = min(block, triton.next_power_of_2(HW))
+    grid = (n * C, triton.cdiv(HW, block))
+    _guided_step_kernel[grid](
+        x, out_ft, pre, noise, out, C, HW, k,
+        x.stride(0), x.stride(1), out_ft.stride(0), out_ft.stride(1), pre.stride(0), pre.stride(1),
+        noise.stride(0), noise.stride(1), out.stride(0), out.stride(1),
+        *coefs, float(scale),
+        MODE=MODES[mode], HAS_PRE=has_pre, CLIP=bool(clip_denoised), BLOCK=block,
+        num_warps=4 if block <= 1024 else 8,
+        enable_fp_fusion=False, enable_reflect_ftz=False)
+    return out
