@@ -168,8 +168,8 @@ def outcome(rc, none_ok):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tests-rc", type=int, required=True, help="exit status of pytest -m cuda tests/")
-    ap.add_argument("--bench-rc", type=int, default=0, help="exit status of pytest bench/ --benchmark-only")
-    ap.add_argument("--bench-mode", choices=["pytest", "fallback"], default="fallback")
+    ap.add_argument("--bench-rc", type=int, default=0, help="exit status of the pytest-benchmark run")
+    ap.add_argument("--bench-mode", choices=["pytest", "fallback", "none"], default="fallback")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: skipped")
@@ -180,9 +180,11 @@ def main():
     rows = []  # (check, result, value)
     rows.append(("pytest -m cuda tests/", *outcome(args.tests_rc, none_ok=False)))
     if args.bench_mode == "pytest":
-        rows.append(("pytest bench/ --benchmark-only", *outcome(args.bench_rc, none_ok=True)))
+        rows.append(("pytest bench/bench_*.py --benchmark-only", *outcome(args.bench_rc, none_ok=True)))
+    elif args.bench_mode == "fallback":
+        rows.append(("bench/ (pytest-benchmark missing)", "SKIP", "do_bench op timings above instead"))
     else:
-        rows.append(("bench/ (pytest-benchmark missing)", "SKIP", "do_bench fallback timings below"))
+        rows.append(("bench/", "SKIP", "no bench_*.py files"))
     cases, failures = guided_step_bitwise(K)
     rows.append(("guided_step torch.equal vs torch CUDA", "FAIL" if failures else "PASS",
                  f"{cases - len(failures)}/{cases} cases"))
