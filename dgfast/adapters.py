@@ -1,0 +1,273 @@
+"""Model adapters: bring other DiT implementations into dgfast's DiT.
+
+    to_dgfast(model_or_state_dict, **config) -> dgfast.DiT (same device and dtype, weights copied)
+
+Supported inputs:
+  - a dgfast DiT: returned as is;
+  - an upstream-layout DiT module: any nn.Module whose state_dict has facebookresearch/DiT's keys
+    (DiT's own models.DiT, dgfast.reference.ReferenceDiT, SiT's backbone, ...);
+  - an upstream state_dict, or a train.py checkpoint dict (its "ema" entry, else "model");
+  - a diffusers DiTTransformer2DModel, or its state_dict (transformer_blocks.* keys; pass
+    input_size=, since diffusers does not store pos_embed).
+
+What cannot be read off the weights comes from the module's attributes, else from `config`,
+else from upstream's defaults: num_heads (the DiT zoo's head count for the hidden size),
+class_dropout_prob=0.1 (so a K-row label table means num_classes = K - 1). Any DiT(...) keyword
+in `config` overrides what was inferred.
+
+A converted diffusers model keeps *diffusers'* numerics, which are not upstream DiT's:
+timestep frequencies exp(-ln(1e4) k / 127) instead of / 128 (`freq_divisor=127`) and a pre-MLP
+LayerNorm eps of `norm_eps` (1e-5 by default) instead of 1e-6 (`mlp_norm_eps=1e-5`); its
+pos_embed is diffusers' recomputed buffer. Pass freq_divisor=None, mlp_norm_eps=1e-6 to get
+upstream DiT numerics from the same weights instead (the hub's DiT weights are upstream's).
+Conversion does not touch the global RNG (the model is built on the meta device).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+from dgfast.models import DiT
+
+SUPPORTED = ("a dgfast DiT (returned as is)",
+             "an upstream-layout DiT nn.Module (facebookresearch/DiT models.DiT, dgfast.reference.ReferenceDiT, ...)",
+             "an upstream DiT state_dict, or a train.py checkpoint dict with 'ema' / 'model'",
+             "a diffusers DiTTransformer2DModel",
+             "a diffusers DiTTransformer2DModel state_dict (with input_size=...)")
+
+# Upstream's zoo: hidden size -> heads (XL 1152/16, L 1024/16, B 768/12, S 384/6).
+_ZOO_HEADS = {1152: 16, 1024: 16, 768: 12, 384: 6}
+_UPSTREAM_MARKERS = ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "y_embedder.embedding_table.weight")
+_DIFFUSERS_MARKERS = ("pos_embed.proj.weight", "proj_out_1.weight", "proj_out_2.weight")
+_DIT_KEYS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+             "class_dropout_prob", "num_classes", "learn_sigma", "norm_eps", "mlp_norm_eps", "freq_divisor")
+
+
+def _unsupported(obj) -> TypeError:
+    return TypeError(f"to_dgfast: cannot convert {type(obj).__module__}.{type(obj).__name__}; supported: "
+                     + "; ".join(SUPPORTED))
+
+
+def to_dgfast(model_or_state_dict, **config) -> DiT:
+    """A dgfast DiT holding the weights of `model_or_state_dict` (see the module docstring)."""
+    unknown = set(config) - set(_DIT_KEYS)
+    if unknown:
+        raise TypeError(f"to_dgfast: unknown config keys {sorted(unknown)}; DiT takes {list(_DIT_KEYS)}")
+    src = model_or_state_dict
+    if isinstance(src, DiT):
+        return src
+    if _is_diffusers_dit(src):
+        sd, cfg = from_diffusers(src.state_dict(), dict(src.config), pos_embed=src.pos_embed.pos_embed)
+        return _build(sd, {**cfg, **config}, src.training)
+    if isinstance(src, nn.Module):
+        sd = src.state_dict()
+        if not all(k in sd for k in _UPSTREAM_MARKERS):
+            raise _unsupported(src)
+        return _build(sd, {**upstream_config(sd, _module_hints(src)), **config}, src.training)
+    if isinstance(src, Mapping):
+        sd = _unwrap_checkpoint(src)
+        if all(k in sd for k in _UPSTREAM_MARKERS):
+            return _build(sd, {**upstream_config(sd, config), **config}, False)
+        if all(k in sd for k in _DIFFUSERS_MARKERS):
+            if "input_size" not in config:
+                raise ValueError("to_dgfast: a diffusers state_dict has no pos_embed (diffusers recomputes it); "
+                                 "pass input_size= (the latent size, diffusers' sample_size)")
+            sd, cfg = from_diffusers(sd, _diffusers_config_from(sd, config))
+            return _build(sd, {**cfg, **config}, False)
+        raise ValueError(f"to_dgfast: a state_dict with neither upstream DiT keys {list(_UPSTREAM_MARKERS)} nor "
+                         f"diffusers DiT keys {list(_DIFFUSERS_MARKERS)}; first keys: {list(sd)[:5]}")
+    raise _unsupported(src)
+
+
+def _build(sd: dict, cfg: dict, training: bool) -> DiT:
+    with torch.device("meta"):  # no init compute, no RNG use; the weights come from sd
+        model = DiT(**cfg)
+    missing, unexpected = _key_diff(model, sd)
+    if missing or unexpected:
+        raise ValueError(f"to_dgfast: the weights do not fit DiT({cfg}): missing {missing[:6]}, "
+                         f"unexpected {unexpected[:6]}")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    for k, v in sd.items():
+        want = shapes[k]
+        if v.shape != want:
+            raise ValueError(f"to_dgfast: {k} has shape {tuple(v.shape)}, DiT({cfg}) needs {tuple(want)}")
+    model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True, assign=True)
+    return model.train(training)
+
+
+def _key_diff(model, sd):
+    want = set(model.state_dict())
+    return sorted(want - set(sd)), sorted(set(sd) - want)
+
+
+def _unwrap_checkpoint(ckpt: Mapping) -> Mapping:
+    for key in ("ema", "model"):  # train.py: {"model", "ema", "opt", "args"}; find_model prefers ema
+        if key in ckpt and isinstance(ckpt[key], Mapping):
+            return ckpt[key]
+    return ckpt
+
+
+def _is_diffusers_dit(obj) -> bool:
+    if not isinstance(obj, nn.Module) or type(obj).__name__ != "DiTTransformer2DModel":
+        return False
+    try:
+        from diffusers import DiTTransformer2DModel
+    except ImportError:
+        return False
+    return isinstance(obj, DiTTransformer2DModel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Upstream layout
+# ----------------------------------------------------------------------------------------------
+
+def _module_hints(m: nn.Module) -> dict:
+    """Config values only the module knows (upstream DiT and ReferenceDiT keep these attributes)."""
+    hints = {}
+    if isinstance(getattr(m, "num_heads", None), int):
+        hints["num_heads"] = m.num_heads
+    y = getattr(m, "y_embedder", None)
+    if y is not None:
+        if isinstance(getattr(y, "num_classes", None), int):
+            hints["num_classes"] = y.num_classes
+        if isinstance(getattr(y, "dropout_prob", None), (int, float)):
+            hints["class_dropout_prob"] = float(y.dropout_prob)
+    return hints
+
+
+def _heads_for(hidden: int, given) -> int:
+    if given is not None:
+        return int(given)
+    if hidden in _ZOO_HEADS:
+        return _ZOO_HEADS[hidden]
+    raise ValueError(f"to_dgfast: cannot tell the number of attention heads for hidden size {hidden} from the "
+                     f"weights; pass num_heads=")
+
+
+def upstream_config(sd: Mapping, hints: Mapping = ()) -> dict:
+    """DiT(...) keywords read off an upstream state_dict (+ hints for what the weights cannot say)."""
+    hints = dict(hints)
+    D, C, p, _ = sd["x_embedder.proj.weight"].shape
+    depth = 0
+    while f"blocks.{depth}.attn.qkv.weight" in sd:
+        depth += 1
+    if "pos_embed" not in sd:
+        raise ValueError("to_dgfast: the state_dict has no pos_embed (upstream keeps it in the state_dict)")
+    T = sd["pos_embed"].shape[1]
+    g = math.isqrt(T)
+    if g * g != T:
+        raise ValueError(f"to_dgfast: pos_embed has {T} tokens, not a square grid")
+    out = sd["final_layer.linear.weight"].shape[0] // (p * p)
+    if out not in (C, 2 * C):
+        raise ValueError(f"to_dgfast: final layer gives {out} channels for {C} input channels")
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    dropout = float(hints.get("class_dropout_prob", 0.1))
+    num_classes = int(hints["num_classes"]) if "num_classes" in hints else (rows - 1 if dropout > 0 else rows)
+    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / D if depth else 4.0
+    return dict(input_size=g * p, patch_size=p, in_channels=C, hidden_size=D, depth=depth,
+                num_heads=_heads_for(D, hints.get("num_heads")), mlp_ratio=mlp_ratio, class_dropout_prob=dropout,
+                num_classes=num_classes, learn_sigma=out == 2 * C)
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers layout (scripts/convert_dit_to_diffusers.py, backwards)
+# ----------------------------------------------------------------------------------------------
+
+def _diffusers_config_from(sd: Mapping, config: Mapping) -> dict:
+    """A diffusers config for a bare diffusers state_dict (what DiTTransformer2DModel.config holds)."""
+    D, C, p, _ = sd["pos_embed.proj.weight"].shape
+    heads = _heads_for(D, config.get("num_heads"))
+    layers = 0
+    while f"transformer_blocks.{layers}.norm1.linear.weight" in sd:
+        layers += 1
+    rows = sd["transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"].shape[0]
+    return dict(num_attention_heads=heads, attention_head_dim=D // heads, in_channels=C,
+                out_channels=sd["proj_out_2.weight"].shape[0] // (p * p), num_layers=layers,
+                sample_size=config["input_size"], patch_size=p, num_embeds_ada_norm=rows - 1,
+                norm_eps=config.get("mlp_norm_eps", 1e-5), activation_fn="gelu-approximate",
+                norm_type="ada_norm_zero", norm_elementwise_affine=False)
+
+
+def from_diffusers(sd: Mapping, config: Mapping, pos_embed: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """(upstream state_dict, DiT keywords) from a DiTTransformer2DModel state_dict and config.
+
+    q/k/v are concatenated into qkv; the t/y embedders, copied into every block by diffusers,
+    come from block 0 (all copies must be equal); proj_out_1/2 become the final layer.
+    """
+    if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or config.get("norm_elementwise_affine"):
+        raise ValueError("to_dgfast: only diffusers DiTs with norm_type='ada_norm_zero' and no LayerNorm affine "
+                         "parameters map onto DiT")
+    if config.get("activation_fn", "gelu-approximate") != "gelu-approximate":
+        raise ValueError(f"to_dgfast: activation_fn {config['activation_fn']!r}; DiT uses 'gelu-approximate'")
+    heads, hd = config["num_attention_heads"], config["attention_head_dim"]
+    D, C, p = heads * hd, config["in_channels"], config["patch_size"]
+    out_ch = config.get("out_channels") or C
+    layers = config["num_layers"]
+    src, used, dst = dict(sd), set(), {}
+
+    def take(key):
+        if key not in src:
+            raise ValueError(f"to_dgfast: the diffusers state_dict lacks {key}")
+        used.add(key)
+        return src[key]
+
+    def take_linear(dkey, ukey):
+        dst[f"{ukey}.weight"] = take(f"{dkey}.weight")
+        if f"{dkey}.bias" in src:
+            dst[f"{ukey}.bias"] = take(f"{dkey}.bias")
+
+    take_linear("pos_embed.proj", "x_embedder.proj")
+    emb = "norm1.emb"
+    for dkey, ukey in ((f"{emb}.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+                       (f"{emb}.timestep_embedder.linear_2", "t_embedder.mlp.2")):
+        take_linear(f"transformer_blocks.0.{dkey}", ukey)
+    dst["y_embedder.embedding_table.weight"] = take(f"transformer_blocks.0.{emb}.class_embedder.embedding_table.weight")
+    for i in range(layers):
+        b = f"transformer_blocks.{i}"
+        for name in [k for k in src if k.startswith(f"{b}.{emb}.")]:  # per-block embedder copies
+            first = src[name.replace(f"{b}.", "transformer_blocks.0.", 1)]
+            if not torch.equal(src[name], first):
+                raise ValueError(f"to_dgfast: {name} differs from block 0's copy; DiT has one timestep/label "
+                                 f"embedder, so these weights cannot be represented")
+            used.add(name)
+        take_linear(f"{b}.norm1.linear", f"blocks.{i}.adaLN_modulation.1")
+        qkv_w = [take(f"{b}.attn1.to_{c}.weight") for c in "qkv"]
+        dst[f"blocks.{i}.attn.qkv.weight"] = torch.cat(qkv_w, dim=0)
+        biases = [src.get(f"{b}.attn1.to_{c}.bias") for c in "qkv"]
+        used.update(f"{b}.attn1.to_{c}.bias" for c in "qkv")
+        dst[f"blocks.{i}.attn.qkv.bias"] = torch.cat([bb if bb is not None else qkv_w[0].new_zeros(D)
+                                                      for bb in biases])  # attention_bias=False: zero bias
+        take_linear(f"{b}.attn1.to_out.0", f"blocks.{i}.attn.proj")
+        take_linear(f"{b}.ff.net.0.proj", f"blocks.{i}.mlp.fc1")
+        take_linear(f"{b}.ff.net.2", f"blocks.{i}.mlp.fc2")
+    take_linear("proj_out_1", "final_layer.adaLN_modulation.1")
+    take_linear("proj_out_2", "final_layer.linear")
+    left = sorted(k for k in src if k not in used and k != "pos_embed.pos_embed")
+    if left:
+        raise ValueError(f"to_dgfast: diffusers weights with no DiT counterpart: {left[:6]}")
+    size = config["sample_size"]
+    if pos_embed is None:
+        pos_embed = src.get("pos_embed.pos_embed")
+    if pos_embed is None:  # not persistent in diffusers: the same MAE table diffusers computes
+        from dgfast.models import sincos_pos_embed
+        pos_embed = torch.from_numpy(sincos_pos_embed(D, size // p)).unsqueeze(0)
+    ref = dst["x_embedder.proj.weight"]
+    dst["pos_embed"] = pos_embed.to(device=ref.device, dtype=ref.dtype)
+    for key in [k for k in dst if k.endswith(".weight")]:  # Linears without bias in diffusers: zero bias
+        bias = key[:-len("weight")] + "bias"
+        if bias not in dst and not key.startswith(("y_embedder", "pos_embed")):
+            dst[bias] = dst[key].new_zeros(dst[key].shape[0])
+    rows = dst["y_embedder.embedding_table.weight"].shape[0]
+    num_classes = config.get("num_embeds_ada_norm") or rows - 1
+    cfg = dict(input_size=size, patch_size=p, in_channels=C, hidden_size=D, depth=layers, num_heads=heads,
+               mlp_ratio=dst["blocks.0.mlp.fc1.weight"].shape[0] / D if layers else 4.0,
+               class_dropout_prob=0.1 if rows == num_classes + 1 else 0.0, num_classes=num_classes,
+               learn_sigma=out_ch == 2 * C,
+               # diffusers' numerics (module docstring): /127 frequencies, pre-MLP LayerNorm eps norm_eps
+               freq_divisor=127, mlp_norm_eps=float(config.get("norm_eps", 1e-5)), norm_eps=1e-6)
+    if out_ch not in (C, 2 * C):
+        raise ValueError(f"to_dgfast: out_channels {out_ch} is neither in_channels nor 2*in_channels")
+    return dst, cfg

@@ -1,0 +1,671 @@
+"""Paired execution: the fine-tuned and the pre-trained DiT as one model over one batch.
+
+Every DoG step evaluates two transformers on the same x_t and t. `pair(ft, pre)` runs both
+over the concatenated batch [x; x] (2n rows, fine-tuned rows first) and decides, layer by
+layer and once, how each layer runs:
+
+  shared             identical weights (same storage, or equal values): one GEMM over 2n rows.
+  stacked            different weights: one batched GEMM (baddbmm over (2, out, in) stacked
+                     weights, one launch) -- or, on CPU, two GEMMs writing one output buffer,
+                     which measured as fast as baddbmm there and holds no weight copy (see
+                     bench/RESULTS.md). `stack=` overrides the choice.
+  lora               a peft LoRA layer on the fine-tuned side over a base equal to the
+                     pre-trained weights: the base GEMM once over 2n rows, the low-rank delta on
+                     the fine-tuned rows only. The base weights exist once.
+  stacked+lora       LoRA over a base that differs from the pre-trained layer: stacked + delta.
+  shared-activation  patch embedding, pos_embed and timestep embedding whose weights match: the
+                     inputs (x_t, t) are the same for both halves, so they run once on n rows.
+  separate           each model's own module on its own rows: the label tables (y vs the null
+                     label always differ) and anything the pair does not understand (LoRA
+                     variants such as DoRA, hooked modules, non-Linear replacements).
+
+Attention runs both halves in one SDPA call (batch 2n). The elementwise work between GEMMs is
+the fused ops of dgfast.ops in the same block loop as DiT.run_blocks (models.blocks_forward).
+
+Weights are read from the two models' own parameters (no copies), except stacked layers when
+stacking: the pair then holds a (2, out, in) copy of both weights; `report()` lists the bytes.
+`get_pair(ft, pre)` caches one pair per model pair and rebuilds it when a parameter changed
+(its storage pointer or its in-place version counter); edits through `.data` bypass the
+version counter: call `get_pair(ft, pre, rebuild=True)` after those.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dgfast.models import DiT, blocks_forward
+
+KINDS = ("shared", "stacked", "lora", "stacked+lora", "shared-activation", "separate")
+_ARCH_KEYS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+              "learn_sigma", "norm_eps", "mlp_norm_eps")
+
+
+# ----------------------------------------------------------------------------------------------
+# What a layer is made of
+# ----------------------------------------------------------------------------------------------
+
+def _is_lora(mod) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return False
+    return isinstance(mod, LoraLayer)
+
+
+def _hooked(mod) -> bool:
+    return bool(mod._forward_hooks or mod._forward_pre_hooks)
+
+
+@dataclass
+class _Parts:
+    """A Linear/Conv2d as base weight + bias + active vanilla LoRA adapters."""
+    base: nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    loras: list = field(default_factory=list)  # (lora_A module, lora_B module, scaling)
+
+
+def _parts(mod, base_type) -> _Parts | None:
+    """mod as _Parts, or None when its forward is something else (then it runs as 'separate')."""
+    if _hooked(mod):
+        return None
+    if type(mod) is base_type:
+        return _Parts(mod, mod.weight, mod.bias)
+    if not _is_lora(mod):
+        return None
+    base = mod.get_base_layer()
+    if type(base) is not base_type or _hooked(base) or (mod.disable_adapters and mod.merged):
+        return None
+    parts = _Parts(base, base.weight, base.bias)
+    if mod.disable_adapters or mod.merged:  # peft runs base_layer alone (merged: delta is in the base)
+        return parts
+    for name in mod.active_adapters:
+        if name not in mod.lora_A.keys():
+            continue
+        if name in getattr(mod, "lora_variant", {}) or mod.use_dora.get(name, False):
+            return None  # DoRA and friends: not base + B(A(x)) * s
+        A, B, drop = mod.lora_A[name], mod.lora_B[name], mod.lora_dropout[name]
+        if A.weight.dtype != base.weight.dtype or (drop.training and getattr(drop, "p", 0) > 0):
+            return None
+        parts.loras.append((A, B, float(mod.scaling[name])))
+    return parts
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Same storage, or equal values (checked once, at pairing)."""
+    if a is None or b is None:
+        return a is None and b is None
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    return bool(torch.equal(a, b))
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _param_bytes(mod: nn.Module) -> int:
+    return _nbytes(*mod.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# One Linear of both models
+# ----------------------------------------------------------------------------------------------
+
+class PairLinear:
+    """One Linear of both models. Input: a contiguous (..., in) tensor holding 2M rows, the
+    fine-tuned model's M rows first; output viewed as (*shape, out)."""
+
+    def __init__(self, name: str, ft_mod: nn.Module, pre_mod: nn.Module, stack: bool):
+        self.name = name
+        f, p = _parts(ft_mod, nn.Linear), _parts(pre_mod, nn.Linear)
+        self.bytes_two = _param_bytes(ft_mod) + _param_bytes(pre_mod)
+        self.extra = 0
+        self.loras = []
+        self.stacked = False
+        self.w2t = self.b2 = self.wt_ft = self.b_ft = self.wt_pre = self.b_pre = None
+        if f is None or p is None or p.loras:
+            self.kind, self.ft_mod, self.pre_mod = "separate", ft_mod, pre_mod
+            self.in_features = ft_mod.in_features if hasattr(ft_mod, "in_features") else None
+            self.bytes_used = self.bytes_two
+            self.note = "module calls (a wrapper the pair does not fuse)"
+            return
+        self.out_features, self.in_features = f.weight.shape
+        self.loras = [(A.weight.t(), B.weight.t(), B.bias, s) for A, B, s in f.loras]  # transposed views
+        lora_bytes = sum(_nbytes(A.weight, B.weight, B.bias) for A, B, _ in f.loras)
+        if _same(f.weight, p.weight) and _same(f.bias, p.bias):
+            self.kind = "lora" if f.loras else "shared"
+            self.weight, self.bias = f.weight, f.bias  # the fine-tuned model's own tensors: no copy
+            self.bytes_used = _nbytes(f.weight, f.bias) + lora_bytes
+            self.note = "base once over 2n rows + delta on fine-tuned rows" if f.loras else "one GEMM over 2n rows"
+            return
+        self.kind = "stacked+lora" if f.loras else "stacked"
+        self.bytes_used = _nbytes(f.weight, f.bias, p.weight, p.bias) + lora_bytes
+        self.wt_ft, self.b_ft, self.wt_pre, self.b_pre = f.weight.t(), f.bias, p.weight.t(), p.bias
+        self.note = "two GEMMs into one output, no weight copy"
+        if stack:
+            self.make_stacked()
+
+    def make_stacked(self):
+        """Switch to one baddbmm over a (2, out, in) copy, used as its (2, in, out) transposed view
+        (baddbmm reads W^T directly). The models keep their own weights: this is extra memory."""
+        self.w2t = torch.stack([self.wt_ft.t(), self.wt_pre.t()]).transpose(1, 2)
+        self.b2 = None if self.b_ft is None else torch.stack([self.b_ft, self.b_pre]).unsqueeze(1)  # (2, 1, out)
+        self.wt_ft = self.b_ft = self.wt_pre = self.b_pre = None
+        self.stacked = True
+        self.extra = _nbytes(self.w2t, self.b2)
+        self.note = "one baddbmm over a stacked (2,out,in) copy"
+
+    def __call__(self, x: torch.Tensor, shape) -> torch.Tensor:
+        kind = self.kind
+        if kind == "shared" or kind == "lora":
+            out = F.linear(x, self.weight, self.bias)  # one GEMM over all 2M rows
+            if self.loras:
+                self._add_lora(x.view(2, -1, self.in_features), out.view(2, -1, self.out_features))
+            return out.view(*shape, -1)
+        x2 = x.view(2, -1, x.shape[-1])                # (2, M, in): [fine-tuned rows; pre-trained rows]
+        if kind == "separate":
+            return torch.cat([self.ft_mod(x2[0]), self.pre_mod(x2[1])]).view(*shape, -1)
+        if self.stacked:
+            out = torch.baddbmm(self.b2, x2, self.w2t) if self.b2 is not None else torch.bmm(x2, self.w2t)
+        else:
+            # Two GEMMs straight into the halves of one buffer: no torch.cat copy afterwards.
+            out = x.new_empty(2, x2.shape[1], self.out_features)
+            for i, wt, b in ((0, self.wt_ft, self.b_ft), (1, self.wt_pre, self.b_pre)):
+                if b is not None:
+                    torch.addmm(b, x2[i], wt, out=out[i])
+                else:
+                    torch.mm(x2[i], wt, out=out[i])
+        if self.loras:
+            self._add_lora(x2, out)
+        return out.view(*shape, -1)
+
+    def _add_lora(self, x2, out2):
+        """peft's result + B(A(x)) * s, on the fine-tuned rows only, in place."""
+        for At, Bt, b_B, s in self.loras:
+            o = out2[0]
+            o.addmm_(torch.mm(x2[0], At), Bt, alpha=s)
+            if b_B is not None:
+                o.add_(b_B, alpha=s)
+
+    def tensors(self):
+        """The tensors this object holds (for memory accounting)."""
+        if self.kind == "separate":
+            return list(self.ft_mod.parameters()) + list(self.pre_mod.parameters())
+        held = [t for lo in self.loras for t in lo[:3] if t is not None]
+        if self.kind in ("shared", "lora"):
+            return held + [t for t in (self.weight, self.bias) if t is not None]
+        return held + [t for t in (self.w2t, self.b2, self.wt_ft, self.b_ft, self.wt_pre, self.b_pre)
+                       if t is not None]
+
+
+class AdaLNGroup:
+    """Every stacked adaLN Linear (all blocks + final layer) as one baddbmm: they all read the
+    same SiLU(c), so their stacked weights are concatenated along `out` once, at pairing (the
+    copy stacking makes anyway), and one launch yields all blocks' shift/scale/gate rows."""
+
+    def __init__(self, layers: list[tuple[int, PairLinear]]):
+        self.index = [i for i, _ in layers]
+        self.sizes = [pl.out_features for _, pl in layers]
+        pls = [pl for _, pl in layers]
+        w = torch.stack([torch.cat([pl.wt_ft.t() for pl in pls]), torch.cat([pl.wt_pre.t() for pl in pls])])
+        self.w2t = w.transpose(1, 2)                                          # (2, D, sum out)
+        self.b2 = torch.stack([torch.cat([pl.b_ft for pl in pls]), torch.cat([pl.b_pre for pl in pls])]).unsqueeze(1)
+        for pl in pls:  # the group computes these layers; each row reports its share of the copy
+            pl.extra = 2 * _nbytes(pl.wt_ft, pl.b_ft)
+            pl.note = "in one baddbmm with all stacked adaLN layers (concatenated stacked copy)"
+            pl.wt_ft = pl.b_ft = pl.wt_pre = pl.b_pre = None
+            pl.stacked = True
+
+    def __call__(self, silu_c: torch.Tensor, D: int) -> dict[int, tuple]:
+        N = silu_c.shape[0]
+        out = torch.baddbmm(self.b2, silu_c.view(2, N // 2, D), self.w2t)   # (2, n, sum out)
+        rows = out.view(N, -1, D).unbind(1)                                  # (N, D) views, no copies
+        chunks, k = {}, 0
+        # out is (2, n, S) = (2n, S) row-major, so row r of the 2n batch is [ft rows; pre rows].
+        for i, size in zip(self.index, self.sizes):
+            chunks[i] = rows[k:k + size // D]
+            k += size // D
+        return chunks
+
+    def tensors(self):
+        return [self.w2t, self.b2]
+
+
+# ----------------------------------------------------------------------------------------------
+# The paired model
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class LayerRow:
+    name: str
+    kind: str
+    bytes_two_models: int  # weight bytes of this layer in the two models, counted separately
+    bytes_used: int        # weight bytes the paired forward reads (a shared weight counted once)
+    bytes_extra: int       # bytes the pair itself allocated (stacked copies)
+    note: str = ""
+
+
+def _default_stack(device: torch.device) -> bool:
+    # CUDA: one baddbmm launch instead of two GEMMs pays. CPU (MKL, 2 threads): measured no faster
+    # than two addmm at DiT-S/2 sizes (bench/RESULTS.md), so no stacked copy there.
+    return device.type == "cuda"
+
+
+class PairedDiT:
+    """Both models as one: `forward_pair(x, t, y, null_label) -> (out_ft, out_pre)`.
+
+    Build with `dgfast.pair(finetuned, pretrained)` or the cached `get_pair`. Holds the two
+    models' submodules and tensors, never the top-level modules themselves (so the cache in
+    get_pair does not keep the models alive).
+    """
+
+    def __init__(self, finetuned: DiT, pretrained: DiT, *, stack: bool | None = None):
+        for name, m in (("finetuned", finetuned), ("pretrained", pretrained)):
+            if not isinstance(m, DiT):
+                raise TypeError(f"pair: {name} must be a dgfast DiT, got {type(m).__name__}; convert upstream "
+                                f"DiT modules, state_dicts and diffusers DiTTransformer2DModel with dgfast.to_dgfast")
+        bad = [f"{k}: {finetuned.config[k]!r} vs {pretrained.config[k]!r}" for k in _ARCH_KEYS
+               if finetuned.config[k] != pretrained.config[k]]
+        if bad:
+            raise ValueError("pair: the two models differ in architecture (" + "; ".join(bad) + ")")
+        ft, pre = finetuned, pretrained
+        p0 = next(ft.parameters())
+        self.stack = _default_stack(p0.device) if stack is None else bool(stack)
+        self._ft_ref = weakref.ref(ft)  # settings (backend, attention impl) are read per call
+        self._graphs: dict = {}  # captured CUDA graphs per shape (run_cuda_graph)
+        self.fingerprint = fingerprint(ft, pre)
+        self.num_heads, self.patch_size, self.out_channels = ft.num_heads, ft.patch_size, ft.out_channels
+        self.norm_eps, self.mlp_norm_eps = ft.norm_eps, ft.mlp_norm_eps
+        self.backend, self.attn_impl = ft.backend, ft.blocks[0].attn.impl if len(ft.blocks) else "sdpa"
+        rows: list[LayerRow] = []
+
+        # --- patch embedding: x_t is the same for both halves --------------------------------------
+        fe, pe = _parts(ft.x_embedder.proj, nn.Conv2d), _parts(pre.x_embedder.proj, nn.Conv2d)
+        two = _param_bytes(ft.x_embedder) + _param_bytes(pre.x_embedder)
+        if fe is not None and pe is not None and not pe.loras and _same(fe.weight, pe.weight) \
+                and _same(fe.bias, pe.bias) and _same_conv(fe.base, pe.base):
+            self.x_kind = "lora" if fe.loras else "shared-activation"
+            self.x_conv, self.x_loras = fe.base, fe.loras
+            used = _nbytes(fe.weight, fe.bias) + sum(_param_bytes(A) + _param_bytes(B) for A, B, _ in fe.loras)
+            note = "conv once on n rows" + (" + delta on fine-tuned rows" if fe.loras else "")
+        else:
+            self.x_kind, used, note = "separate", two, "each model's conv on n rows"
+        self.x_embedders = (ft.x_embedder, pre.x_embedder)
+        rows.append(LayerRow("x_embedder.proj", self.x_kind, two, used, 0, note))
+
+        # --- pos_embed ------------------------------------------------------------------------------
+        self.pos = (ft.pos_embed, pre.pos_embed)
+        self.pos_shared = _same(ft.pos_embed, pre.pos_embed)
+        pos_two = _nbytes(*self.pos)
+        rows.append(LayerRow("pos_embed", "shared-activation" if self.pos_shared else "separate", pos_two,
+                             pos_two // 2 if self.pos_shared else pos_two, 0,
+                             "added once on n rows" if self.pos_shared else "each model's table"))
+
+        # --- timestep embedding: t is the same for both halves --------------------------------------
+        self.t_embedders = (ft.t_embedder, pre.t_embedder)
+        t_parts = [(_parts(ft.t_embedder.mlp[i], nn.Linear), _parts(pre.t_embedder.mlp[i], nn.Linear)) for i in (0, 2)]
+        self.t_shared = (ft.t_embedder.freq_divisor == pre.t_embedder.freq_divisor
+                         and ft.t_embedder.frequency_embedding_size == pre.t_embedder.frequency_embedding_size
+                         and not _hooked(ft.t_embedder) and not _hooked(pre.t_embedder)
+                         and all(a is not None and b is not None and not a.loras and not b.loras
+                                 and _same(a.weight, b.weight) and _same(a.bias, b.bias) for a, b in t_parts))
+        for i in (0, 2):
+            two = _param_bytes(ft.t_embedder.mlp[i]) + _param_bytes(pre.t_embedder.mlp[i])
+            rows.append(LayerRow(f"t_embedder.mlp.{i}", "shared-activation" if self.t_shared else "separate",
+                                 two, two // 2 if self.t_shared else two, 0,
+                                 "once on n rows" if self.t_shared else "each model's embedder"))
+
+        # --- label tables: y vs null always differ --------------------------------------------------
+        self.y_embedders = (ft.y_embedder, pre.y_embedder)
+        two = _param_bytes(ft.y_embedder) + _param_bytes(pre.y_embedder)
+        rows.append(LayerRow("y_embedder.embedding_table", "separate", two, two, 0,
+                             "labels y vs null: each model's table"))
+
+        # --- blocks and final layer -----------------------------------------------------------------
+        def lin(name, get):
+            return PairLinear(name, get(ft), get(pre), stack=False)  # stacked copies are made below
+
+        def block_mod(i, path):
+            return lambda m: m.blocks[i].get_submodule(path)
+
+        self.blocks = [{key: lin(f"blocks.{i}.{path}", block_mod(i, path))
+                        for key, path in (("ada", "adaLN_modulation.1"), ("qkv", "attn.qkv"), ("proj", "attn.proj"),
+                                          ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"))} for i in range(len(ft.blocks))]
+        self.final_ada = lin("final_layer.adaLN_modulation.1", lambda m: m.final_layer.adaLN_modulation[1])
+        self.final_linear = lin("final_layer.linear", lambda m: m.final_layer.linear)
+        ada = [(i, blk["ada"]) for i, blk in enumerate(self.blocks)] + [(len(self.blocks), self.final_ada)]
+        self.ada_group = None
+        if self.stack:
+            grouped = [(i, pl) for i, pl in ada if pl.kind == "stacked" and pl.b_ft is not None]
+            if len(grouped) > 1:
+                self.ada_group = AdaLNGroup(grouped)
+            for pl in [lin for blk in self.blocks for lin in blk.values()] + [self.final_ada, self.final_linear]:
+                if pl.kind.startswith("stacked") and not pl.stacked:
+                    pl.make_stacked()
+        for pl in [lin for blk in self.blocks for lin in blk.values()] + [self.final_ada, self.final_linear]:
+            rows.append(LayerRow(pl.name, pl.kind, pl.bytes_two, pl.bytes_used, pl.extra, pl.note))
+        self.rows = rows
+
+        # Everything the models hold that the rows above do not cover (wrappers' extra parameters).
+        covered = {id(t) for t in self._row_params(ft, pre)}
+        self.uncovered = [n for m, tag in ((ft, "finetuned"), (pre, "pretrained"))
+                          for n, p in m.named_parameters() if id(p) not in covered]
+
+    @staticmethod
+    def _row_params(ft, pre):
+        for m in (ft, pre):
+            yield from m.x_embedder.parameters()
+            yield m.pos_embed
+            yield from m.t_embedder.parameters()
+            yield from m.y_embedder.parameters()
+            yield from m.blocks.parameters()
+            yield from m.final_layer.parameters()
+
+    # -- settings ---------------------------------------------------------------------------------
+
+    def _settings(self):
+        ft = self._ft_ref()
+        if ft is not None:  # follow set_backend / set_attention made after pairing
+            self.backend = ft.backend
+            if len(ft.blocks):
+                self.attn_impl = ft.blocks[0].attn.impl
+        return self.backend, self.attn_impl
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def __call__(self, x, t, y, null_label=1000):
+        return self.forward_pair(x, t, y, null_label)
+
+    @torch.inference_mode()
+    def forward_pair(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null_label=1000):
+        """(out_ft, out_pre): finetuned(x, t, y) and pretrained(x, t, null_label), one 2n batch.
+
+        x (n, C, H, W), t (n,), y (n,) int64; null_label an int or an (n,) tensor.
+        Outputs are inference tensors (computed under torch.inference_mode).
+        """
+        backend, impl = self._settings()
+        n = x.shape[0]
+        h = self._embed_tokens(x)                         # (2n, T, D): fine-tuned rows first
+        c = self._embed_cond(t, y, null_label, n)         # (2n, D)
+        N, T, D = h.shape
+        H = self.num_heads
+        silu_c = F.silu(c)                                # read by every adaLN GEMM
+        mods, final = self._modulation(silu_c, D)
+        blocks = self.blocks
+
+        def attn(i, xm):
+            qkv = blocks[i]["qkv"](xm, (N, T, 3, H))     # lands as (2n, T, 3, H, hd)
+            if impl == "xformers" and qkv.is_cuda:
+                import xformers.ops as xops
+                q, k, v = qkv.unbind(2)                   # (2n, T, H, hd): xformers' layout, strided views
+                o = xops.memory_efficient_attention(q, k, v)
+            else:
+                # q, k, v as strided (2n, H, T, hd) views of qkv: no permute copy. One SDPA over both
+                # halves (batch 2n); its output is (2n, T, H, hd)-contiguous after the transpose.
+                q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+                o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+            return blocks[i]["proj"](o.reshape(N, T, D), (N, T))  # a view when o is (2n, T, H, hd)-contiguous
+
+        def mlp(i, xm):
+            z = blocks[i]["fc1"](xm, (2, n * T))          # stays (2, nT, 4D): fc2 reads it as is
+            return blocks[i]["fc2"](_gelu(z, backend), (N, T))
+
+        xm = blocks_forward(h, mods, final, attn, mlp, eps=self.norm_eps, mlp_eps=self.mlp_norm_eps,
+                            backend=backend)
+        out = self._unpatchify(self.final_linear(xm, (N, T)))
+        return out[:n], out[n:]
+
+    def _modulation(self, silu_c, D):
+        """Every block's six (2n, D) adaLN chunks and the final layer's two."""
+        grouped = self.ada_group(silu_c, D) if self.ada_group is not None else {}
+        N = silu_c.shape[0]
+        mods = [grouped[i] if i in grouped else blk["ada"](silu_c, (N,)).chunk(6, dim=1)
+                for i, blk in enumerate(self.blocks)]
+        final = grouped.get(len(self.blocks)) or self.final_ada(silu_c, (N,)).chunk(2, dim=1)
+        return mods, final
+
+    def _embed_tokens(self, x):
+        if self.x_kind == "separate":
+            e_ft, e_pre = self.x_embedders[0](x), self.x_embedders[1](x)
+        else:
+            conv = self.x_conv
+            e = conv(x)                                   # once for n rows: same x_t, same weights
+            e_pre = e.flatten(2).transpose(1, 2)
+            if self.x_loras:                              # peft's base(x) + B(A(x)) * s, fine-tuned only
+                for A, B, s in self.x_loras:
+                    e = e + B(A(x)) * s
+                e_ft = e.flatten(2).transpose(1, 2)
+            else:
+                e_ft = e_pre
+        pos_ft, pos_pre = self.pos
+        if e_ft is e_pre and self.pos_shared:
+            h0 = e_ft + pos_ft
+            return torch.cat([h0, h0])
+        return torch.cat([e_ft + pos_ft, e_pre + pos_pre])
+
+    def _embed_cond(self, t, y, null_label, n):
+        t_ft_mod, t_pre_mod = self.t_embedders
+        t_ft = t_ft_mod(t)
+        t_pre = t_ft if self.t_shared else t_pre_mod(t)   # shared: once for n rows
+        y_ft = self.y_embedders[0](y, False)
+        if isinstance(null_label, torch.Tensor):
+            y_pre = self.y_embedders[1](null_label.to(y.device).expand(n), False)
+        else:  # one table row, broadcast over the n rows
+            y_pre = self.y_embedders[1](torch.full((1,), int(null_label), dtype=torch.long, device=y.device), False)
+        return torch.cat([t_ft + y_ft, t_pre + y_pre])    # upstream's c = t_emb + y_emb
+
+    def _unpatchify(self, z):
+        c, p = self.out_channels, self.patch_size
+        g = int(z.shape[1] ** 0.5)
+        z = z.reshape(z.shape[0], g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", z).reshape(z.shape[0], c, g * p, g * p)
+
+    # -- report -----------------------------------------------------------------------------------
+
+    def kinds(self) -> dict[str, str]:
+        """{layer name: kind} for every layer (upstream state_dict names, without .weight/.bias)."""
+        return {r.name: r.kind for r in self.rows}
+
+    def memory(self) -> dict[str, int]:
+        """Weight bytes: two separate models vs what the paired forward uses and holds."""
+        return dict(two_models=sum(r.bytes_two_models for r in self.rows),
+                    used=sum(r.bytes_used for r in self.rows),
+                    extra=sum(r.bytes_extra for r in self.rows))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every weight tensor the pair references (its own copies included)."""
+        out = [*self.pos]
+        for pl in [lin for blk in self.blocks for lin in blk.values()] + [self.final_ada, self.final_linear]:
+            out += pl.tensors()
+        for m in (*self.x_embedders, *self.t_embedders, *self.y_embedders):
+            out += list(m.parameters())
+        return out
+
+    def report(self) -> str:
+        """Per layer: kind and weight bytes, two separate models vs the pair; totals."""
+        mib = 1 << 20
+        width = max(len(r.name) for r in self.rows)
+        lines = [f"{'layer':<{width}}  {'kind':<17} {'2 models MiB':>12} {'pair uses':>10} {'pair copy':>10}  note"]
+        for r in self.rows:
+            lines.append(f"{r.name:<{width}}  {r.kind:<17} {r.bytes_two_models / mib:12.3f} "
+                         f"{r.bytes_used / mib:10.3f} {r.bytes_extra / mib:10.3f}  {r.note}")
+        mem = self.memory()
+        counts = {k: sum(r.kind == k for r in self.rows) for k in KINDS}
+        lines.append("")
+        lines.append("layers: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+        lines.append(f"weights of two separate models: {mem['two_models'] / mib:.2f} MiB; the paired forward reads "
+                     f"{mem['used'] / mib:.2f} MiB and allocated {mem['extra'] / mib:.2f} MiB of its own "
+                     f"({'stacked copies for baddbmm' if self.stack else 'no copies: stacked layers run as two GEMMs'})")
+        if self.uncovered:
+            lines.append(f"parameters outside these layers (used by the models' own modules): {self.uncovered}")
+        return "\n".join(lines)
+
+
+def _same_conv(a: nn.Conv2d, b: nn.Conv2d) -> bool:
+    return (a.stride, a.padding, a.dilation, a.groups, a.padding_mode) == \
+        (b.stride, b.padding, b.dilation, b.groups, b.padding_mode)
+
+
+def _gelu(z, backend):
+    from dgfast import ops
+    return ops.gelu_tanh(z, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and caching
+# ----------------------------------------------------------------------------------------------
+
+def fingerprint(ft: nn.Module, pre: nn.Module) -> tuple:
+    """Cheap identity of both models' weights: storage pointer and in-place version counter of
+    every parameter and buffer, plus peft adapter state and train/eval flags."""
+    items = []
+    for m in (ft, pre):
+        for t in list(m.parameters()) + list(m.buffers()):
+            try:
+                v = t._version
+            except RuntimeError:  # inference tensors carry no version counter
+                v = -1
+            items.append((id(t), t.data_ptr(), v))
+        for mod in m.modules():
+            if _is_lora(mod):
+                items.append((id(mod), tuple(mod.active_adapters), bool(mod.disable_adapters), bool(mod.merged)))
+        items.append(m.training)
+    return tuple(items)
+
+
+def pair(finetuned: DiT, pretrained: DiT, *, stack: bool | None = None) -> PairedDiT:
+    """A new paired model for (finetuned, pretrained); see the module docstring.
+
+    stack: stacked layers run as one baddbmm over a (2, out, in) copy (True) or as two GEMMs
+    with no copy (False); default: True on CUDA, False on CPU.
+    """
+    return PairedDiT(finetuned, pretrained, stack=stack)
+
+
+_PAIRS: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
+
+
+def get_pair(finetuned: DiT, pretrained: DiT, *, rebuild: bool = False) -> PairedDiT:
+    """The cached pair for these two model objects, rebuilt when their weights changed."""
+    inner = _PAIRS.get(finetuned)
+    if inner is None:
+        inner = _PAIRS[finetuned] = weakref.WeakKeyDictionary()
+    cached = inner.get(pretrained)
+    if cached is None or rebuild or cached.fingerprint != fingerprint(finetuned, pretrained):
+        cached = inner[pretrained] = PairedDiT(finetuned, pretrained)
+    return cached
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA graphs: the whole DoG step (paired forward + step) captured once per shape, replayed
+# ----------------------------------------------------------------------------------------------
+
+def guided_step_graphable(x, out_ft, out_pre, noise, c, *, scale: float, k: int, mode: str,
+                          clip_denoised: bool) -> torch.Tensor:
+    """ops.guided_step_torch, op for op, with the step's coefficients in a device tensor `c` (7,)
+    instead of Python floats: a captured graph then reads each replay's values from c (a kernel
+    launched with float arguments would replay the capture step's numbers forever)."""
+    from dgfast import ops
+    C = x.shape[1]
+    eps = ops.guide_eps(out_ft[:, :C], out_pre, scale, k)
+    x0 = c[0] * x - c[1] * eps
+    if clip_denoised:
+        x0 = x0.clamp(-1, 1)
+    if mode == "ddim":
+        eps2 = (c[0] * x - x0) / c[1]
+        mean = x0 * c[2] + c[3] * eps2
+        return mean + c[4] * noise
+    mean = c[2] * x0 + c[3] * x
+    frac = (out_ft[:, C:2 * C] + 1) / 2
+    logvar = frac * c[5] + (1 - frac) * c[4]
+    return mean + c[6] * torch.exp(0.5 * logvar) * noise
+
+
+class GraphedDoGStep:
+    """x_next = step(forward(x, t, y, null), x, noise, coefs) as one CUDA graph over static buffers.
+
+    Replays read x, t, y, the step's noise and coefficient row from the buffers, so one capture
+    serves every step of every later call with the same shapes and settings.
+    """
+
+    def __init__(self, forward, x_like, y_like, null_label, *, scale, k, mode, clip_denoised, warmup=2):
+        dev = x_like.device
+        self.forward, self.null, self.settings = forward, null_label, (scale, k, mode, clip_denoised)
+        self.x = torch.zeros_like(x_like)
+        self.noise = torch.zeros_like(x_like)
+        self.t = torch.zeros(x_like.shape[0], dtype=torch.int64, device=dev)
+        self.y = torch.zeros_like(y_like)
+        self.c = torch.ones(7, dtype=torch.float32, device=dev)
+        # Warm up on a side stream: cuBLAS handles, Triton compilation/autotuning, cached tables
+        # (timestep frequencies) all happen outside the capture, as torch.cuda.graphs requires.
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._step()
+
+    def _step(self):
+        scale, k, mode, clip = self.settings
+        out_ft, out_pre = self.forward(self.x, self.t, self.y, self.null)
+        out_ft = out_ft[0] if isinstance(out_ft, (tuple, list)) else out_ft
+        out_pre = out_pre[0] if isinstance(out_pre, (tuple, list)) else out_pre
+        return guided_step_graphable(self.x, out_ft, out_pre, self.noise, self.c, scale=scale, k=k, mode=mode,
+                                     clip_denoised=clip)
+
+    def run(self, z, y, timesteps, rows, noises):
+        """Replays over steps 0..S-1: timesteps (S,) int64, rows (S, >=7) float32, noises: S tensors
+        (all on z's device). Returns a fresh tensor; z is not modified."""
+        self.x.copy_(z)
+        self.y.copy_(y)
+        for j in range(len(noises)):
+            self.t.copy_(timesteps[j].expand_as(self.t))     # device-to-device copies only
+            self.c.copy_(rows[j, :7])
+            self.noise.copy_(noises[j])
+            self.graph.replay()
+            self.x.copy_(self.out)
+        return self.x.clone()
+
+
+def run_cuda_graph(forward, z, y, null_label, plan, draw, *, scale: float, guidance_channels: int,
+                   clip_denoised: bool = False, cache: dict | None = None) -> torch.Tensor:
+    """The sampling loop with each step replayed from one CUDA graph (sample(cuda_graph=True)).
+
+    forward(x, t, y, null) -> (out_ft, out_pre or None). `plan`: DiT's ddpm/ddim steps (modes,
+    rows, timesteps, noise flags). The S noise tensors are drawn up front with draw(), in the
+    loop's order and shapes: the model consumes no RNG, so the default generator ends in the same
+    state and every step sees the numbers the eager loop would (reference doc 4.4).
+    `cache`: a dict keeping the captured graph per shape and settings between calls.
+    """
+    if not z.is_cuda:
+        raise ValueError("cuda_graph=True needs CUDA tensors")
+    modes = set(plan.modes)
+    if (getattr(plan, "scheduler", None) is not None or getattr(plan, "heun", False) or len(modes) != 1
+            or not modes <= {"ddpm", "ddim"} or getattr(plan, "in_div", None) is not None
+            or any(getattr(plan, "prev", [])) or getattr(plan, "init_sigma", 1.0) != 1.0
+            or not all(plan.noise)):
+        raise ValueError("cuda_graph=True supports DiT's 'ddpm' and 'ddim' samplers (one noise draw per step)")
+    mode = modes.pop()
+    noises = [draw() for _ in range(plan.num_steps)]                   # the reference order, up front
+    dev = z.device
+    timesteps = torch.as_tensor([int(v) for v in plan.timesteps[:plan.num_steps]], dtype=torch.int64, device=dev)
+    rows = torch.as_tensor(plan.rows, dtype=torch.float32, device=dev)
+    key = (tuple(z.shape), z.dtype, dev, tuple(y.shape), float(scale), int(guidance_channels), mode,
+           bool(clip_denoised), null_label if not isinstance(null_label, torch.Tensor) else "tensor")
+    step = cache.get(key) if cache is not None else None
+    if step is None:
+        step = GraphedDoGStep(forward, z, y, null_label, scale=float(scale), k=int(guidance_channels), mode=mode,
+                              clip_denoised=bool(clip_denoised))
+        if cache is not None:
+            cache[key] = step
+    return step.run(z, y, timesteps, rows, noises)

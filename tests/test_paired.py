@@ -1,0 +1,269 @@
+"""Paired execution (dgfast.paired): one forward over [x; x] equals two separate forwards, the
+report classifies every layer, LoRA pairs hold the base weights once, the cache rebuilds."""
+import copy
+import gc
+
+import pytest
+import torch
+
+from dgfast.models import DiT
+from dgfast.paired import KINDS, PairedDiT, fingerprint, get_pair, pair
+
+CFG = dict(input_size=8, patch_size=2, hidden_size=48, depth=3, num_heads=3)
+TOL = 1e-5
+LINEARS = ("adaLN_modulation.1", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def rand_dit(num_classes=1000, seed=0, **kw) -> DiT:
+    """A small DiT with every parameter random (upstream init zeroes adaLN: blocks would be identities)."""
+    g = torch.Generator().manual_seed(seed)
+    m = DiT(**{**CFG, **kw}, num_classes=num_classes).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
+def finetune_of(pre: DiT, seed=1, num_classes=10) -> DiT:
+    """Every tensor moved (a full fine-tune), a new label table for the target domain."""
+    g = torch.Generator().manual_seed(seed)
+    ft = DiT(**CFG, num_classes=num_classes).eval()
+    sd = {k: (v + 0.05 * torch.randn(v.shape, generator=g) if k != "pos_embed" else v.clone())
+          for k, v in pre.state_dict().items() if not k.startswith("y_embedder")}
+    sd["y_embedder.embedding_table.weight"] = 0.2 * torch.randn(num_classes + 1, CFG["hidden_size"], generator=g)
+    ft.load_state_dict(sd)
+    return ft
+
+
+def share_with(ft: DiT, pre: DiT, prefixes) -> None:
+    """ft's parameters under `prefixes` become pre's Parameter objects (frozen, same storage)."""
+    sd = {k: v for k, v in pre.state_dict(keep_vars=True).items() if k.startswith(tuple(prefixes))}
+    ft.load_state_dict(sd, strict=False, assign=True)
+
+
+def inputs(n=3, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, CFG["input_size"], CFG["input_size"], generator=g)
+    t = torch.tensor([999, 500, 3, 250, 17][:n])
+    y = torch.tensor([1, 7, 0, 9, 4][:n])
+    return x, t, y
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def check_pair_matches(ft, pre, stack, null=1000):
+    x, t, y = inputs()
+    p = pair(ft, pre, stack=stack)
+    out_ft, out_pre = p.forward_pair(x, t, y, null)
+    with torch.no_grad():
+        ref_ft, ref_pre = ft(x, t, y), pre(x, t, torch.full_like(y, null))
+    assert out_ft.shape == ref_ft.shape and out_pre.shape == ref_pre.shape
+    assert torch.isfinite(out_ft).all() and torch.isfinite(out_pre).all()
+    assert rel(out_ft, ref_ft) <= TOL, rel(out_ft, ref_ft)
+    assert rel(out_pre, ref_pre) <= TOL, rel(out_pre, ref_pre)
+    return p
+
+
+def expected_kinds(block_kind, embed_kind, final_kind=None, x_kind=None):
+    kinds = {"x_embedder.proj": x_kind or embed_kind, "pos_embed": "shared-activation",
+             "t_embedder.mlp.0": embed_kind, "t_embedder.mlp.2": embed_kind,
+             "y_embedder.embedding_table": "separate"}
+    for i in range(CFG["depth"]):
+        for lin in LINEARS:
+            kinds[f"blocks.{i}.{lin}"] = block_kind(i, lin)
+    for lin in ("final_layer.adaLN_modulation.1", "final_layer.linear"):
+        kinds[lin] = final_kind or block_kind(CFG["depth"], lin)
+    return kinds
+
+
+@pytest.fixture(scope="module")
+def pre():
+    return rand_dit()
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_full_finetune(pre, stack):
+    ft = finetune_of(pre)
+    p = check_pair_matches(ft, pre, stack)
+    assert p.kinds() == expected_kinds(lambda i, lin: "stacked", "separate")
+    mem = p.memory()
+    stacked = sum(r.bytes_two_models for r in p.rows if r.kind == "stacked")
+    assert mem["extra"] == (stacked if stack else 0)  # stacking copies both weights, nothing else
+
+
+@pytest.mark.parametrize("stack", [False, True])
+@pytest.mark.parametrize("how", ["same-tensors", "equal-values"])
+def test_first_k_blocks_frozen(pre, stack, how):
+    k = 2
+    ft = finetune_of(pre)
+    frozen = ["x_embedder", "t_embedder", "pos_embed"] + [f"blocks.{i}." for i in range(k)]
+    if how == "same-tensors":
+        share_with(ft, pre, frozen)
+        assert ft.blocks[0].attn.qkv.weight is pre.blocks[0].attn.qkv.weight
+    else:
+        ft.load_state_dict({n: v.clone() for n, v in pre.state_dict().items() if n.startswith(tuple(frozen))},
+                           strict=False)
+        assert ft.blocks[0].attn.qkv.weight.data_ptr() != pre.blocks[0].attn.qkv.weight.data_ptr()
+    p = check_pair_matches(ft, pre, stack)
+    assert p.kinds() == expected_kinds(lambda i, lin: "shared" if i < k else "stacked", "shared-activation")
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_identical_models(pre, stack):
+    for other in (pre, copy.deepcopy(pre)):  # the same object; an equal copy
+        p = check_pair_matches(pre, other, stack)
+        assert p.kinds() == expected_kinds(lambda i, lin: "shared", "shared-activation")
+        assert p.memory()["extra"] == 0
+
+
+def lora_finetune(pre: DiT, r=4, seed=3):
+    """ft = pre's weights (the same Parameter objects) + peft LoRA, own label table."""
+    peft = pytest.importorskip("peft")
+    ft = DiT(**CFG, num_classes=10).eval()
+    share_with(ft, pre, [k for k in pre.state_dict() if not k.startswith("y_embedder")])
+    ft = peft.inject_adapter_in_model(peft.LoraConfig(r=r, lora_alpha=8, target_modules=["qkv", "proj", "fc1", "fc2"]),
+                                      ft).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, prm in ft.named_parameters():
+            if "lora_" in name:  # peft starts B at zero (a no-op adapter): make the delta real
+                prm.copy_(0.2 * torch.randn(prm.shape, generator=g))
+            if name.startswith("y_embedder"):
+                prm.copy_(0.2 * torch.randn(prm.shape, generator=g))
+    return ft
+
+
+def unique_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_lora_finetune(pre, stack):
+    ft = lora_finetune(pre)
+    p = check_pair_matches(ft, pre, stack)
+    # "proj" also matches x_embedder.proj (a Conv2d): peft wraps it too, and the pair handles it.
+    assert p.kinds() == expected_kinds(lambda i, lin: "shared" if lin == "adaLN_modulation.1" else "lora",
+                                       "shared-activation", final_kind="shared", x_kind="lora")
+    # One copy of the base weights: the pair allocates nothing and references only the models'
+    # tensors; together the two models hold pre's weights + LoRA factors + ft's label table.
+    assert p.memory()["extra"] == 0
+    model_params = list(ft.parameters()) + list(pre.parameters())
+    assert unique_bytes(model_params + p.tensors()) == unique_bytes(model_params)
+    lora_bytes = sum(q.numel() * 4 for n, q in ft.named_parameters() if "lora_" in n)
+    table = ft.y_embedder.embedding_table.weight
+    assert unique_bytes(model_params) == unique_bytes(pre.parameters()) + lora_bytes + table.numel() * 4
+
+
+def test_lora_over_finetuned_base(pre):
+    """LoRA on top of a base that itself differs from pre: stacked GEMM + delta."""
+    peft = pytest.importorskip("peft")
+    ft = finetune_of(pre)
+    share_with(ft, pre, ["x_embedder", "t_embedder", "pos_embed"])
+    ft = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["fc1"]), ft).eval()
+    with torch.no_grad():
+        for name, prm in ft.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.2)
+    p = check_pair_matches(ft, pre, stack=True)
+    assert p.kinds()["blocks.1.mlp.fc1"] == "stacked+lora"
+    assert p.kinds()["blocks.1.mlp.fc2"] == "stacked"
+
+
+def test_disabled_and_merged_lora(pre):
+    peft = pytest.importorskip("peft")
+    ft = lora_finetune(pre)
+    for mod in ft.modules():
+        if isinstance(mod, peft.tuners.lora.LoraLayer):
+            mod.enable_adapters(False)
+    p = check_pair_matches(ft, pre, stack=False)
+    assert p.kinds()["blocks.0.attn.qkv"] == "shared"  # adapters off: the base alone, as peft runs it
+
+
+def test_report_lists_every_layer(pre):
+    p = pair(finetune_of(pre), pre, stack=True)
+    text = p.report()
+    for name, kind in p.kinds().items():
+        assert name in text
+        assert kind in KINDS
+    assert "stacked copies" in text
+    mem = p.memory()
+    assert mem["two_models"] >= mem["used"] > 0
+
+
+def test_unsupported_wrapper_runs_separately(pre):
+    ft = finetune_of(pre)
+    ft.blocks[1].mlp.fc2.register_forward_hook(lambda m, i, o: o * 1.0)  # the pair must not skip hooks
+    p = check_pair_matches(ft, pre, stack=True)
+    assert p.kinds()["blocks.1.mlp.fc2"] == "separate"
+
+
+def test_architecture_mismatch(pre):
+    with pytest.raises(ValueError, match="depth"):
+        pair(DiT(**{**CFG, "depth": 2}, num_classes=10), pre)
+    with pytest.raises(TypeError, match="to_dgfast"):
+        pair(torch.nn.Linear(2, 2), pre)
+
+
+def test_null_label_tensor(pre):
+    ft = finetune_of(pre)
+    x, t, y = inputs()
+    p = pair(ft, pre)
+    a = p.forward_pair(x, t, y, 1000)
+    b = p.forward_pair(x, t, y, torch.full_like(y, 1000))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_get_pair_cache_and_rebuild():
+    pre = rand_dit(seed=11)
+    ft = finetune_of(pre, seed=12)
+    p1 = get_pair(ft, pre)
+    assert get_pair(ft, pre) is p1
+    x, t, y = inputs()
+    before = p1.forward_pair(x, t, y)[0].clone()
+    with torch.no_grad():  # an in-place edit bumps the version counter: the pair is rebuilt
+        ft.blocks[1].mlp.fc1.weight.mul_(1.5)
+    p2 = get_pair(ft, pre)
+    assert p2 is not p1 and p2.fingerprint == fingerprint(ft, pre)
+    after = p2.forward_pair(x, t, y)[0]
+    with torch.no_grad():
+        assert rel(after, ft(x, t, y)) <= TOL
+    assert not torch.equal(before, after)
+    ft.blocks[0].attn.qkv.weight = torch.nn.Parameter(ft.blocks[0].attn.qkv.weight.clone())  # new storage
+    p3 = get_pair(ft, pre)
+    assert p3 is not p2
+    assert get_pair(ft, pre, rebuild=True) is not p3
+
+
+def test_get_pair_does_not_keep_models_alive():
+    from dgfast import paired
+    pre = rand_dit(seed=21)
+    ft = finetune_of(pre, seed=22)
+    get_pair(ft, pre)
+    assert ft in paired._PAIRS
+    del ft
+    gc.collect()
+    assert len([k for k in paired._PAIRS.keys() if k is not pre]) == 0
+
+
+def test_sample_paired_equals_two_pass(pre):
+    import dgfast
+    ft = finetune_of(pre)
+    x, _, y = inputs()
+    torch.manual_seed(0)
+    a = dgfast.sample(ft, pre, x, y, steps="3", guidance_scale=1.5, paired=True)
+    torch.manual_seed(0)
+    b = dgfast.sample(ft, pre, x, y, steps="3", guidance_scale=1.5, paired=False)
+    torch.manual_seed(0)
+    c = dgfast.sample(ft, pre, x, y, steps="3", guidance_scale=1.5, paired=pair(ft, pre, stack=True))
+    assert rel(a, b) <= 1e-5 and rel(c, b) <= 1e-5
+
+
+def test_paired_is_a_class():
+    assert isinstance(pair(rand_dit(), rand_dit(seed=2)), PairedDiT)
