@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
-SAMPLER_MODES = ("ddpm", "ddim")
+SAMPLER_MODES = ("ddpm", "ddim", "linear", "flow_euler", "flow_heun")
+# linear/flow_*: dgfast.samplers builds their coefficient rows. A compiled backend runs a mode only
+# if it lists it (backend_modes); otherwise "auto" uses the torch twin for that mode.
+STATE_MODES = ("linear", "flow_euler")  # modes that can also return their per-step state
 LN_EPS = 1e-6
 
 
@@ -110,30 +113,86 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def guided_step(x, out_ft, out_pre, noise, coefs, *, scale: float = 1.0, guidance_channels: int = 0,
-                mode: str = "ddpm", clip_denoised: bool = False, backend: str = "auto") -> torch.Tensor:
+                mode: str = "ddpm", clip_denoised: bool = False, backend: str = "auto", prev=None,
+                return_state: bool = False, guidance_rescale: float = 0.0):
     """x_prev for one sampler step of the kept (fine-tuned) half.
 
     x:        (n, C, H, W) current sample
-    out_ft:   (n, 2C, H, W) fine-tuned output: eps channels then variance values (ddim: >= C channels)
+    out_ft:   (n, 2C, H, W) fine-tuned output: eps channels then variance values (other modes: >= C channels)
     out_pre:  (n, >=k, H, W) pre-trained output, or None for unguided sampling
-    noise:    (n, C, H, W) standard normal draw (may be a strided view, e.g. rows of a 2n draw)
-    coefs:    the step's row of Schedule.ddpm_coefs()/ddim_coefs() (7 float32 values)
+    noise:    (n, C, H, W) standard normal draw (may be a strided view, e.g. rows of a 2n draw),
+              or None for a step without a noise term
+    coefs:    the step's row of per-step float32 scalars (Schedule.ddpm_coefs()/ddim_coefs(), or a
+              dgfast.samplers row for the other modes)
     scale:    guidance scale w in  eps = u + w * (c - u)  (u = pre-trained, c = fine-tuned)
     guidance_channels: k, guidance applies to eps channels [0, k); the rest are the fine-tuned eps.
+
+    Modes (d = the guided model output: eps, or a velocity for flow models):
+      ddpm    DiT's p_sample, learned-range variance. coefs A, B, C1, C2, Lmin, Lmax, mask
+      ddim    DiT's ddim_sample (eps re-derived from x0). coefs A, B, sqrt(abp), sqrt(1-abp-s^2), mask*s
+      linear  x0 = A*x - B*d (clamped if clip_denoised);
+              out = R*x + P*x0 + Q*d + T*(x0 - prev) + S*z.  coefs A, B, R, P, Q, T, S.
+              One form for DPM-Solver++ (1 and 2M, ODE and SDE), diffusers' DDIM and fixed-variance
+              DDPM; its state is x0 (the next multistep update's `prev`).
+      flow_euler  out = x + h*d, an Euler step of the ODE dx = d dt (d a velocity, or eps in the
+              sigma parametrisation, dx = eps dsigma).  coefs h.  Its state is d (a Heun first stage).
+      flow_heun   out = x + h*(prev + d), prev = the first stage's d.  coefs h (= dt/2).
+    prev:     (n, C, H, W) state of an earlier step (linear: previous x0, flow_heun: first-stage d)
+    return_state: linear/flow_euler only: return (x_prev, state) instead of x_prev
+    guidance_rescale: phi of Lin et al. (diffusers' rescale_noise_cfg): the guided eps is rescaled
+              towards the fine-tuned eps's per-sample std. It needs a reduction over each sample,
+              so the guided eps is formed here in torch and the backend step runs unguided on it.
     """
     if mode not in SAMPLER_MODES:
         raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
+    if return_state and mode not in STATE_MODES:
+        raise ValueError(f"return_state: mode {mode!r} has no state; modes with one: {STATE_MODES}")
+    if mode == "flow_heun" and prev is None:
+        raise ValueError("mode='flow_heun' needs prev= (the first stage's guided output)")
     k = guidance_channels if out_pre is not None else 0
+    if guidance_rescale and k > 0:
+        out_ft, out_pre, k = rescale_guided(out_ft, out_pre, scale, k, x.shape[1], guidance_rescale), None, 0
     coefs = [float(c) for c in coefs]
     which = resolve_backend(backend, x)
+    if which != "torch" and mode not in backend_modes(which):
+        if backend != "auto":
+            raise ValueError(f"backend={backend!r} does not implement mode {mode!r}; use backend='torch'")
+        which = "torch"  # "auto": this build's compiled backend predates the mode
+    if mode in ("ddpm", "ddim") and noise is None:  # the DiT modes always read a draw; m = 0 steps ignore it
+        noise = torch.zeros_like(x)
     if which == "cpp":
         return cpp_extension().guided_step(x, out_ft, out_pre, noise, coefs, float(scale), int(k),
                                            mode == "ddim", bool(clip_denoised))
     if which == "triton":
+        extra = {} if mode in ("ddpm", "ddim") else dict(prev=prev, return_state=bool(return_state))
         return triton_kernels().guided_step(x, out_ft, out_pre, noise, coefs, scale=float(scale), k=int(k),
-                                            mode=mode, clip_denoised=bool(clip_denoised))
+                                            mode=mode, clip_denoised=bool(clip_denoised), **extra)
     return guided_step_torch(x, out_ft, out_pre, noise, coefs, scale=scale, guidance_channels=k, mode=mode,
-                             clip_denoised=clip_denoised)
+                             clip_denoised=clip_denoised, prev=prev, return_state=return_state)
+
+
+def backend_modes(which: str) -> tuple:
+    """Sampler modes a compiled backend implements (ddpm/ddim always; the rest once added there)."""
+    if which == "cpp":
+        return tuple(getattr(cpp_extension(), "GUIDED_STEP_MODES", ("ddpm", "ddim")))
+    if which == "triton":
+        return tuple(getattr(triton_kernels(), "GUIDED_STEP_MODES", ("ddpm", "ddim")))
+    return SAMPLER_MODES
+
+
+def rescale_guided(out_ft, out_pre, scale, k, C, phi):
+    """out_ft with its eps channels replaced by the guided, std-rescaled eps (variance channels kept)."""
+    g = guide_eps(out_ft[:, :C], out_pre, scale, k)
+    g = rescale_noise_cfg(g, out_ft[:, :C], phi)
+    return g if out_ft.shape[1] == C else torch.cat([g, out_ft[:, C:]], dim=1)
+
+
+def rescale_noise_cfg(guided, cond, phi):
+    """Lin et al. 2024 (arXiv 2305.08891) sec. 3.4, as diffusers computes it: match each sample's std
+    of the guided prediction to the conditional one, then mix phi of that with 1 - phi of the guided."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
 
 
 def guide_eps(eps_ft, eps_pre, scale, k):
@@ -145,14 +204,31 @@ def guide_eps(eps_ft, eps_pre, scale, k):
 
 
 def guided_step_torch(x, out_ft, out_pre, noise, coefs, *, scale=1.0, guidance_channels=0, mode="ddpm",
-                      clip_denoised=False):
-    """Plain-torch twin, op for op as DiT's p_mean_variance + p_sample (or ddim_sample)."""
+                      clip_denoised=False, prev=None, return_state=False):
+    """Plain-torch twin, op for op as DiT's p_mean_variance + p_sample (or ddim_sample); the other
+    modes op for op as written in guided_step's docstring (the compiled backends follow this order)."""
     C = x.shape[1]
     c = [torch.tensor(v, dtype=torch.float32, device=x.device) for v in coefs]  # f32 scalars, as _extract
     eps = guide_eps(out_ft[:, :C], out_pre, scale, guidance_channels)
+    if mode == "flow_euler":
+        out = x + c[0] * eps
+        if not return_state:
+            return out
+        unguided = out_pre is None or guidance_channels == 0  # then eps is a view of the model's output
+        return out, (eps.clone() if unguided else eps)
+    if mode == "flow_heun":
+        return x + c[0] * (prev + eps)
     x0 = c[0] * x - c[1] * eps
     if clip_denoised:
         x0 = x0.clamp(-1, 1)
+    if mode == "linear":
+        out = c[2] * x + c[3] * x0
+        out = out + c[4] * eps
+        if prev is not None:
+            out = out + c[5] * (x0 - prev)
+        if noise is not None:
+            out = out + c[6] * noise
+        return (out, x0) if return_state else out
     if mode == "ddim":
         eps2 = (c[0] * x - x0) / c[1]
         mean = x0 * c[2] + c[3] * eps2
