@@ -14,10 +14,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from dgfast import ops
-from dgfast.schedule import Schedule
+from dgfast import ops, samplers
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = samplers.NATIVE_SAMPLERS
 NOISE_MODES = ("reference", "per-sample")
 
 
@@ -181,7 +180,9 @@ def _first(out):
 def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="250", guidance_channels=3,
            null_label: int = 1000, sampler: str = "ddpm", eta: float = 0.0, noise: str = "reference",
            seeds: Sequence[int] | None = None, clip_denoised: bool = False, progress: bool = False,
-           backend: str = "auto", paired=True) -> torch.Tensor:
+           backend: str = "auto", paired=True, scheduler=None, guidance_interval=(0.0, 1.0),
+           guidance_rescale: float = 0.0, mode: str = "dog", cfg_null_label: int | None = None,
+           pretrained_every: int = 1) -> torch.Tensor:
     """Domain Guidance sampling; returns the n kept samples (n, C, H, W).
 
     finetuned(x, t, y) gets the labels y; pretrained(x, t, null_label) is the guiding branch.
@@ -189,9 +190,23 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     channel. guidance_scale == 1 samples the fine-tuned model alone (one forward per step).
     noise="reference" draws from the default generator exactly as the upstream loop does;
     noise="per-sample" with seeds= makes sample i depend only on seeds[i] (z may then be None).
+
+    sampler: "ddpm" / "ddim" (DiT), "dpm2m" (DPM-Solver++(2M) on DiT's schedule), "flow_euler" /
+    "flow_heun" (SiT's velocity ODE, t in [0, 1]; steps = SiT's num_steps grid points).
+    scheduler: a diffusers scheduler instance instead (see dgfast.samplers); steps=int sets its
+    timesteps, steps=None keeps those already set; z is scaled by its init_noise_sigma, and noise is
+    drawn (n rows) exactly when its step() would draw it.
+    guidance_interval=(start, stop): guide only steps int(start*N) <= i < int(stop*N); the other
+    steps do not run the guiding model. guidance_rescale: phi of diffusers' rescale_noise_cfg.
+    mode="cfg": classifier-free guidance, the fine-tuned model with its own null label
+    (cfg_null_label, default its num_classes) is the guiding branch; pretrained must be None.
+    pretrained_every=k: run the guiding branch every k-th guided evaluation, reuse it in between.
     """
-    if sampler not in SAMPLERS:
+    if scheduler is None and sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if scheduler is not None and sampler != "ddpm":
+        raise ValueError(f"pass either sampler= or scheduler=, not both (sampler={sampler!r})")
+    interval = samplers.check_controls(guidance_interval, guidance_rescale, mode, pretrained_every)
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
     if backend not in ops.BACKENDS:
@@ -202,7 +217,11 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     guided = scale != 1.0
     check_eval(finetuned, "finetuned")
     ft_info = model_info(finetuned)
-    if guided:
+    if guided and mode == "cfg":
+        if pretrained is not None:
+            raise ValueError("mode='cfg' guides with the fine-tuned model's own null label: pass pretrained=None")
+        cfg_null_label = _cfg_null_label(finetuned, ft_info, cfg_null_label)
+    elif guided:
         if pretrained is None:
             raise ValueError("pretrained is required when guidance_scale != 1")
         check_eval(pretrained, "pretrained")
@@ -228,44 +247,38 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     elif seeds is not None:
         raise ValueError("seeds= is only used with noise='per-sample'")
     check_inputs(z, y, ft_info, model_device(finetuned))
-    if guided:
+    if guided and mode == "dog":
         check_inputs(z, y.clamp(max=0), pre_info, model_device(pretrained))
     k = resolve_channels(guidance_channels, z.shape[1])
 
-    schedule = Schedule.from_steps(steps)
-    coefs = schedule.ddim_coefs(float(eta)) if sampler == "ddim" else schedule.ddpm_coefs()
+    plan = (samplers.native_plan(sampler, steps, float(eta)) if scheduler is None
+            else samplers.scheduler_plan(scheduler, steps, z.device, float(eta)))
     n = len(z)
     if draw is None:
         draw = (PerSampleNoise(seeds, z.shape, z.device, z.dtype) if noise == "per-sample"
-                else ReferenceNoise(n, 2 * n if guided else n, z.shape, z.device, z.dtype))
-    pair_forward = make_pair_forward(finetuned, pretrained, paired) if guided else None
-
-    x = z
-    indices = range(schedule.num_steps - 1, -1, -1)
-    if progress:
-        from tqdm.auto import tqdm
-        indices = tqdm(indices, desc="dgfast", unit="step")
-    for j in indices:
-        t = torch.full((n,), int(schedule.timestep_map[j]), dtype=torch.int64, device=z.device)
-        if guided:
-            out_ft, out_pre = pair_forward(x, t, y, null_label)
-            out_ft, out_pre = _first(out_ft), _first(out_pre)
-        else:
-            out_ft, out_pre = _first(finetuned(x, t, y)), None
-        _check_output(out_ft, x, sampler, "finetuned")
-        x = ops.guided_step(x, out_ft, out_pre, draw(), coefs[j], scale=scale, guidance_channels=k,
-                            mode=sampler, clip_denoised=clip_denoised, backend=backend)
-    return x
+                else ReferenceNoise(n, 2 * n if guided and plan.doubled_noise else n, z.shape, z.device, z.dtype))
+    pair_forward = None
+    if guided:
+        pair_forward = (samplers.cfg_pair_forward(finetuned) if mode == "cfg"
+                        else make_pair_forward(finetuned, pretrained, paired))
+    branches = samplers.Branches(finetuned, y, pair_forward, cfg_null_label if mode == "cfg" else null_label,
+                                 samplers.interval_steps(*interval, plan.num_steps), pretrained_every)
+    return samplers.run(plan, z, branches, scale=scale, guidance_channels=k, draw=draw,
+                        clip_denoised=clip_denoised, backend=backend, guidance_rescale=float(guidance_rescale),
+                        generator=getattr(draw, "gens", None), progress=progress)
 
 
-def _check_output(out, x, sampler, name):
-    C = x.shape[1]
-    need = 2 * C if sampler == "ddpm" else C
-    if not isinstance(out, torch.Tensor) or out.shape[0] != x.shape[0] or out.shape[1] < need \
-            or out.shape[2:] != x.shape[2:]:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{name} returned {shape}; sampler {sampler!r} needs (n, {need}, H, W) "
-                         f"(eps then learned-range variance channels for ddpm)")
+def _cfg_null_label(finetuned, info, label):
+    """The fine-tuned model's own null class: its num_classes unless given; must be in its table."""
+    if label is None:
+        label = getattr(finetuned, "num_classes", None)
+        if label is None:
+            raise ValueError("mode='cfg': cannot read the fine-tuned model's num_classes; pass cfg_null_label=")
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0 or (
+            info["table_rows"] is not None and label >= info["table_rows"]):
+        raise ValueError(f"cfg_null_label {label!r} is outside the fine-tuned model's label table "
+                         f"[0, {info['table_rows']}) (a model trained without label dropout has no null row)")
+    return label
 
 
 # ----------------------------------------------------------------------------------------------
