@@ -1,0 +1,461 @@
+"""FID-scale sampling into a folder: one file per sample, single process or under torchrun.
+
+`sample_to_dir` writes `{index:06d}.png` (or `.npy` latents when there is no VAE), each file
+written atomically, then `{sample_dir}.npz` with `arr_0` for the ADM evaluator. It reads
+RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them and uses NCCL on CUDA, gloo on CPU.
+
+Two seed modes:
+
+- "per-sample" (default): sample i depends only on (global_seed, i).
+      seed_i  = (i + global_seed * 0x9E3779B9) mod 2**32   (the latent and step noise generator)
+      label_i = randint(num_classes) from a CPU torch.Generator seeded with seed_i XOR 0x5BD1E995
+  Seeds are 32-bit because torch's CPU generator ignores the high 32 bits of a seed. For one
+  global seed i -> seed_i is a bijection, so no two samples share a stream; with global_seed 0
+  the seeds are 0..N-1, as EDM2's `--seeds 0-49999`; other global seeds start far apart
+  (golden-ratio steps), so runs with different global seeds share no seed unless N is huge.
+  Indices are cut into blocks of `batch_size` (block k = [k*b, (k+1)*b)); rank r takes blocks
+  r, r+W, ... and always computes whole blocks. So with the same batch size every sample is
+  computed in the same batch at the same row, whatever the world size or the resume point, and
+  files are bitwise identical on the same hardware (and, on CPU, thread count). With another
+  batch size the random inputs are identical and the pixels agree up to the batch-size-dependent
+  rounding of the GEMM/conv kernels (BLAS rounds a row differently by batch size and position).
+- "reference": DiT's `sample_ddp.py` / DoG's `sample_dog_ddp.py` stream. seed = global_seed *
+  world + rank, torch.manual_seed(seed) (right before sampling: on CUDA the scripts' model
+  construction never touches the CUDA generator), then per iteration randn z (n, C, L, L),
+  randint y (n,), S noise draws over the doubled batch; file index = i*world + rank + it*n*world.
+  Resume skips finished iterations by replaying their random draws (cheap: no model calls).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LATENT_SCALE = 0.18215          # SD VAE latent scaling used by DiT (latents / 0.18215 before decode)
+SEED_MODES = ("per-sample", "reference")
+SEED_STEP = 0x9E3779B9          # 2**32 / golden ratio: spreads the global seeds' seed ranges apart
+LABEL_SALT = 0x5BD1E995         # label generator seed = noise seed XOR this: another stream
+MAX_INDEX = 1 << 32
+MANIFEST = "manifest.json"
+_SAMPLE_FILE = re.compile(r"^(\d{6,})\.(png|npy)$")
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds, labels, quantisation
+# ----------------------------------------------------------------------------------------------
+
+def sample_seed(global_seed: int, index: int) -> int:
+    """Seed of sample `index`'s noise generator in per-sample mode (32 bits: torch's CPU
+    generator drops the high bits of larger seeds, which would make global seeds collide)."""
+    return (index + global_seed * SEED_STEP) % MAX_INDEX
+
+
+def sample_label(global_seed: int, index: int, num_classes: int) -> int:
+    """Class label of sample `index` in per-sample mode (device independent: CPU generator)."""
+    g = torch.Generator().manual_seed(sample_seed(global_seed, index) ^ LABEL_SALT)
+    return int(torch.randint(0, num_classes, (1,), generator=g))
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 on the CPU, exactly as DiT's sample_ddp.py.
+
+    `clamp(127.5*x + 128, 0, 255)` then truncation: round-half-up of 127.5x + 127.5. torch.round
+    (half-to-even) would differ on exact ties, and skipping the clamp would wrap at the edges.
+    """
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owned: bool = False   # this call created the process group (and so should destroy it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_distributed() -> Dist:
+    """The process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    Reuses an existing group; a single process without torchrun gets rank 0 of 1 and no group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)  # device_id: barriers know their GPU
+    else:
+        dist.init_process_group("gloo")
+    return Dist(rank, world, local, owned=True)
+
+
+def default_device(d: Dist) -> torch.device:
+    """cuda:LOCAL_RANK when there is a GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", d.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+
+def sample_path(sample_dir: str, index: int, ext: str) -> str:
+    return os.path.join(sample_dir, f"{index:06d}.{ext}")
+
+
+def write_atomic(path: str, write) -> None:
+    """write(fileobj) into a hidden temp file in the same directory, then os.replace: a reader
+    (or a resumed run) sees either no file or the whole file, even after SIGKILL."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def finished_indices(sample_dir: str, ext: str) -> set[int]:
+    """Indices whose final file exists (temp files are hidden names and never match)."""
+    if not os.path.isdir(sample_dir):
+        return set()
+    done = set()
+    for name in os.listdir(sample_dir):
+        m = _SAMPLE_FILE.match(name)
+        if m and m.group(2) == ext:
+            done.add(int(m.group(1)))
+    return done
+
+
+def remove_stale_temp_files(sample_dir: str) -> None:
+    """Temp files left by a killed run (rank 0, before any rank writes)."""
+    for name in os.listdir(sample_dir):
+        if name.startswith(".") and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(sample_dir, name))
+
+
+def npz_path(sample_dir) -> str:
+    return os.path.normpath(os.fspath(sample_dir)) + ".npz"
+
+
+def check_sample_dir(sample_dir, resume: bool, name: str = "sample_dir") -> str:
+    """Normalised path; raises a clear error (naming `name`) unless the run may write there.
+
+    Without resume an existing non-empty folder (or an existing .npz) is refused: nothing is
+    ever silently overwritten.
+    """
+    path = os.path.normpath(os.fspath(sample_dir))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"{name} {path} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{name} {path} is not writable")
+        if os.listdir(path) and not resume:
+            raise FileExistsError(f"{name} {path} is not empty: pass --resume (resume=True) to continue "
+                                  f"that run, or choose a new directory")
+    else:
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise NotADirectoryError(f"{name} {path} cannot be created: {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"{name} {path} cannot be created: {parent} is not writable")
+    npz = npz_path(path)
+    if os.path.isdir(npz):
+        raise IsADirectoryError(f"{name}: {npz} (where the .npz goes) is a directory")
+    if os.path.exists(npz) and not resume:
+        raise FileExistsError(f"{name}: {npz} already exists: remove it, or pass --resume (resume=True)")
+    return path
+
+
+def make_npz(sample_dir, num: int, resize: int | None = None, path: str | None = None) -> str:
+    """Stack files 0..num-1 into `{sample_dir}.npz` (key arr_0) and return its path.
+
+    PNGs give uint8 (num, H, W, 3), the ADM evaluator's format; `resize` resizes each image to
+    resize x resize with PIL BILINEAR after convert('RGB'), as the DoG scripts do (299).
+    .npy latents give float32 (num, C, L, L). Extra files beyond num are ignored.
+    """
+    sample_dir = os.path.normpath(os.fspath(sample_dir))
+    ext = "png" if os.path.exists(sample_path(sample_dir, 0, "png")) else "npy"
+    if ext == "npy" and resize:
+        raise ValueError("resize applies to PNG samples, not to .npy latents")
+    out = None
+    for i in range(num):
+        f = sample_path(sample_dir, i, ext)
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{f} is missing: cannot build the .npz from {num} samples")
+        arr = _read_sample(f, resize)
+        if out is None:  # preallocate: a list plus np.stack would hold the data twice
+            out = np.empty((num, *arr.shape), dtype=arr.dtype)
+        out[i] = arr
+    path = path or npz_path(sample_dir)
+    write_atomic(path, lambda f: np.savez(f, arr_0=out))  # a file object: savez appends no suffix
+    return path
+
+
+def _read_sample(path: str, resize: int | None) -> np.ndarray:
+    if path.endswith(".npy"):
+        return np.load(path)
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if resize:
+            im = im.resize((resize, resize), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest
+# ----------------------------------------------------------------------------------------------
+
+def _versions() -> dict:
+    import dgfast
+    return {"dgfast": getattr(dgfast, "__version__", "unknown"), "torch": torch.__version__}
+
+
+def write_manifest(sample_dir: str, settings: dict, info: dict) -> None:
+    """manifest.json: the output-determining settings (checked on resume) plus one entry per run."""
+    path = os.path.join(sample_dir, MANIFEST)
+    old = _read_manifest(path) or {}
+    run = dict(info, command=sys.argv, started=datetime.datetime.now().isoformat(timespec="seconds"),
+               **_versions())
+    manifest = dict(settings=settings, versions=_versions(), runs=old.get("runs", []) + [run])
+    write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=2, default=str).encode()))
+
+
+def _read_manifest(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_resume(sample_dir: str, settings: dict) -> None:
+    """A resumed folder must have been started with the same output-determining settings."""
+    if not os.path.isdir(sample_dir) or not os.listdir(sample_dir):
+        return
+    old = _read_manifest(os.path.join(sample_dir, MANIFEST))
+    if old is None:
+        raise FileExistsError(f"cannot resume {sample_dir}: it has no {MANIFEST}, so it was not written by dgfast")
+    # through JSON so that tuples/lists and the like compare as they were stored
+    new = json.loads(json.dumps(settings, default=str))
+    diffs = [f"{k}: {old['settings'].get(k)!r} -> {new.get(k)!r}"
+             for k in sorted(set(new) | set(old["settings"])) if old["settings"].get(k) != new.get(k)]
+    if diffs:
+        raise ValueError(f"cannot resume {sample_dir}: it was started with other settings ({'; '.join(diffs)}); "
+                         f"mixing them would corrupt the sample set, use a new directory")
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampling loop
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SampleDirResult:
+    sample_dir: str
+    npz: str | None
+    num_samples: int
+    num_written: int      # samples written by this run, all ranks together
+    num_skipped: int      # samples already present (resume)
+    seconds: float        # sampling wall time, .npz excluded
+    world_size: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_written / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _check_int(value, name: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value >= high):
+        raise ValueError(f"{name} must be in [{low}, {high if high is not None else 'inf'}), got {value}")
+    return int(value)
+
+
+@torch.no_grad()
+def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_size: int, num_classes: int,
+                  global_seed: int = 0, seed_mode: str = "per-sample", vae=None, resume: bool = False,
+                  guidance_scale: float = 1.5, steps="250", guidance_channels=3, null_label: int = 1000,
+                  sampler: str = "ddpm", eta: float = 0.0, backend: str = "auto", paired=True,
+                  npz: bool = True, npz_resize: int | None = None, progress: bool = True,
+                  run_config: dict | None = None) -> SampleDirResult:
+    """Sample `num_samples` images (indices 0..num_samples-1) into `sample_dir`; see the module doc.
+
+    finetuned / pretrained / guidance_scale / steps / guidance_channels / null_label / sampler /
+    eta / backend / paired are passed to `dgfast.sample` (guidance_scale 1: `pretrained` unused).
+    Models must be in eval mode on this rank's device. batch_size is per process.
+    vae: None saves latents as `.npy` (float32 (C, L, L)) and the .npz holds float32 (N, C, L, L);
+    otherwise an object with `decode(latents).sample` (diffusers AutoencoderKL), decoded as
+    `vae.decode(x / 0.18215).sample` and saved as PNG. resume=True skips finished samples.
+    run_config: extra JSON-able settings stored in manifest.json and checked on resume.
+    Call it on every rank under torchrun; rank 0 writes manifest.json and the .npz.
+    """
+    from dgfast.sampling import model_device, model_info, sample
+
+    num_samples = _check_int(num_samples, "num_samples", 1, MAX_INDEX)
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    num_classes = _check_int(num_classes, "num_classes", 1)
+    global_seed = _check_int(global_seed, "global_seed", 0, 1 << 31)
+    if seed_mode not in SEED_MODES:
+        raise ValueError(f"seed_mode must be one of {SEED_MODES}, got {seed_mode!r}")
+    if seed_mode == "reference" and guidance_scale < 1:
+        raise ValueError(f"seed_mode='reference' reproduces sample_ddp.py, which needs guidance_scale >= 1, "
+                         f"got {guidance_scale}")
+    if npz_resize is not None:
+        _check_int(npz_resize, "npz_resize", 1)
+        if vae is None:
+            raise ValueError("npz_resize needs a vae: latents (.npy) are not resized")
+    sample_dir = check_sample_dir(sample_dir, resume)
+    ext = "npy" if vae is None else "png"
+    settings = dict(num_classes=num_classes, global_seed=global_seed, seed_mode=seed_mode,
+                    guidance_scale=float(guidance_scale), steps=str(steps), guidance_channels=guidance_channels,
+                    null_label=null_label, sampler=sampler, eta=float(eta), output=ext, run=run_config)
+    d = init_distributed()
+    if seed_mode == "reference":  # the script's stream depends on both
+        settings.update(world_size=d.world_size, batch_size=batch_size)
+    if resume:
+        check_resume(sample_dir, settings)
+
+    info = model_info(finetuned)
+    device = model_device(finetuned) or torch.device("cpu")
+    if seed_mode == "reference" and (info["in_channels"] is None or info["input_size"] is None):
+        raise ValueError("seed_mode='reference' needs a model whose in_channels and input_size are known")
+
+    done = finished_indices(sample_dir, ext)  # listed before any rank of this run writes
+    if seed_mode == "per-sample":
+        batches = _per_sample_batches(num_samples, batch_size, d)
+    else:
+        batches = _reference_batches(num_samples, batch_size, d)
+    todo = [not all(i in done for i in idx if i < num_samples) for idx in batches]
+    pending = num_samples - len(done & set(range(num_samples)))
+    d.barrier()
+    if d.is_main:
+        os.makedirs(sample_dir, exist_ok=True)
+        remove_stale_temp_files(sample_dir)
+        write_manifest(sample_dir, settings, dict(num_samples=num_samples, world_size=d.world_size,
+                                                  batch_size=batch_size, resume=bool(resume)))
+    d.barrier()
+
+    call = dict(guidance_scale=guidance_scale, steps=steps, guidance_channels=guidance_channels,
+                null_label=null_label, sampler=sampler, eta=eta, backend=backend, paired=paired)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=pending, unit="img", desc="dgfast sample", disable=not (progress and d.is_main),
+               dynamic_ncols=True)
+    start = time.perf_counter()
+    if seed_mode == "reference":
+        torch.manual_seed(global_seed * d.world_size + d.rank)
+        num_steps = _num_steps(steps)
+    for idx, needed in zip(batches, todo):
+        if seed_mode == "per-sample":
+            if not needed:
+                continue
+            seeds = [sample_seed(global_seed, i) for i in idx]
+            y = torch.tensor([sample_label(global_seed, i, num_classes) for i in idx], device=device)
+            x = sample(finetuned, pretrained, None, y, noise="per-sample", seeds=seeds, **call)
+        else:
+            C, L = info["in_channels"], info["input_size"]
+            z = torch.randn(len(idx), C, L, L, device=device)
+            y = torch.randint(0, num_classes, (len(idx),), device=device)
+            if not needed:  # finished iteration: spend its step noise as sample() would have
+                _replay_step_noise(z, guided=guidance_scale != 1, num_steps=num_steps)
+                continue
+            x = sample(finetuned, pretrained, z, y, noise="reference", **call)
+        written = _write_batch(x, idx, num_samples, sample_dir, vae)
+        bar.update(min(written * d.world_size, bar.total - bar.n))
+    d.barrier()
+    seconds = time.perf_counter() - start
+    bar.close()
+
+    path = None
+    if npz and d.is_main:
+        path = make_npz(sample_dir, num_samples, resize=npz_resize)
+    d.barrier()
+    if d.owned:
+        dist.destroy_process_group()
+    return SampleDirResult(sample_dir, path if npz else None, num_samples, pending, num_samples - pending,
+                           seconds, d.world_size)
+
+
+def _per_sample_batches(num_samples: int, batch_size: int, d: Dist) -> list[list[int]]:
+    """Whole blocks [k*b, (k+1)*b), blocks k = rank, rank+W, ...; the last block is computed in
+    full too (indices >= num_samples are not written) so every sample always sees batch size b."""
+    num_blocks = math.ceil(num_samples / batch_size)
+    return [list(range(k * batch_size, (k + 1) * batch_size)) for k in range(d.rank, num_blocks, d.world_size)]
+
+
+def _reference_batches(num_samples: int, batch_size: int, d: Dist) -> list[list[int]]:
+    """sample_ddp.py: total rounded up to the global batch; index = i*world + rank + offset."""
+    global_batch = batch_size * d.world_size
+    iterations = math.ceil(num_samples / global_batch)
+    return [[it * global_batch + i * d.world_size + d.rank for i in range(batch_size)] for it in range(iterations)]
+
+
+def _num_steps(steps) -> int:
+    from dgfast.schedule import Schedule
+    return Schedule.from_steps(steps).num_steps
+
+
+def _replay_step_noise(z: torch.Tensor, guided: bool, num_steps: int) -> None:
+    """The default-generator draws of one reference-mode sample() call: one randn per step over
+    the batch the upstream loop holds (2n when guided). Same shapes, so the same stream."""
+    rows = 2 * len(z) if guided else len(z)
+    for _ in range(num_steps):
+        torch.randn((rows, *z.shape[1:]), device=z.device, dtype=z.dtype)
+
+
+def _write_batch(x: torch.Tensor, indices: list[int], num_samples: int, sample_dir: str, vae) -> int:
+    """Decode (whole batch, so its numerics never depend on num_samples) and write indices < N."""
+    if not torch.isfinite(x).all():
+        raise RuntimeError(f"samples {indices[0]}..{indices[-1]} contain NaN/inf: the sampler diverged "
+                           f"(check the checkpoints, guidance scale and backend)")
+    if vae is None:
+        arrays, ext = x.float().cpu().numpy(), "npy"
+        save = np.save
+    else:
+        arrays, ext = to_uint8(vae.decode(x / LATENT_SCALE).sample).numpy(), "png"
+        save = _save_png
+    written = 0
+    for i, arr in zip(indices, arrays):
+        if i < num_samples:
+            write_atomic(sample_path(sample_dir, i, ext), lambda f, a=arr: save(f, a))
+            written += 1
+    return written
+
+
+def _save_png(f, arr: np.ndarray) -> None:
+    from PIL import Image
+    Image.fromarray(arr).save(f, format="PNG")

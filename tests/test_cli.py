@@ -1,0 +1,479 @@
+"""`dgfast sample` (dgfast/cli.py) and `dgfast.sample_to_dir` (dgfast/distributed.py).
+
+Tiny random DiTs (4x4 latents, 2 blocks of width 32) so that multi-process runs take seconds.
+
+Bitwise comparisons: on CPU the GEMM and conv kernels round a row differently depending on the
+batch size and on the row's position in the batch (MKL/oneDNN blocking). So
+- "any batch size, any world size -> identical files" is tested through the API with models
+  that evaluate one row at a time (RowByRow): that isolates what dgfast controls (seeds, labels,
+  sharding, file names) from the math library;
+- the CLI runs compare equal batch sizes, all with one thread (torchrun's default
+  OMP_NUM_THREADS=1; the in-process runs set torch.set_num_threads(1)).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import dgfast
+from dgfast import cli
+from dgfast.distributed import (make_npz, sample_label, sample_seed, sample_to_dir, to_uint8,
+                                finished_indices)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCH = dict(patch_size=2, hidden_size=32, depth=2, num_heads=2)
+NUM_CLASSES = 10
+IMAGE_SIZE = 32     # latents 4x4
+STEPS = "5"
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures: tiny checkpoints and a tiny VAE on disk
+# ----------------------------------------------------------------------------------------------
+
+def tiny_dit(num_classes: int, seed: int) -> dgfast.DiT:
+    """Upstream init, then the zero-initialised adaLN/final layers made random so outputs depend on
+    x, t and the label."""
+    torch.manual_seed(seed)
+    m = dgfast.DiT(input_size=IMAGE_SIZE // 8, num_classes=num_classes, **ARCH)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "adaLN" in name or "final_layer" in name:
+                p.normal_(0, 0.05)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    dgfast.save_safetensors(tiny_dit(NUM_CLASSES, 1).state_dict(), d / "ft.safetensors")
+    torch.save({"ema": tiny_dit(1000, 2).state_dict()}, d / "pre.pt")    # a train.py-style dict
+    (d / "arch.json").write_text(json.dumps(ARCH))
+    return SimpleNamespace(dir=d, ft=str(d / "ft.safetensors"), pre=str(d / "pre.pt"), arch=str(d / "arch.json"))
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL
+    d = tmp_path_factory.mktemp("vae") / "vae"
+    torch.manual_seed(3)
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                  norm_num_groups=8, sample_size=IMAGE_SIZE).save_pretrained(d)
+    return str(d)
+
+
+def sample_args(ckpts, sample_dir, *extra):
+    return ["sample", "--model-config", ckpts.arch, "--ckpt", ckpts.ft, "--pretrained-ckpt", ckpts.pre,
+            "--image-size", str(IMAGE_SIZE), "--num-classes", str(NUM_CLASSES), "--num-sampling-steps", STEPS,
+            "--sample-dir", str(sample_dir), "--no-progress", *extra]
+
+
+def env(**extra):
+    e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+             DGFAST_NO_JIT=os.environ.get("DGFAST_NO_JIT", "1"))
+    e.update(extra)
+    return e
+
+
+def torchrun(nproc, args, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "dgfast", *args]
+    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@contextlib.contextmanager
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def files(d, ext):
+    return sorted(f for f in os.listdir(d) if f.endswith("." + ext))
+
+
+def read_all(d, ext):
+    return {f: open(os.path.join(d, f), "rb").read() for f in files(d, ext)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantisation and .npz
+# ----------------------------------------------------------------------------------------------
+
+def test_to_uint8_is_dit_quantisation():
+    # x with 127.5*x exactly an integer m: 127.5x + 127.5 = m + 127.5 is an exact tie, DiT gives m + 128
+    xs, want = [], []
+    for m in range(-127, 128):
+        x = torch.tensor(m / 127.5, dtype=torch.float32)
+        if (127.5 * x).item() == m:
+            xs.append(x.item())
+            want.append(m + 128)
+    ties = torch.tensor(xs)
+    assert len(xs) > 100
+    # half-to-even would round some of these ties down: the test really holds ties
+    assert (torch.round(127.5 * ties + 127.5) != torch.tensor(want, dtype=torch.float32)).any()
+    edges = [-1.0, 1.0, -1.5, 3.0, -1e9, 1e9, 0.0, -0.0, 0.999, -0.9999, 1 / 255]
+    want += [0, 255, 0, 255, 0, 255, 128, 128, 255, 0, 128]
+    x = torch.tensor(xs + edges, dtype=torch.float32).view(1, 1, 1, -1).expand(1, 3, 1, -1)
+    out = to_uint8(x)
+    assert out.dtype == torch.uint8 and out.shape == (1, 1, len(want), 3)            # NHWC
+    assert out[0, 0, :, 0].tolist() == want
+    assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_make_npz_stacks_pngs_in_index_order(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (3, 8, 6, 3), dtype=np.uint8)
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(tmp_path / f"{i:06d}.png")
+    Image.fromarray(imgs[0]).save(tmp_path / "000003.png")                             # beyond num: ignored
+    path = make_npz(tmp_path, 3)
+    assert path == str(tmp_path) + ".npz"
+    arr = np.load(path)["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (3, 8, 6, 3)
+    np.testing.assert_array_equal(arr, imgs)
+    arr = np.load(make_npz(tmp_path, 2, resize=5))["arr_0"]
+    want = np.asarray(Image.fromarray(imgs[1]).convert("RGB").resize((5, 5), Image.BILINEAR))
+    assert arr.shape == (2, 5, 5, 3)
+    np.testing.assert_array_equal(arr[1], want)
+    with pytest.raises(FileNotFoundError, match="000004.png is missing"):
+        make_npz(tmp_path, 6)
+
+
+def test_per_sample_seeds_and_labels_are_functions_of_the_index():
+    assert [sample_seed(0, i) for i in range(3)] == [0, 1, 2]
+    assert sample_seed(1, 5) == 0x9E3779B9 + 5 and sample_seed(2, 5) == (2 * 0x9E3779B9 + 5) % 2 ** 32
+    # torch's CPU generator only uses 32 bits of a seed: distinct global seeds must still differ there
+    assert all(0 <= sample_seed(g, i) < 2 ** 32 for g in (0, 1, 2 ** 31 - 1) for i in (0, 2 ** 32 - 1))
+    assert len({sample_seed(g, i) for g in range(50) for i in range(1000)}) == 50 * 1000
+    labels = [sample_label(0, i, NUM_CLASSES) for i in range(200)]
+    assert labels == [sample_label(0, i, NUM_CLASSES) for i in range(200)]
+    assert set(labels) == set(range(NUM_CLASSES))
+    assert labels != [sample_label(1, i, NUM_CLASSES) for i in range(200)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Any world size, any batch size: identical files (API, two processes with gloo)
+# ----------------------------------------------------------------------------------------------
+
+class RowByRow(nn.Module):
+    """A DiT evaluated one sample at a time: its outputs cannot depend on the batch."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.in_channels, self.out_channels = inner.in_channels, inner.out_channels
+        self.input_size, self.learn_sigma = inner.input_size, inner.learn_sigma
+        self.y_embedder = inner.y_embedder
+
+    def forward(self, x, t, y):
+        return torch.cat([self.inner(x[i:i + 1], t[i:i + 1], y[i:i + 1]) for i in range(len(x))])
+
+
+class ToyDecoder:
+    """Elementwise 'VAE' (latents -> 3 x 8L x 8L in [-1, 1]); avoids diffusers in the workers."""
+
+    def decode(self, z):
+        img = torch.tanh(z[:, :3]).repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+        return SimpleNamespace(sample=img)
+
+
+def _api_worker(rank, world, port, ckpt_dir, out, batch):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _api_run(ckpt_dir, out, batch)
+
+
+def _api_run(ckpt_dir, out, batch):
+    from dgfast.checkpoint import load_checkpoint
+    ft = tiny_dit(NUM_CLASSES, 0)
+    ft.load_state_dict(load_checkpoint(os.path.join(ckpt_dir, "ft.safetensors")))
+    pre = tiny_dit(1000, 0)
+    pre.load_state_dict(load_checkpoint(os.path.join(ckpt_dir, "pre.pt")))
+    sample_to_dir(RowByRow(ft).eval(), RowByRow(pre).eval(), out, num_samples=5, batch_size=batch,
+                  num_classes=NUM_CLASSES, global_seed=3, vae=ToyDecoder(), steps=STEPS, progress=False)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_files_as_one_with_another_batch_size(ckpts, tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_api_worker, args=(2, free_port(), str(ckpts.dir), str(tmp_path / "w2"), 3), nprocs=2)
+    _api_run(str(ckpts.dir), str(tmp_path / "w1"), 2)
+    a, b = read_all(tmp_path / "w2", "png"), read_all(tmp_path / "w1", "png")
+    assert sorted(a) == [f"{i:06d}.png" for i in range(5)]
+    assert a == b
+    assert open(tmp_path / "w2.npz", "rb").read() == open(tmp_path / "w1.npz", "rb").read()
+    # the labels really differ between samples and reach the model
+    assert len({sample_label(3, i, NUM_CLASSES) for i in range(5)}) > 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI under torchrun
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(ckpts, tmp_path):
+    args = ["--vae", "none", "--num-fid-samples", "7", "--per-proc-batch-size", "2", "--global-seed", "1"]
+    r = torchrun(2, sample_args(ckpts, tmp_path / "tr", *args))
+    assert r.returncode == 0, r.stderr
+    assert "7 images in" in r.stdout and "images/s" in r.stdout and "2 process(es)" in r.stdout
+    with one_thread():
+        assert cli.main(sample_args(ckpts, tmp_path / "one", *args)) == 0
+    a, b = read_all(tmp_path / "tr", "npy"), read_all(tmp_path / "one", "npy")
+    assert sorted(a) == [f"{i:06d}.npy" for i in range(7)] and a == b
+    arr = np.load(str(tmp_path / "tr") + ".npz")["arr_0"]
+    assert arr.dtype == np.float32 and arr.shape == (7, 4, 4, 4)
+    assert len({arr[i].tobytes() for i in range(7)}) == 7
+    manifest = json.loads((tmp_path / "tr" / "manifest.json").read_text())
+    assert manifest["settings"]["seed_mode"] == "per-sample" and manifest["runs"][0]["world_size"] == 2
+    assert manifest["versions"] == {"dgfast": dgfast.__version__, "torch": torch.__version__}
+
+
+def script_transcription(ft, pre, *, world, n, num, global_seed, cfg_scale, steps):
+    """DoG's sample_dog_ddp.py seeding and file naming, rank by rank (the sampler is dgfast.sample
+    with the reference noise stream, which stands for p_sample_loop over the doubled batch)."""
+    out = {}
+    global_batch = n * world
+    total = int(math.ceil(num / global_batch) * global_batch)
+    for rank in range(world):
+        torch.manual_seed(global_seed * world + rank)
+        total_so_far = 0
+        for _ in range(total // global_batch):
+            z = torch.randn(n, 4, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
+            y = torch.randint(0, NUM_CLASSES, (n,))
+            samples = dgfast.sample(ft, pre, z, y, guidance_scale=cfg_scale, steps=steps, noise="reference")
+            for i, s in enumerate(samples):
+                out[i * world + rank + total_so_far] = s
+            total_so_far += global_batch
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_reference_mode_is_the_scripts_stream(ckpts, tmp_path):
+    args = ["--vae", "none", "--seed-mode", "reference", "--num-fid-samples", "9", "--per-proc-batch-size", "2",
+            "--global-seed", "5", "--cfg-scale", "1.5"]
+    r = torchrun(2, sample_args(ckpts, tmp_path / "ref", *args))
+    assert r.returncode == 0, r.stderr
+    ft, pre = cli.load_dit("--ckpt", ckpts.ft, ARCH, IMAGE_SIZE, NUM_CLASSES, "cpu", "auto"), \
+        cli.load_dit("--pretrained-ckpt", ckpts.pre, ARCH, IMAGE_SIZE, 1000, "cpu", "auto")
+    with one_thread():
+        want = script_transcription(ft, pre, world=2, n=2, num=9, global_seed=5, cfg_scale=1.5, steps=STEPS)
+    got = files(tmp_path / "ref", "npy")
+    assert got == [f"{i:06d}.npy" for i in range(9)]          # 12 computed, the first 9 written
+    for i in range(9):
+        np.testing.assert_array_equal(np.load(tmp_path / "ref" / got[i]), want[i].numpy())
+    arr = np.load(str(tmp_path / "ref") + ".npz")["arr_0"]
+    assert arr.dtype == np.float32 and arr.shape == (9, 4, 4, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_uninterrupted_files(ckpts, tmp_path):
+    out = tmp_path / "run"
+    args = sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", "12", "--per-proc-batch-size", "1",
+                       "--num-sampling-steps", "30")
+    proc = subprocess.Popen([sys.executable, "-m", "dgfast", *args], env=env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.is_dir() and len(finished_indices(str(out), "npy")) >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    killed_at = len(files(out, "npy"))
+    assert 3 <= killed_at < 12
+    assert not os.path.exists(str(out) + ".npz")
+    (out / ".000011.npy.12345.tmp").write_bytes(b"partial")      # what a kill inside a write leaves
+
+    # without --resume the folder is refused, untouched
+    assert cli.main(args) == 2
+    assert len(files(out, "npy")) == killed_at
+    r = subprocess.run([sys.executable, "-m", "dgfast", *args, "--resume"], env=env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert f"{killed_at} already present" in r.stdout
+    assert sorted(os.listdir(out)) == [f"{i:06d}.npy" for i in range(12)] + ["manifest.json"]
+    with one_thread():
+        assert cli.main(sample_args(ckpts, tmp_path / "straight", *args[len(sample_args(ckpts, out)):])) == 0
+    assert read_all(out, "npy") == read_all(tmp_path / "straight", "npy")
+    assert open(str(out) + ".npz", "rb").read() == open(str(tmp_path / "straight") + ".npz", "rb").read()
+    runs = json.loads((out / "manifest.json").read_text())["runs"]
+    assert [run["resume"] for run in runs] == [False, True]
+
+
+def _reference_run(ckpts, out, *extra):
+    return cli.main(sample_args(ckpts, out, "--vae", "none", "--seed-mode", "reference", "--num-fid-samples", "7",
+                                "--per-proc-batch-size", "2", *extra))
+
+
+def test_reference_mode_resume_replays_the_random_stream(ckpts, tmp_path):
+    assert _reference_run(ckpts, tmp_path / "full") == 0
+    assert _reference_run(ckpts, tmp_path / "part") == 0
+    for i in (2, 3, 4):                                       # all of iteration 1, half of iteration 2
+        os.remove(tmp_path / "part" / f"{i:06d}.npy")
+    os.remove(str(tmp_path / "part") + ".npz")
+    assert _reference_run(ckpts, tmp_path / "part", "--resume") == 0
+    assert read_all(tmp_path / "part", "npy") == read_all(tmp_path / "full", "npy")
+
+
+def test_resume_with_other_settings_is_refused(ckpts, tmp_path, capsys):
+    assert _reference_run(ckpts, tmp_path / "a", "--num-sampling-steps", "2") == 0
+    before = read_all(tmp_path / "a", "npy")
+    capsys.readouterr()
+    assert _reference_run(ckpts, tmp_path / "a", "--num-sampling-steps", "2", "--global-seed", "1", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "global_seed: 0 -> 1" in err
+    assert read_all(tmp_path / "a", "npy") == before
+
+
+# ----------------------------------------------------------------------------------------------
+# A real diffusers AutoencoderKL directory
+# ----------------------------------------------------------------------------------------------
+
+def test_vae_directory_decodes_latents_as_dit_does(ckpts, vae_dir, tmp_path):
+    from diffusers import AutoencoderKL
+    common = ["--num-fid-samples", "3", "--per-proc-batch-size", "3"]
+    assert cli.main(sample_args(ckpts, tmp_path / "lat", "--vae", "none", *common)) == 0
+    assert cli.main(sample_args(ckpts, tmp_path / "img", "--vae", vae_dir, "--npz-resize", "40", *common)) == 0
+    latents = torch.stack([torch.from_numpy(np.load(tmp_path / "lat" / f"{i:06d}.npy")) for i in range(3)])
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    with torch.no_grad():
+        want = to_uint8(vae.decode(latents / 0.18215).sample).numpy()
+    from PIL import Image
+    got = np.stack([np.asarray(Image.open(tmp_path / "img" / f"{i:06d}.png")) for i in range(3)])
+    np.testing.assert_array_equal(got, want)
+    arr = np.load(str(tmp_path / "img") + ".npz")["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (3, 40, 40, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modes without a pre-trained model
+# ----------------------------------------------------------------------------------------------
+
+def test_cfg_scale_1_samples_the_finetuned_model_alone(ckpts, tmp_path):
+    args = sample_args(ckpts, tmp_path / "plain", "--vae", "none", "--num-fid-samples", "3",
+                       "--per-proc-batch-size", "3", "--cfg-scale", "1")
+    args.remove("--pretrained-ckpt")
+    args.remove(ckpts.pre)
+    assert cli.main(args) == 0
+    ft = cli.load_dit("--ckpt", ckpts.ft, ARCH, IMAGE_SIZE, NUM_CLASSES, "cpu", "auto")
+    y = torch.tensor([sample_label(0, i, NUM_CLASSES) for i in range(3)])
+    want = dgfast.sample(ft, None, None, y, guidance_scale=1, steps=STEPS, noise="per-sample", seeds=[0, 1, 2])
+    for i in range(3):
+        np.testing.assert_array_equal(np.load(tmp_path / "plain" / f"{i:06d}.npy"), want[i].numpy())
+
+
+def test_without_pretrained_ckpt_guidance_is_classic_cfg(ckpts, tmp_path, capsys):
+    args = sample_args(ckpts, tmp_path / "cfg", "--vae", "none", "--num-fid-samples", "2", "--per-proc-batch-size", "2")
+    args.remove("--pretrained-ckpt")
+    args.remove(ckpts.pre)
+    assert cli.main(args) == 0
+    assert f"classic CFG, w=1.5, null label {NUM_CLASSES}" in capsys.readouterr().err
+    ft = cli.load_dit("--ckpt", ckpts.ft, ARCH, IMAGE_SIZE, NUM_CLASSES, "cpu", "auto")
+    y = torch.tensor([sample_label(0, i, NUM_CLASSES) for i in range(2)])
+    want = dgfast.sample(ft, ft, None, y, guidance_scale=1.5, steps=STEPS, null_label=NUM_CLASSES,
+                         noise="per-sample", seeds=[0, 1])
+    np.testing.assert_array_equal(np.load(tmp_path / "cfg" / "000001.npy"), want[1].numpy())
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad arguments: a clear message naming the flag, exit code 2, nothing written
+# ----------------------------------------------------------------------------------------------
+
+BAD = {
+    "missing checkpoint": (lambda c, t: ["--ckpt", str(t / "nope.pt")], "--ckpt"),
+    "no checkpoint": (lambda c, t: ["--ckpt", ""], "--ckpt is required"),
+    "missing pretrained": (lambda c, t: ["--pretrained-ckpt", str(t / "nope.pt")], "--pretrained-ckpt"),
+    "zero samples": (lambda c, t: ["--num-fid-samples", "0"], "--num-fid-samples"),
+    "negative samples": (lambda c, t: ["--num-fid-samples", "-4"], "--num-fid-samples"),
+    "zero batch": (lambda c, t: ["--per-proc-batch-size", "0"], "--per-proc-batch-size"),
+    "unknown model": (lambda c, t: ["--model", "DiT-Q/3", "--model-config", None], "--model 'DiT-Q/3'"),
+    "unknown pretrained model": (lambda c, t: ["--pretrained-model", "DiT-Q/3"], "--pretrained-model"),
+    "mismatched model": (lambda c, t: ["--model", "DiT-S/2", "--model-config", None],
+                         "--ckpt .* does not fit DiT-S/2 at --image-size 32: "
+                         "pos_embed is \\(1, 4, 32\\) in the checkpoint, \\(1, 4, 384\\) in the model"),
+    "mismatched image size": (lambda c, t: ["--image-size", "64"],
+                              "does not fit .* at --image-size 64: "
+                              "pos_embed is \\(1, 4, 32\\) in the checkpoint, \\(1, 16, 32\\)"),
+    "mismatched classes": (lambda c, t: ["--num-classes", "20"], "--ckpt .* label table of 11 rows"),
+    "hub vae": (lambda c, t: ["--vae", "ema"], "--vae ema: .*does not download"),
+    "no vae": (lambda c, t: ["--vae", None], "--vae is required"),
+    "bad steps": (lambda c, t: ["--num-sampling-steps", "ddim0"], "--num-sampling-steps"),
+    "bad channels": (lambda c, t: ["--guidance-channels", "-1"], "--guidance-channels"),
+    "too many channels": (lambda c, t: ["--guidance-channels", "5"], "--guidance-channels 5: the model has 4"),
+    "null label outside table": (lambda c, t: ["--null-label", "1001"], "--null-label 1001"),
+    "unwritable dir": (lambda c, t: ["--sample-dir", str(t / "a_file" / "out")], "--sample-dir .*not a directory"),
+    "reference below 1": (lambda c, t: ["--seed-mode", "reference", "--cfg-scale", "0.5"], "--cfg-scale"),
+}
+
+
+def _with(args, changes):
+    args = list(args)
+    for flag, value in zip(changes[::2], changes[1::2]):
+        if flag in args:
+            i = args.index(flag)
+            del args[i:i + 2]
+        if value is not None:
+            args += [flag, value]
+    return args
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_arguments_fail_clearly_and_write_nothing(case, ckpts, tmp_path, capsys):
+    import re
+    change, message = BAD[case]
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "out"
+    args = _with(sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", "2"), change(ckpts, tmp_path))
+    code = cli.main(args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(message, err), err
+    assert err.startswith("dgfast sample: error: ")
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_non_empty_dir_without_resume_is_refused(ckpts, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli.main(sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", "2")) == 2
+    err = capsys.readouterr().err
+    assert "--sample-dir" in err and "not empty" in err and "--resume" in err
+    assert os.listdir(out) == ["keep.txt"] and not os.path.exists(str(out) + ".npz")
+
+
+def test_sample_is_a_registered_subcommand(capsys):
+    assert "sample" in cli.COMMANDS
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0 and "sample" in capsys.readouterr().out
