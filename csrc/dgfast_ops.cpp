@@ -1,0 +1,462 @@
+// dgfast C++ CPU ops: the fused DoG sampler step and the DiT block's elementwise work.
+//
+// Each op is the one-pass twin of a plain-torch formula in dgfast/ops.py and is tested against it
+// (tests/test_ops_cpp.py). Built by setup.py as dgfast._C, or JIT-loaded by dgfast/_build.py, with
+// -O3 -fopenmp -ffp-contract=off -fno-trapping-math. No FMA contraction: every float op rounds
+// where torch's op-by-op kernels round, which makes guided_step bit-equal to the reference.
+// -fno-trapping-math changes no value; it lets GCC if-convert the clamps so those loops vectorize.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64, and the loader's ifunc resolver
+// picks one per CPU: one binary, full-width SIMD on each machine (AVX-512 is 1.6x on the GELU's
+// arithmetic here), still runs on older CPUs. All clones return the same bits: the code has no
+// FMA (contraction off) and its sums have a fixed order (see kLanes), so auto-vectorization
+// cannot change a result.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DGFAST_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DGFAST_SIMD
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks
+// ---------------------------------------------------------------------------------------------
+
+void check_f32(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+              t.scalar_type());
+}
+
+// t, or a contiguous copy when its dims from `first` on are not packed (innermost stride 1).
+// Dims before `first` may keep any stride: channel slices, rows of a larger draw, chunk views.
+at::Tensor packed_from(const at::Tensor& t, int64_t first) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= first; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return t.contiguous();
+    expected *= t.size(d);
+  }
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// exp with torch's bits
+// ---------------------------------------------------------------------------------------------
+// torch.exp on CPU float32 is not Sleef here: in torch's MKL builds (the x86 wheels) at::vml::vexp
+// calls MKL's vmsExp in high-accuracy mode, and libtorch_cpu exports that symbol. Calling it on
+// small per-chunk buffers gives torch's exact bits at MKL speed. Where the symbol is missing (weak,
+// so null) or a probe finds it disagreeing with at::exp, the buffer goes through at::exp_out
+// itself: slower (one dispatcher call per chunk), same bits by construction.
+extern "C" __attribute__((weak)) void vmsExp(int64_t n, const float* a, float* r, int64_t mode);
+constexpr int64_t kVmlHighAccuracy = 0x2, kVmlErrmodeIgnore = 0x100, kVmlFtzDazOff = 0x140000;
+
+using ExpFn = void (*)(const float* in, float* out, int64_t n);
+
+void exp_mkl(const float* in, float* out, int64_t n) {
+  vmsExp(n, in, out, kVmlHighAccuracy | kVmlFtzDazOff | kVmlErrmodeIgnore);
+}
+
+void exp_torch(const float* in, float* out, int64_t n) {
+  at::Tensor o = at::from_blob(out, {n}, at::kFloat);
+  at::exp_out(o, at::from_blob(const_cast<float*>(in), {n}, at::kFloat));
+}
+
+ExpFn pick_exp() {
+  const char* force = std::getenv("DGFAST_CPP_EXP");  // "torch": the fallback path, for its test
+  if (vmsExp == nullptr || (force != nullptr && std::string(force) == "torch")) return exp_torch;
+  // Probe exp's whole finite-result range (denormal results included), past both ends, specials.
+  std::vector<float> in;
+  for (int i = 0; i <= 40000; ++i) in.push_back(-110.0f + 200.0f * static_cast<float>(i) / 40000.0f);
+  for (float v : {0.0f, -0.0f, 1e-30f, -1e-30f, 1e-40f, 88.72f, 88.73f, -103.9f, -104.0f, 1e30f,
+                  -1e30f, INFINITY, -INFINITY, NAN})
+    in.push_back(v);
+  const auto n = static_cast<int64_t>(in.size());
+  std::vector<float> a(n), b(n);
+  exp_mkl(in.data(), a.data(), n);
+  exp_torch(in.data(), b.data(), n);
+  for (int64_t i = 0; i < n; ++i)
+    if (!(std::isnan(a[i]) && std::isnan(b[i])) && std::memcmp(&a[i], &b[i], sizeof(float)) != 0)
+      return exp_torch;
+  return exp_mkl;
+}
+
+ExpFn exp_impl() {
+  static const ExpFn fn = pick_exp();  // once per process, thread-safe
+  return fn;
+}
+
+// ---------------------------------------------------------------------------------------------
+// guided_step
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kChunk = 1024;  // elements per inner step: buffers stay in L1
+
+inline float clamp1(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }  // NaN stays NaN
+
+// One stretch of at most kChunk elements inside one (sample, channel) plane. Every line is the
+// reference's float32 op order (dit_dog_sampling.md 2.7/2.8); pre == nullptr: eps is the fine-tuned one.
+DGFAST_SIMD void step_chunk(const float* x, const float* ft, const float* pre, const float* var,
+                            const float* z, float* out, int64_t len, const float* cf, float s,
+                            bool clip, bool ddim, ExpFn exp_fn) {
+  float eps_buf[kChunk], half_lv[kChunk], stdv[kChunk];
+  const float A = cf[0], B = cf[1];
+  const float* eps = ft;
+  if (pre != nullptr) {
+    for (int64_t j = 0; j < len; ++j) eps_buf[j] = pre[j] + s * (ft[j] - pre[j]);
+    eps = eps_buf;
+  }
+  if (ddim) {
+    const float c2 = cf[2], c3 = cf[3], c4 = cf[4];
+    for (int64_t j = 0; j < len; ++j) {
+      float x0 = A * x[j] - B * eps[j];
+      if (clip) x0 = clamp1(x0);
+      const float eps2 = (A * x[j] - x0) / B;
+      out[j] = (x0 * c2 + c3 * eps2) + c4 * z[j];
+    }
+    return;
+  }
+  const float C1 = cf[2], C2 = cf[3], Lmin = cf[4], Lmax = cf[5], mask = cf[6];
+  for (int64_t j = 0; j < len; ++j) {
+    float x0 = A * x[j] - B * eps[j];
+    if (clip) x0 = clamp1(x0);
+    out[j] = C1 * x0 + C2 * x[j];
+    const float frac = (var[j] + 1.0f) / 2.0f;
+    half_lv[j] = 0.5f * (frac * Lmax + (1.0f - frac) * Lmin);
+  }
+  exp_fn(half_lv, stdv, len);
+  // mask * std first, as the reference: at the last step (mask 0) an inf std still gives NaN.
+  for (int64_t j = 0; j < len; ++j) out[j] = out[j] + (mask * stdv[j]) * z[j];
+}
+
+at::Tensor guided_step(const at::Tensor& x_in, const at::Tensor& ft_in,
+                       const std::optional<at::Tensor>& pre_in, const at::Tensor& noise_in,
+                       const std::vector<double>& coefs, double scale, int64_t k, bool is_ddim,
+                       bool clip) {
+  const char* op = "guided_step";
+  check_f32(x_in, op, "x");
+  check_f32(ft_in, op, "out_ft");
+  check_f32(noise_in, op, "noise");
+  TORCH_CHECK(x_in.dim() >= 2, op, ": x must be (n, C, ...), got shape ", x_in.sizes());
+  const int64_t n = x_in.size(0), C = x_in.size(1);
+  const auto tail = x_in.sizes().slice(2);
+  TORCH_CHECK(noise_in.sizes() == x_in.sizes(), op, ": noise must have x's shape ", x_in.sizes(),
+              ", got ", noise_in.sizes());
+  const int64_t ft_channels = is_ddim ? C : 2 * C;
+  TORCH_CHECK(ft_in.dim() == x_in.dim() && ft_in.size(0) == n && ft_in.size(1) >= ft_channels &&
+                  ft_in.sizes().slice(2) == tail,
+              op, ": out_ft must be (", n, ", >=", ft_channels, ", ", tail, ") for x of shape ",
+              x_in.sizes(), is_ddim ? "" : " (eps then variance channels)", ", got ",
+              ft_in.sizes());
+  TORCH_CHECK(coefs.size() == 7, op, ": coefs must hold 7 values (one schedule row), got ",
+              coefs.size());
+  TORCH_CHECK(k >= 0 && k <= C, op, ": k (guided channels) must be in [0, ", C, "], got ", k);
+  const bool guided = k > 0;
+  if (guided) {
+    TORCH_CHECK(pre_in.has_value(), op, ": out_pre is None but k = ", k, " channels are guided");
+    const at::Tensor& p = *pre_in;
+    check_f32(p, op, "out_pre");
+    TORCH_CHECK(p.dim() == x_in.dim() && p.size(0) == n && p.size(1) >= k &&
+                    p.sizes().slice(2) == tail,
+                op, ": out_pre must be (", n, ", >=", k, ", ", tail, "), got ", p.sizes());
+  }
+
+  const at::Tensor x = packed_from(x_in, 2), ft = packed_from(ft_in, 2),
+                   z = packed_from(noise_in, 2);
+  const at::Tensor pre = guided ? packed_from(*pre_in, 2) : at::Tensor();
+  at::Tensor out = at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t P = c10::multiply_integers(tail), total = n * C * P;
+  if (total == 0) return out;
+
+  float cf[7];
+  for (int i = 0; i < 7; ++i) cf[i] = static_cast<float>(coefs[i]);  // as torch.tensor(v, float32)
+  const float s = static_cast<float>(scale);                         // as torch's scalar multiply
+  const ExpFn exp_fn = is_ddim ? nullptr : exp_impl();
+  const float *xp = x.data_ptr<float>(), *fp = ft.data_ptr<float>(), *zp = z.data_ptr<float>();
+  const float* pp = guided ? pre.data_ptr<float>() : nullptr;
+  float* op_out = out.data_ptr<float>();
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), fs0 = ft.stride(0), fs1 = ft.stride(1),
+                zs0 = z.stride(0), zs1 = z.stride(1), ps0 = guided ? pre.stride(0) : 0,
+                ps1 = guided ? pre.stride(1) : 0;
+
+  at::parallel_for(0, total, 16 * kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end;) {
+      const int64_t q = idx / P, off = idx % P, i = q / C, c = q % C;  // plane (i, c), offset
+      const int64_t len = std::min({end - idx, P - off, kChunk});
+      const float* pre_row = c < k ? pp + i * ps0 + c * ps1 + off : nullptr;
+      const float* var_row = is_ddim ? nullptr : fp + i * fs0 + (C + c) * fs1 + off;
+      step_chunk(xp + i * xs0 + c * xs1 + off, fp + i * fs0 + c * fs1 + off, pre_row, var_row,
+                 zp + i * zs0 + c * zs1 + off, op_out + idx, len, cf, s, clip, is_ddim, exp_fn);
+      idx += len;
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// adaln_modulate / gated_residual_modulate
+// ---------------------------------------------------------------------------------------------
+// Sums use kLanes independent float partials: the compiler vectorizes them without -ffast-math,
+// and the summation order (so the result) is the same in every SIMD clone. Partials are combined
+// in double. Corrected two-pass moments: the second pass sums d = x - mean0 and d^2, and the sum
+// of d repairs the float rounding of the first-pass mean, which matters when a row's mean is large
+// next to its spread. The row is in L1 by then.
+
+constexpr int64_t kLanes = 16;
+
+inline double lane_total(const float* acc) {
+  double t = 0.0;
+  for (int64_t l = 0; l < kLanes; ++l) t += acc[l];
+  return t;
+}
+
+inline double row_sum(const float* x, int64_t D) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= D; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += x[j + l];
+  double t = lane_total(acc);
+  for (; j < D; ++j) t += x[j];
+  return t;
+}
+
+// y = LayerNorm(x) * (1 + scale) + shift, given the row's sum.
+inline void modulate_row(const float* x, double sum, const float* shift, const float* scale,
+                         float eps, int64_t D, float* y) {
+  const float mean0 = static_cast<float>(sum / static_cast<double>(D));
+  float acc[kLanes] = {}, acc2[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= D; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float d = x[j + l] - mean0;
+      acc[l] += d;
+      acc2[l] += d * d;
+    }
+  double sd = lane_total(acc), sq = lane_total(acc2);
+  for (; j < D; ++j) {
+    const double d = x[j] - mean0;
+    sd += d;
+    sq += d * d;
+  }
+  const double dmean = sd / static_cast<double>(D);
+  const double var = std::max(sq / static_cast<double>(D) - dmean * dmean, 0.0);
+  const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps)), dm = static_cast<float>(dmean);
+  // (x - mean0) is exact where it matters (x near mean0); dm is small and carries the correction.
+  for (j = 0; j < D; ++j) y[j] = (((x[j] - mean0) - dm) * rstd) * (1.0f + scale[j]) + shift[j];
+}
+
+struct RowArgs {
+  const float *h, *y, *gate, *shift, *scale;
+  int64_t hs0, hs1, ys0, ys1, gs0, ss0, cs0;  // strides: h/y (sample, token), gate/shift/scale rows
+  float *h_new, *out;                         // contiguous (N*T, D)
+  int64_t T, D;
+  float eps;
+};
+
+DGFAST_SIMD void adaln_rows(const RowArgs& a, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i = r / a.T, t = r % a.T;
+    const float* h = a.h + i * a.hs0 + t * a.hs1;
+    modulate_row(h, row_sum(h, a.D), a.shift + i * a.ss0, a.scale + i * a.cs0, a.eps, a.D,
+                 a.out + r * a.D);
+  }
+}
+
+// h_new = h + gate * y and its sum in one pass, then the modulation from the row still in L1.
+DGFAST_SIMD void gated_rows(const RowArgs& a, int64_t r0, int64_t r1) {
+  const int64_t D = a.D;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i = r / a.T, t = r % a.T;
+    const float *h = a.h + i * a.hs0 + t * a.hs1, *y = a.y + i * a.ys0 + t * a.ys1,
+                *g = a.gate + i * a.gs0;
+    float* hn = a.h_new + r * D;
+    float acc[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= D; j += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const float v = h[j + l] + g[j + l] * y[j + l];
+        hn[j + l] = v;
+        acc[l] += v;
+      }
+    double sum = lane_total(acc);
+    for (; j < D; ++j) {
+      hn[j] = h[j] + g[j] * y[j];
+      sum += hn[j];
+    }
+    modulate_row(hn, sum, a.shift + i * a.ss0, a.scale + i * a.cs0, a.eps, D, a.out + r * D);
+  }
+}
+
+// Checks h (N, T, D) and a (N, D) per-sample row tensor; returns it with a stride-1 last dim.
+at::Tensor check_rows(const at::Tensor& v, const at::Tensor& h, const char* op, const char* name) {
+  check_f32(v, op, name);
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == h.size(0) && v.size(1) == h.size(2), op, ": ", name,
+              " must be (N, D) = (", h.size(0), ", ", h.size(2), "), got ", v.sizes());
+  return packed_from(v, 1);
+}
+
+at::Tensor check_tokens(const at::Tensor& h, const char* op, const char* name) {
+  check_f32(h, op, name);
+  TORCH_CHECK(h.dim() == 3, op, ": ", name, " must be (N, T, D), got shape ", h.sizes());
+  return packed_from(h, 2);
+}
+
+void run_rows(const RowArgs& a, int64_t rows, bool gated) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.D, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    if (gated)
+      gated_rows(a, r0, r1);
+    else
+      adaln_rows(a, r0, r1);
+  });
+}
+
+at::Tensor adaln_modulate(const at::Tensor& h_in, const at::Tensor& shift_in,
+                          const at::Tensor& scale_in, double eps) {
+  const char* op = "adaln_modulate";
+  const at::Tensor h = check_tokens(h_in, op, "h");
+  const at::Tensor shift = check_rows(shift_in, h, op, "shift"),
+                   scale = check_rows(scale_in, h, op, "scale");
+  at::Tensor out = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  RowArgs a{h.data_ptr<float>(), nullptr, nullptr, shift.data_ptr<float>(),
+            scale.data_ptr<float>(), h.stride(0), h.stride(1), 0, 0, 0, shift.stride(0),
+            scale.stride(0), nullptr, out.data_ptr<float>(), h.size(1), h.size(2),
+            static_cast<float>(eps)};
+  run_rows(a, h.size(0) * h.size(1), false);
+  return out;
+}
+
+std::vector<at::Tensor> gated_residual_modulate(const at::Tensor& h_in, const at::Tensor& gate_in,
+                                                const at::Tensor& y_in, const at::Tensor& shift_in,
+                                                const at::Tensor& scale_in, double eps) {
+  const char* op = "gated_residual_modulate";
+  const at::Tensor h = check_tokens(h_in, op, "h"), y = check_tokens(y_in, op, "y");
+  TORCH_CHECK(y.sizes() == h.sizes(), op, ": y must have h's shape ", h.sizes(), ", got ",
+              y.sizes());
+  const at::Tensor gate = check_rows(gate_in, h, op, "gate"),
+                   shift = check_rows(shift_in, h, op, "shift"),
+                   scale = check_rows(scale_in, h, op, "scale");
+  const auto opts = h.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor h_new = at::empty(h.sizes(), opts), out = at::empty(h.sizes(), opts);
+  if (out.numel() == 0) return {h_new, out};
+  RowArgs a{h.data_ptr<float>(), y.data_ptr<float>(), gate.data_ptr<float>(),
+            shift.data_ptr<float>(), scale.data_ptr<float>(), h.stride(0), h.stride(1),
+            y.stride(0), y.stride(1), gate.stride(0), shift.stride(0), scale.stride(0),
+            h_new.data_ptr<float>(), out.data_ptr<float>(), h.size(1), h.size(2),
+            static_cast<float>(eps)};
+  run_rows(a, h.size(0) * h.size(1), true);
+  return {h_new, out};
+}
+
+// ---------------------------------------------------------------------------------------------
+// gelu_tanh
+// ---------------------------------------------------------------------------------------------
+
+// exp(a) for the GELU sigmoid, branch-free so it vectorizes: a = n*ln2 + r with |r| <= ln2/2
+// (Cody-Waite: ln2 split so n*kLn2Hi is exact), then a degree-7 Taylor polynomial (truncation
+// below 1e-8 relative) scaled by 2^n built in the exponent bits. a is clamped to [-87, 88] so
+// 2^n stays a normal float; both ends only feed 2 / (1 + e), where they round to the limit anyway.
+inline float exp_gelu(float a) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f,
+                  kLn2Lo = static_cast<float>(0.69314718055994531 - 0.693359375),
+                  kRound = 12582912.0f;  // 1.5 * 2^23: (v + kRound) - kRound rounds v to an integer
+  a = a < -87.0f ? -87.0f : (a > 88.0f ? 88.0f : a);
+  const float nf = (a * kLog2e + kRound) - kRound;
+  const float r = (a - nf * kLn2Hi) - nf * kLn2Lo;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(nf) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return p * two_n;
+}
+
+// 0.5 * v * (1 + tanh(u)), u = sqrt(2/pi) * (v + 0.044715 v^3), torch's op order for u.
+// 1 + tanh(u) = 2 / (1 + exp(-2u)) has no cancellation. torch rounds tanh(u) to float before
+// adding 1; (s - 1) is that same rounding, so the two agree where it dominates (u << 0).
+inline float gelu_one(float v) {
+  constexpr float kBeta = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa = 0.044715f;
+  const float u = kBeta * (v + kKappa * (v * v * v));
+  const float s = 2.0f / (1.0f + exp_gelu(-2.0f * u));
+  return 0.5f * v * (1.0f + (s - 1.0f));
+}
+
+DGFAST_SIMD void gelu_span(const float* x, const float* b, float* y, int64_t len) {
+  if (b != nullptr) {
+    for (int64_t j = 0; j < len; ++j) y[j] = gelu_one(x[j] + b[j]);  // x + bias rounded first, as torch
+  } else {
+    for (int64_t j = 0; j < len; ++j) y[j] = gelu_one(x[j]);
+  }
+}
+
+at::Tensor gelu_tanh(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in) {
+  const char* op = "gelu_tanh";
+  check_f32(x_in, op, "x");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    check_f32(*bias_in, op, "bias");
+    TORCH_CHECK(x.dim() >= 1 && bias_in->dim() == 1 && bias_in->size(0) == x.size(-1), op,
+                ": bias must be (D,) with D = x.shape[-1] = ", x.dim() ? x.size(-1) : 0, ", got ",
+                bias_in->sizes());
+    bias = bias_in->contiguous();
+  }
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t total = x.numel();
+  if (total == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* yp = out.data_ptr<float>();
+  const int64_t D = bias.defined() ? x.size(-1) : total;  // spans never cross a bias row
+  at::parallel_for(0, total, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end;) {
+      const int64_t off = idx % D, len = std::min(end - idx, D - off);
+      gelu_span(xp + idx, bp ? bp + off : nullptr, yp + idx, len);
+      idx += len;
+    }
+  });
+  return out;
+}
+
+std::string exp_backend() {
+  return exp_impl() == exp_mkl ? "mkl-vml" : "at::exp";
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dgfast fused CPU ops (float32); the torch twins live in dgfast/ops.py";
+  using py::arg;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("guided_step", &guided_step, nogil,
+        "Guidance combination + DDPM/DDIM update, bit-equal to ops.guided_step_torch", arg("x"),
+        arg("out_ft"), arg("out_pre"), arg("noise"), arg("coefs"), arg("scale"), arg("k"),
+        arg("is_ddim"), arg("clip"));
+  m.def("adaln_modulate", &adaln_modulate, nogil, "LayerNorm(h) * (1 + scale) + shift", arg("h"),
+        arg("shift"), arg("scale"), arg("eps"));
+  m.def("gated_residual_modulate", &gated_residual_modulate, nogil,
+        "(h + gate*y, adaln_modulate(h + gate*y, shift, scale))", arg("h"), arg("gate"), arg("y"),
+        arg("shift"), arg("scale"), arg("eps"));
+  m.def("gelu_tanh", &gelu_tanh, nogil, "tanh-approximate GELU of x (+ bias)", arg("x"),
+        arg("bias") = py::none());
+  m.def("exp_backend", &exp_backend, "which exp guided_step uses to match torch.exp's bits");
+}
