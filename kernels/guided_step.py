@@ -8,6 +8,9 @@ result is bit-equal to PyTorch's op-by-op kernels:
 - exp is libdevice __nv_expf (what torch's CUDA exp calls), without flush-to-zero, as torch;
 - u + s*(c - u), A*x - B*eps, C1*x0 + C2*x, (m*std)*z: the reference's order, no rewrites;
 - the one true division (ddim) is tl.div_rn: Triton's `/` on fp32 is not correctly rounded.
+Modes linear / flow_euler / flow_heun (dgfast.samplers' DPM-Solver++, diffusers DDIM/DDPM, Euler,
+Heun) follow ops.guided_step_torch the same way; they may read a previous step's state (prev),
+write this step's (state: x0 for linear, the guided d for flow_euler) and skip the noise.
 """
 import os
 
@@ -28,17 +31,19 @@ else:
         return libdevice.exp(x)
 
 
-MODES = {"ddpm": 0, "ddim": 1}  # a new sampler adds a MODE branch below and uses coefficient slots
+MODES = {"ddpm": 0, "ddim": 1, "linear": 2, "flow_euler": 3, "flow_heun": 4}  # MODE branches below
 NUM_SLOTS = 8                   # per-step float32 scalars c0..c7 (ddpm/ddim use 7)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _guided_step_kernel(x_ptr, ft_ptr, pre_ptr, z_ptr, out_ptr,
+def _guided_step_kernel(x_ptr, ft_ptr, pre_ptr, z_ptr, out_ptr, prev_ptr, state_ptr,
                         C, HW, k,
                         sx_n, sx_c, sft_n, sft_c, spre_n, spre_c, sz_n, sz_c, so_n, so_c,
+                        sp_n, sp_c, ss_n, ss_c,
                         c0, c1, c2, c3, c4, c5, c6, c7, scale,
                         MODE: tl.constexpr, HAS_PRE: tl.constexpr, CLIP: tl.constexpr,
+                        HAS_NOISE: tl.constexpr, HAS_PREV: tl.constexpr, WRITE_STATE: tl.constexpr,
                         BLOCK: tl.constexpr):
     # Program (row, block): one block of one contiguous (H, W) plane of sample n, channel c.
     row = tl.program_id(0)
@@ -53,24 +58,46 @@ def _guided_step_kernel(x_ptr, ft_ptr, pre_ptr, z_ptr, out_ptr,
         if c < k:  # guided channels: eps = u + s*(c - u), u the pre-trained eps
             u = tl.load(pre_ptr + n * spre_n + c * spre_c + offs, mask=mask, other=0.0).to(tl.float32)
             eps = u + scale * (eps - u)
-    z = tl.load(z_ptr + n * sz_n + c * sz_c + offs, mask=mask, other=0.0).to(tl.float32)
 
-    x0 = c0 * x - c1 * eps                       # pred_xstart = A*x - B*eps
-    if CLIP:  # clamp(-1, 1); comparisons keep NaN as torch.clamp does
-        x0 = tl.where(x0 < -1.0, -1.0, tl.where(x0 > 1.0, 1.0, x0))
-
-    if MODE == 0:
-        # ddpm, learned-range variance. c = A, B, C1, C2, Lmin, Lmax, mask
-        v = tl.load(ft_ptr + n * sft_n + (c + C) * sft_c + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = c2 * x0 + c3 * x
-        frac = (v + 1.0) * 0.5                   # == (v + 1) / 2 exactly
-        logvar = frac * c5 + (1.0 - frac) * c4
-        out = mean + c6 * _exp(0.5 * logvar) * z
+    if MODE == 3:
+        # flow_euler: x + h*d (d the guided velocity / eps). c = h. State: d.
+        out = x + c0 * eps
+        if WRITE_STATE:
+            tl.store(state_ptr + n * ss_n + c * ss_c + offs, eps.to(state_ptr.dtype.element_ty), mask=mask)
+    elif MODE == 4:
+        # flow_heun second stage: x + h*(d1 + d2), d1 = prev. c = h (= dt/2).
+        d1 = tl.load(prev_ptr + n * sp_n + c * sp_c + offs, mask=mask, other=0.0).to(tl.float32)
+        out = x + c0 * (d1 + eps)
     else:
-        # ddim. c = A, B, sqrt(abar_prev), sqrt(1 - abar_prev - sigma^2), mask*sigma
-        eps2 = tl.div_rn(c0 * x - x0, c1)        # eps re-derived from x0, as ddim_sample
-        mean = x0 * c2 + c3 * eps2
-        out = mean + c4 * z
+        x0 = c0 * x - c1 * eps                   # pred_xstart = A*x - B*eps
+        if CLIP:  # clamp(-1, 1); comparisons keep NaN as torch.clamp does
+            x0 = tl.where(x0 < -1.0, -1.0, tl.where(x0 > 1.0, 1.0, x0))
+        if MODE == 2:
+            # linear. c = A, B, R, P, Q, T, S:  R*x + P*x0 + Q*d + T*(x0 - prev) + S*z, in that order.
+            out = c2 * x + c3 * x0
+            out = out + c4 * eps
+            if HAS_PREV:
+                x0_prev = tl.load(prev_ptr + n * sp_n + c * sp_c + offs, mask=mask, other=0.0).to(tl.float32)
+                out = out + c5 * (x0 - x0_prev)
+            if HAS_NOISE:
+                z = tl.load(z_ptr + n * sz_n + c * sz_c + offs, mask=mask, other=0.0).to(tl.float32)
+                out = out + c6 * z
+            if WRITE_STATE:
+                tl.store(state_ptr + n * ss_n + c * ss_c + offs, x0.to(state_ptr.dtype.element_ty), mask=mask)
+        elif MODE == 0:
+            # ddpm, learned-range variance. c = A, B, C1, C2, Lmin, Lmax, mask
+            z = tl.load(z_ptr + n * sz_n + c * sz_c + offs, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(ft_ptr + n * sft_n + (c + C) * sft_c + offs, mask=mask, other=0.0).to(tl.float32)
+            mean = c2 * x0 + c3 * x
+            frac = (v + 1.0) * 0.5               # == (v + 1) / 2 exactly
+            logvar = frac * c5 + (1.0 - frac) * c4
+            out = mean + c6 * _exp(0.5 * logvar) * z
+        else:
+            # ddim. c = A, B, sqrt(abar_prev), sqrt(1 - abar_prev - sigma^2), mask*sigma
+            z = tl.load(z_ptr + n * sz_n + c * sz_c + offs, mask=mask, other=0.0).to(tl.float32)
+            eps2 = tl.div_rn(c0 * x - x0, c1)    # eps re-derived from x0, as ddim_sample
+            mean = x0 * c2 + c3 * eps2
+            out = mean + c4 * z
 
     tl.store(out_ptr + n * so_n + c * so_c + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -96,10 +123,11 @@ def _check(name, t, n, min_c, H, W, device):
 
 
 def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm", clip_denoised=False,
-                out=None, block=1024):
+                out=None, block=1024, prev=None, return_state=False):
     """x_prev (n, C, H, W) in x's dtype; float32 math. See ops.guided_step for the arguments.
 
     out: optional preallocated (n, C, H, W) output of x's dtype with contiguous planes.
+    prev / return_state (linear, flow_*): the previous step's state in; (x_prev, state) out.
     """
     if mode not in MODES:
         raise ValueError(f"guided_step: mode must be one of {tuple(MODES)}, got {mode!r}")
@@ -108,9 +136,20 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm"
     n, C, H, W = x.shape
     _check("x", x, n, C, H, W, x.device)
     _check("out_ft", out_ft, n, 2 * C if mode == "ddpm" else C, H, W, x.device)
-    _check("noise", noise, n, C, H, W, x.device)
-    if noise.shape[1] != C:
-        raise ValueError(f"guided_step: noise must have {C} channels, got {noise.shape[1]}")
+    if noise is not None or mode in ("ddpm", "ddim"):  # the DiT modes always take a draw
+        _check("noise", noise, n, C, H, W, x.device)
+        if noise.shape[1] != C:
+            raise ValueError(f"guided_step: noise must have {C} channels, got {noise.shape[1]}")
+    if mode == "flow_heun" and prev is None:
+        raise ValueError("guided_step: mode 'flow_heun' needs prev (the first stage's d)")
+    if prev is not None:
+        if mode not in ("linear", "flow_heun"):
+            raise ValueError(f"guided_step: mode {mode!r} takes no prev")
+        _check("prev", prev, n, C, H, W, x.device)
+        if prev.shape[1] != C:
+            raise ValueError(f"guided_step: prev must have {C} channels, got {prev.shape[1]}")
+    if return_state and mode not in ("linear", "flow_euler"):
+        raise ValueError(f"guided_step: mode {mode!r} has no state to return")
     k = int(k)
     if not 0 <= k <= C:
         raise ValueError(f"guided_step: k must be in [0, {C}], got {k}")
@@ -128,21 +167,28 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm"
         _check("out", out, n, C, H, W, x.device)
         if out.dtype != x.dtype or out.shape[1] != C or _planes(out) is not out:
             raise ValueError("guided_step: out must match x's shape and dtype, with contiguous (H, W) planes")
+    state = torch.empty((n, C, H, W), dtype=x.dtype, device=x.device) if return_state else None
     if x.numel() == 0:
-        return out
+        return (out, state) if return_state else out
 
-    x, out_ft, noise = _planes(x), _planes(out_ft), _planes(noise)
+    x, out_ft = _planes(x), _planes(out_ft)
     has_pre = out_pre is not None and k > 0
-    pre = _planes(out_pre) if has_pre else x  # placeholder pointer, never read when HAS_PRE is False
+    pre = _planes(out_pre) if has_pre else x  # placeholder pointers, never read when their flag is False
+    has_noise = noise is not None
+    noise = _planes(noise) if has_noise else x
+    prev_t = _planes(prev) if prev is not None else x
+    state_t = state if state is not None else out
     HW = H * W
     block = min(block, triton.next_power_of_2(HW))
     grid = (n * C, triton.cdiv(HW, block))
     _guided_step_kernel[grid](
-        x, out_ft, pre, noise, out, C, HW, k,
+        x, out_ft, pre, noise, out, prev_t, state_t, C, HW, k,
         x.stride(0), x.stride(1), out_ft.stride(0), out_ft.stride(1), pre.stride(0), pre.stride(1),
         noise.stride(0), noise.stride(1), out.stride(0), out.stride(1),
+        prev_t.stride(0), prev_t.stride(1), state_t.stride(0), state_t.stride(1),
         *coefs, float(scale),
-        MODE=MODES[mode], HAS_PRE=has_pre, CLIP=bool(clip_denoised), BLOCK=block,
+        MODE=MODES[mode], HAS_PRE=has_pre, CLIP=bool(clip_denoised), HAS_NOISE=has_noise,
+        HAS_PREV=prev is not None, WRITE_STATE=state is not None, BLOCK=block,
         num_warps=4 if block <= 1024 else 8,
         enable_fp_fusion=False, enable_reflect_ftz=False)
-    return out
+    return (out, state) if return_state else out
