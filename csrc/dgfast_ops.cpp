@@ -206,6 +206,133 @@ at::Tensor guided_step(const at::Tensor& x_in, const at::Tensor& ft_in,
 }
 
 // ---------------------------------------------------------------------------------------------
+// guided_step_modes: the samplers' modes (dgfast/samplers.py), same op order as the torch twin
+// ---------------------------------------------------------------------------------------------
+// linear      x0 = A*x - B*d (clamp); out = R*x + P*x0, + Q*d, + T*(x0 - prev), + S*z; state x0
+// flow_euler  out = x + h*d; state d
+// flow_heun   out = x + h*(prev + d)
+// prev, z, state may be null (term skipped / not written).
+
+enum StepMode : int64_t { kLinear = 2, kFlowEuler = 3, kFlowHeun = 4 };
+
+DGFAST_SIMD void step_chunk_modes(const float* x, const float* ft, const float* pre, const float* z,
+                                  const float* prev, float* out, float* state, int64_t len,
+                                  const float* cf, float s, bool clip, int64_t mode) {
+  float eps_buf[kChunk];
+  const float* eps = ft;
+  if (pre != nullptr) {
+    for (int64_t j = 0; j < len; ++j) eps_buf[j] = pre[j] + s * (ft[j] - pre[j]);
+    eps = eps_buf;
+  }
+  if (mode == kFlowEuler) {
+    for (int64_t j = 0; j < len; ++j) out[j] = x[j] + cf[0] * eps[j];
+    if (state != nullptr) std::memcpy(state, eps, len * sizeof(float));
+    return;
+  }
+  if (mode == kFlowHeun) {
+    for (int64_t j = 0; j < len; ++j) out[j] = x[j] + cf[0] * (prev[j] + eps[j]);
+    return;
+  }
+  const float A = cf[0], B = cf[1], R = cf[2], P = cf[3], Q = cf[4], T = cf[5], S = cf[6];
+  for (int64_t j = 0; j < len; ++j) {
+    float x0 = A * x[j] - B * eps[j];
+    if (clip) x0 = clamp1(x0);
+    float o = R * x[j] + P * x0;
+    o = o + Q * eps[j];
+    if (prev != nullptr) o = o + T * (x0 - prev[j]);
+    if (z != nullptr) o = o + S * z[j];
+    out[j] = o;
+    if (state != nullptr) state[j] = x0;
+  }
+}
+
+// Returns [out] or [out, state].
+std::vector<at::Tensor> guided_step_modes(const at::Tensor& x_in, const at::Tensor& ft_in,
+                                          const std::optional<at::Tensor>& pre_in,
+                                          const std::optional<at::Tensor>& noise_in,
+                                          const std::optional<at::Tensor>& prev_in,
+                                          const std::vector<double>& coefs, double scale, int64_t k,
+                                          int64_t mode, bool clip, bool return_state) {
+  const char* op = "guided_step_modes";
+  TORCH_CHECK(mode == kLinear || mode == kFlowEuler || mode == kFlowHeun, op,
+              ": mode must be 2 (linear), 3 (flow_euler) or 4 (flow_heun), got ", mode);
+  check_f32(x_in, op, "x");
+  check_f32(ft_in, op, "out_ft");
+  TORCH_CHECK(x_in.dim() >= 2, op, ": x must be (n, C, ...), got shape ", x_in.sizes());
+  const int64_t n = x_in.size(0), C = x_in.size(1);
+  const auto tail = x_in.sizes().slice(2);
+  TORCH_CHECK(ft_in.dim() == x_in.dim() && ft_in.size(0) == n && ft_in.size(1) >= C &&
+                  ft_in.sizes().slice(2) == tail,
+              op, ": out_ft must be (", n, ", >=", C, ", ", tail, "), got ", ft_in.sizes());
+  TORCH_CHECK(coefs.size() >= 1 && coefs.size() <= 7, op, ": coefs must hold 1..7 values, got ",
+              coefs.size());
+  TORCH_CHECK(k >= 0 && k <= C, op, ": k (guided channels) must be in [0, ", C, "], got ", k);
+  const bool guided = k > 0;
+  if (guided) {
+    TORCH_CHECK(pre_in.has_value(), op, ": out_pre is None but k = ", k, " channels are guided");
+    check_f32(*pre_in, op, "out_pre");
+    TORCH_CHECK(pre_in->dim() == x_in.dim() && pre_in->size(0) == n && pre_in->size(1) >= k &&
+                    pre_in->sizes().slice(2) == tail,
+                op, ": out_pre must be (", n, ", >=", k, ", ", tail, "), got ", pre_in->sizes());
+  }
+  const bool has_noise = noise_in.has_value() && mode == kLinear;
+  if (has_noise) {
+    check_f32(*noise_in, op, "noise");
+    TORCH_CHECK(noise_in->sizes() == x_in.sizes(), op, ": noise must have x's shape ", x_in.sizes(),
+                ", got ", noise_in->sizes());
+  }
+  TORCH_CHECK(mode != kFlowHeun || prev_in.has_value(), op, ": flow_heun needs prev");
+  const bool has_prev = prev_in.has_value();
+  if (has_prev) {
+    TORCH_CHECK(mode != kFlowEuler, op, ": flow_euler takes no prev");
+    check_f32(*prev_in, op, "prev");
+    TORCH_CHECK(prev_in->sizes() == x_in.sizes(), op, ": prev must have x's shape ", x_in.sizes(),
+                ", got ", prev_in->sizes());
+  }
+  TORCH_CHECK(!return_state || mode != kFlowHeun, op, ": flow_heun has no state to return");
+
+  const at::Tensor x = packed_from(x_in, 2), ft = packed_from(ft_in, 2);
+  const at::Tensor pre = guided ? packed_from(*pre_in, 2) : at::Tensor();
+  const at::Tensor z = has_noise ? packed_from(*noise_in, 2) : at::Tensor();
+  const at::Tensor pv = has_prev ? packed_from(*prev_in, 2) : at::Tensor();
+  const auto opts = x_in.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty(x_in.sizes(), opts);
+  at::Tensor state = return_state ? at::empty(x_in.sizes(), opts) : at::Tensor();
+  std::vector<at::Tensor> result{out};
+  if (return_state) result.push_back(state);
+  const int64_t P = c10::multiply_integers(tail), total = n * C * P;
+  if (total == 0) return result;
+
+  float cf[7] = {0, 0, 0, 0, 0, 0, 0};
+  for (size_t i = 0; i < coefs.size(); ++i) cf[i] = static_cast<float>(coefs[i]);
+  const float s = static_cast<float>(scale);
+  const float *xp = x.data_ptr<float>(), *fp = ft.data_ptr<float>();
+  const float* pp = guided ? pre.data_ptr<float>() : nullptr;
+  const float* zp = has_noise ? z.data_ptr<float>() : nullptr;
+  const float* vp = has_prev ? pv.data_ptr<float>() : nullptr;
+  float* op_out = out.data_ptr<float>();
+  float* sp = return_state ? state.data_ptr<float>() : nullptr;
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), fs0 = ft.stride(0), fs1 = ft.stride(1),
+                ps0 = guided ? pre.stride(0) : 0, ps1 = guided ? pre.stride(1) : 0,
+                zs0 = has_noise ? z.stride(0) : 0, zs1 = has_noise ? z.stride(1) : 0,
+                vs0 = has_prev ? pv.stride(0) : 0, vs1 = has_prev ? pv.stride(1) : 0;
+
+  at::parallel_for(0, total, 16 * kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end;) {
+      const int64_t q = idx / P, off = idx % P, i = q / C, c = q % C;  // plane (i, c), offset
+      const int64_t len = std::min({end - idx, P - off, kChunk});
+      step_chunk_modes(xp + i * xs0 + c * xs1 + off, fp + i * fs0 + c * fs1 + off,
+                       c < k ? pp + i * ps0 + c * ps1 + off : nullptr,
+                       has_noise ? zp + i * zs0 + c * zs1 + off : nullptr,
+                       has_prev ? vp + i * vs0 + c * vs1 + off : nullptr, op_out + idx,
+                       sp != nullptr ? sp + idx : nullptr, len, cf, s, clip, mode);
+      idx += len;
+    }
+  });
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
 // adaln_modulate / gated_residual_modulate
 // ---------------------------------------------------------------------------------------------
 // Sums use kLanes independent float partials: the compiler vectorizes them without -ffast-math,
@@ -451,6 +578,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Guidance combination + DDPM/DDIM update, bit-equal to ops.guided_step_torch", arg("x"),
         arg("out_ft"), arg("out_pre"), arg("noise"), arg("coefs"), arg("scale"), arg("k"),
         arg("is_ddim"), arg("clip"));
+  m.def("guided_step_modes", &guided_step_modes, nogil,
+        "Guidance combination + linear / flow_euler / flow_heun update ([out] or [out, state]), "
+        "bit-equal to ops.guided_step_torch",
+        arg("x"), arg("out_ft"), arg("out_pre"), arg("noise"), arg("prev"), arg("coefs"),
+        arg("scale"), arg("k"), arg("mode"), arg("clip"), arg("return_state"));
+  // ops.guided_step runs a mode here only if it is listed (older builds: ddpm/ddim only).
+  m.attr("GUIDED_STEP_MODES") = py::make_tuple("ddpm", "ddim", "linear", "flow_euler", "flow_heun");
   m.def("adaln_modulate", &adaln_modulate, nogil, "LayerNorm(h) * (1 + scale) + shift", arg("h"),
         arg("shift"), arg("scale"), arg("eps"));
   m.def("gated_residual_modulate", &gated_residual_modulate, nogil,
