@@ -161,8 +161,13 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale: float = 1.0, guidanc
     if mode in ("ddpm", "ddim") and noise is None:  # the DiT modes always read a draw; m = 0 steps ignore it
         noise = torch.zeros_like(x)
     if which == "cpp":
-        return cpp_extension().guided_step(x, out_ft, out_pre, noise, coefs, float(scale), int(k),
-                                           mode == "ddim", bool(clip_denoised))
+        if mode in ("ddpm", "ddim"):
+            return cpp_extension().guided_step(x, out_ft, out_pre, noise, coefs, float(scale), int(k),
+                                               mode == "ddim", bool(clip_denoised))
+        res = cpp_extension().guided_step_modes(x, out_ft, out_pre, noise, prev, coefs, float(scale), int(k),
+                                                {"linear": 2, "flow_euler": 3, "flow_heun": 4}[mode], bool(clip_denoised),
+                                                bool(return_state))
+        return tuple(res) if return_state else res[0]
     if which == "triton":
         extra = {} if mode in ("ddpm", "ddim") else dict(prev=prev, return_state=bool(return_state))
         return triton_kernels().guided_step(x, out_ft, out_pre, noise, coefs, scale=float(scale), k=int(k),
