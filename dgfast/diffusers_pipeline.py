@@ -1,0 +1,113 @@
+"""DoGDiTPipeline: diffusers' DiTPipeline with Domain Guidance and dgfast's fused step.
+
+    pipe = DoGDiTPipeline(transformer, transformer_pre, vae, scheduler)
+    images = pipe(class_labels=[3, 7], guidance_scale=1.5, generator=torch.manual_seed(0)).images
+
+`transformer` is the fine-tuned DiTTransformer2DModel, `transformer_pre` its pre-trained ancestor
+(the guiding branch, fed its own null class). Without `transformer_pre` the pipeline is plain
+classifier-free guidance with `transformer`'s null class, i.e. DiTPipeline itself.
+
+Same call as DiTPipeline.__call__ (guidance on iff guidance_scale > 1, 4 guided channels by
+default, latents decoded with the VAE), fixing its known gaps:
+- the generator also drives the scheduler's noise (DiTPipeline leaves step() on the global RNG);
+- the initial latents are scaled by scheduler.init_noise_sigma (Euler-type schedulers);
+- learned sigma is kept: DDPMScheduler(variance_type="learned_range") uses the fine-tuned model's
+  variance channels instead of crashing;
+- only the B kept rows are stepped (DiTPipeline steps the doubled batch and discards half).
+The scheduler's config drives dgfast's fused guidance + step (dgfast.samplers); schedulers it does
+not cover run their own step() on the guided prediction.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import DiTPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from dgfast import samplers
+from dgfast.sampling import make_pair_forward, resolve_channels
+
+
+def transformer_fn(transformer):
+    """A diffusers transformer as dgfast's model callable f(x, t, y) -> output tensor."""
+    def forward(x, t, y):
+        return transformer(x, timestep=t, class_labels=y).sample
+    forward.num_classes = transformer.config.num_embeds_ada_norm
+    return forward
+
+
+class DoGDiTPipeline(DiTPipeline):
+    model_cpu_offload_seq = "transformer->transformer_pre->vae"
+    _optional_components = ["transformer_pre"]
+
+    def __init__(self, transformer, transformer_pre, vae, scheduler, id2label: dict[int, str] | None = None):
+        super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
+        self.register_modules(transformer_pre=transformer_pre)
+
+    @torch.no_grad()
+    def __call__(self, class_labels: list[int], guidance_scale: float = 4.0,
+                 generator: torch.Generator | list[torch.Generator] | None = None, num_inference_steps: int = 50,
+                 output_type: str | None = "pil", return_dict: bool = True, *, latents: torch.Tensor | None = None,
+                 guidance_interval=(0.0, 1.0), guidance_rescale: float = 0.0, guidance_channels="all",
+                 pretrained_every: int = 1, null_class: int | None = None, backend: str = "auto"):
+        """Generate images of `class_labels` (ids of the fine-tuned model's classes).
+
+        guidance_scale: w in  eps = u + w (c - u); guidance is on iff w > 1 (as DiTPipeline).
+        generator: initial latents and every noise draw of the scheduler (one or one per image).
+        latents: (B, C, L, L) unit-variance initial noise instead of drawing it.
+        guidance_interval=(start, stop): guide steps int(start*N) <= i < int(stop*N) only; the
+            guiding model is not run on the other steps (diffusers guiders' start/stop).
+        guidance_rescale: phi of rescale_noise_cfg (Lin et al. 2023).
+        guidance_channels: "all" (diffusers) or 3 (the DiT/DoG scripts' quirk).
+        pretrained_every: run the guiding model every k-th guided step and reuse its output in between.
+        null_class: the guiding model's label (default: its num_embeds_ada_norm, the null row).
+        output_type: "pil", "np", "pt" or "latent".
+        """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        interval = samplers.check_controls(guidance_interval, guidance_rescale, "dog", pretrained_every)
+        device = self._execution_device
+        cfg = self.transformer.config
+        size, C = cfg.sample_size, cfg.in_channels
+        batch = len(class_labels)
+        shape = (batch, C, size, size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device)
+        y = torch.tensor(class_labels, device=device).reshape(-1)
+
+        finetuned = transformer_fn(self.transformer)
+        guide = self.transformer_pre if self.transformer_pre is not None else self.transformer
+        if null_class is None:
+            null_class = guide.config.num_embeds_ada_norm
+        pair_forward = None
+        if guidance_scale > 1:
+            pair_forward = (make_pair_forward(finetuned, transformer_fn(self.transformer_pre), False)
+                            if self.transformer_pre is not None else samplers.cfg_pair_forward(finetuned))
+
+        plan = samplers.scheduler_plan(self.scheduler, num_inference_steps, device)
+        branches = samplers.Branches(finetuned, y, pair_forward, null_class,
+                                     samplers.interval_steps(*interval, plan.num_steps), pretrained_every)
+
+        def draw():  # what the scheduler's step() would draw with this generator
+            return randn_tensor(shape, generator=generator, device=device, dtype=latents.dtype)
+
+        x = samplers.run(plan, latents, branches, scale=float(guidance_scale),
+                         guidance_channels=resolve_channels(guidance_channels, C), draw=draw, backend=backend,
+                         guidance_rescale=float(guidance_rescale), generator=generator, progress=self.progress_bar)
+
+        if output_type == "latent":
+            samples = x
+        else:
+            samples = self.vae.decode(x / self.vae.config.scaling_factor).sample
+            samples = (samples / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    samples = self.numpy_to_pil(samples)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (samples,)
+        return ImagePipelineOutput(images=samples)
