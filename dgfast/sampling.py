@@ -182,7 +182,7 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
            seeds: Sequence[int] | None = None, clip_denoised: bool = False, progress: bool = False,
            backend: str = "auto", paired=True, scheduler=None, guidance_interval=(0.0, 1.0),
            guidance_rescale: float = 0.0, mode: str = "dog", cfg_null_label: int | None = None,
-           pretrained_every: int = 1) -> torch.Tensor:
+           pretrained_every: int = 1, cuda_graph: bool = False) -> torch.Tensor:
     """Domain Guidance sampling; returns the n kept samples (n, C, H, W).
 
     finetuned(x, t, y) gets the labels y; pretrained(x, t, null_label) is the guiding branch.
@@ -201,6 +201,9 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     mode="cfg": classifier-free guidance, the fine-tuned model with its own null label
     (cfg_null_label, default its num_classes) is the guiding branch; pretrained must be None.
     pretrained_every=k: run the guiding branch every k-th guided evaluation, reuse it in between.
+    cuda_graph=True (CUDA, sampler "ddpm"/"ddim"): the whole step (paired forward + step) is captured
+    once per shape as a CUDA graph and replayed; the S noise tensors are drawn up front in the loop's
+    order (same RNG stream). See dgfast.paired.run_cuda_graph.
     """
     if scheduler is None and sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -261,6 +264,15 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     if guided:
         pair_forward = (samplers.cfg_pair_forward(finetuned) if mode == "cfg"
                         else make_pair_forward(finetuned, pretrained, paired))
+    if cuda_graph:
+        if scheduler is not None or interval != (0.0, 1.0) or pretrained_every != 1 or guidance_rescale:
+            raise ValueError("cuda_graph=True runs DiT's ddpm/ddim loop; it does not combine with scheduler=, "
+                             "guidance_interval, pretrained_every or guidance_rescale")
+        from dgfast.paired import run_cuda_graph
+        forward = pair_forward if guided else (lambda x, t, labels, null: (finetuned(x, t, labels), None))
+        cache = getattr(getattr(forward, "__self__", None), "_graphs", None)  # a PairedDiT keeps its graphs
+        return run_cuda_graph(forward, z, y, cfg_null_label if mode == "cfg" else null_label, plan, draw,
+                              scale=scale, guidance_channels=k, clip_denoised=clip_denoised, cache=cache)
     branches = samplers.Branches(finetuned, y, pair_forward, cfg_null_label if mode == "cfg" else null_label,
                                  samplers.interval_steps(*interval, plan.num_steps), pretrained_every)
     return samplers.run(plan, z, branches, scale=scale, guidance_channels=k, draw=draw,
