@@ -162,29 +162,37 @@ class PairLinear:
         self.extra = _nbytes(self.w2t, self.b2)
         self.note = "one baddbmm over a stacked (2,out,in) copy"
 
-    def __call__(self, x: torch.Tensor, shape) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, shape=None) -> torch.Tensor:
+        """x: 2M rows of `in` features, contiguous, in any leading shape whose rows are in order;
+        returns the output viewed as (*shape, out) (shape None: as the GEMM produced it).
+        Reshapes that are already in place are skipped: every view is a dispatched op."""
         kind = self.kind
         if kind == "shared" or kind == "lora":
+            if x.shape[-1] != self.in_features:
+                x = x.reshape(2, -1, self.in_features)
             out = F.linear(x, self.weight, self.bias)  # one GEMM over all 2M rows
             if self.loras:
                 self._add_lora(x.view(2, -1, self.in_features), out.view(2, -1, self.out_features))
-            return out.view(*shape, -1)
-        x2 = x.view(2, -1, x.shape[-1])                # (2, M, in): [fine-tuned rows; pre-trained rows]
-        if kind == "separate":
-            return torch.cat([self.ft_mod(x2[0]), self.pre_mod(x2[1])]).view(*shape, -1)
-        if self.stacked:
-            out = torch.baddbmm(self.b2, x2, self.w2t) if self.b2 is not None else torch.bmm(x2, self.w2t)
         else:
-            # Two GEMMs straight into the halves of one buffer: no torch.cat copy afterwards.
-            out = x.new_empty(2, x2.shape[1], self.out_features)
-            for i, wt, b in ((0, self.wt_ft, self.b_ft), (1, self.wt_pre, self.b_pre)):
-                if b is not None:
-                    torch.addmm(b, x2[i], wt, out=out[i])
-                else:
-                    torch.mm(x2[i], wt, out=out[i])
-        if self.loras:
-            self._add_lora(x2, out)
-        return out.view(*shape, -1)
+            x2 = x if x.dim() == 3 and x.shape[0] == 2 and x.shape[2] == self.in_features \
+                else x.reshape(2, -1, self.in_features)  # (2, M, in): [fine-tuned rows; pre-trained rows]
+            if kind == "separate":
+                out = torch.cat([self.ft_mod(x2[0]), self.pre_mod(x2[1])])
+            elif self.stacked:
+                out = torch.baddbmm(self.b2, x2, self.w2t) if self.b2 is not None else torch.bmm(x2, self.w2t)
+            else:
+                # Two GEMMs straight into the halves of one buffer: no torch.cat copy afterwards.
+                out = x.new_empty(2, x2.shape[1], self.out_features)
+                for xi, oi, wt, b in zip(x2.unbind(0), out.unbind(0), (self.wt_ft, self.wt_pre), (self.b_ft, self.b_pre)):
+                    if b is not None:
+                        torch.addmm(b, xi, wt, out=oi)
+                    else:
+                        torch.mm(xi, wt, out=oi)
+            if self.loras:
+                self._add_lora(x2, out)
+        if shape is not None and tuple(out.shape[:-1]) != tuple(shape):
+            out = out.view(*shape, -1)
+        return out
 
     def _add_lora(self, x2, out2):
         """peft's result + B(A(x)) * s, on the fine-tuned rows only, in place."""
@@ -411,10 +419,10 @@ class PairedDiT:
                 # halves (batch 2n); its output is (2n, T, H, hd)-contiguous after the transpose.
                 q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
                 o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-            return blocks[i]["proj"](o.reshape(N, T, D), (N, T))  # a view when o is (2n, T, H, hd)-contiguous
+            return blocks[i]["proj"](o, (N, T))            # o read as (2, nT, D): a view, no copy
 
         def mlp(i, xm):
-            z = blocks[i]["fc1"](xm, (2, n * T))          # stays (2, nT, 4D): fc2 reads it as is
+            z = blocks[i]["fc1"](xm)                      # as the GEMM left it: fc2 reads it as is
             return blocks[i]["fc2"](_gelu(z, backend), (N, T))
 
         xm = blocks_forward(h, mods, final, attn, mlp, eps=self.norm_eps, mlp_eps=self.mlp_norm_eps,

@@ -267,3 +267,96 @@ def test_sample_paired_equals_two_pass(pre):
 
 def test_paired_is_a_class():
     assert isinstance(pair(rand_dit(), rand_dit(seed=2)), PairedDiT)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA graphs
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["ddpm", "ddim"])
+def test_graphable_step_is_the_torch_step(mode):
+    """The step replayed inside the CUDA graph reads its coefficients from a tensor; it must be
+    ops.guided_step_torch bit for bit."""
+    from dgfast import ops
+    from dgfast.paired import guided_step_graphable
+    from dgfast.schedule import Schedule
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(3, 4, 5, 7, generator=g), torch.randn(3, 4, 5, 7, generator=g)
+    out_ft, out_pre = torch.randn(3, 8, 5, 7, generator=g), torch.randn(3, 8, 5, 7, generator=g)
+    sched = Schedule.from_steps("10")
+    rows = sched.ddim_coefs(0.3) if mode == "ddim" else sched.ddpm_coefs()
+    for j in (0, 4, 9):
+        want = ops.guided_step_torch(x, out_ft, out_pre, noise, rows[j], scale=1.5, guidance_channels=3, mode=mode)
+        got = guided_step_graphable(x, out_ft, out_pre, noise, torch.as_tensor(rows[j], dtype=torch.float32),
+                                    scale=1.5, k=3, mode=mode, clip_denoised=False)
+        assert torch.equal(got, want)
+
+
+def _eager_plan(steps):
+    from types import SimpleNamespace
+
+    from dgfast.schedule import Schedule
+    sched = Schedule.from_steps(steps)
+    order = list(range(sched.num_steps - 1, -1, -1))  # the loop runs j = S-1 ... 0
+    rows = sched.ddpm_coefs()[order]
+    return SimpleNamespace(modes=["ddpm"] * len(order), rows=rows, noise=[True] * len(order),
+                           timesteps=[int(sched.timestep_map[j]) for j in order], num_steps=len(order))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_loop_matches_eager():
+    from dgfast import ops
+    from dgfast.paired import run_cuda_graph
+    dev = torch.device("cuda")
+    pre = rand_dit().to(dev)
+    ft = finetune_of(rand_dit()).to(dev)
+    x, _, y = inputs()
+    x, y = x.to(dev), y.to(dev)
+    p = pair(ft, pre)
+    plan = _eager_plan("5")
+    n = len(x)
+
+    def draw():
+        return torch.randn((2 * n, *x.shape[1:]), device=dev)[:n]
+
+    torch.manual_seed(0)
+    want = x
+    for i in range(plan.num_steps):
+        t = torch.full((n,), plan.timesteps[i], device=dev)
+        out_ft, out_pre = p.forward_pair(want, t, y, 1000)
+        want = ops.guided_step_torch(want, out_ft, out_pre, draw(), plan.rows[i], scale=1.5, guidance_channels=3)
+    rng_eager = torch.cuda.get_rng_state()
+    for _ in range(2):  # the second call replays the cached graph
+        torch.manual_seed(0)
+        got = run_cuda_graph(p.forward_pair, x, y, 1000, plan, draw, scale=1.5, guidance_channels=3, cache=p._graphs)
+        assert torch.equal(torch.cuda.get_rng_state(), rng_eager)
+        assert rel(got, want) <= 1e-4
+    assert len(p._graphs) == 1
+
+
+def test_cuda_graph_option_checks(pre):
+    import dgfast
+    x, _, y = inputs()
+    with pytest.raises(ValueError, match="CUDA"):
+        dgfast.sample(finetune_of(pre), pre, x, y, steps="2", cuda_graph=True)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        dgfast.sample(finetune_of(pre), pre, x, y, steps="2", cuda_graph=True, guidance_interval=(0.0, 0.5))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sample_cuda_graph(sampler):
+    import dgfast
+    dev = torch.device("cuda")
+    pre = rand_dit().to(dev)
+    ft = finetune_of(rand_dit()).to(dev)
+    x, _, y = inputs()
+    x, y = x.to(dev), y.to(dev)
+    torch.manual_seed(0)
+    want = dgfast.sample(ft, pre, x, y, steps="6", sampler=sampler, eta=0.5)
+    rng = torch.cuda.get_rng_state()
+    for _ in range(2):
+        torch.manual_seed(0)
+        got = dgfast.sample(ft, pre, x, y, steps="6", sampler=sampler, eta=0.5, cuda_graph=True)
+        assert torch.equal(torch.cuda.get_rng_state(), rng)
+        assert rel(got, want) <= 1e-4
