@@ -31,14 +31,14 @@ STEPS = 20
 
 def _random_pair(device):
     torch.manual_seed(0)
-    cfg = dict(input_size=16, patch_size=2, hidden_size=96, depth=4, num_heads=3)
+    cfg = dict(input_size=8, patch_size=2, hidden_size=64, depth=3, num_heads=2)
     ft = dgfast.DiT(num_classes=10, **cfg)
     pre = dgfast.DiT(num_classes=1000, **cfg)
     for m in (ft, pre):
         with torch.no_grad():
             for p in m.parameters():
                 p.copy_(torch.randn_like(p) * 0.02)
-    return ft.to(device).eval(), pre.to(device).eval(), 1000, "random DiT pair (hidden 96, depth 4, 16x16/2)"
+    return ft.to(device).eval(), pre.to(device).eval(), 1000, "random DiT pair (hidden 64, depth 3, 8x8/2)"
 
 
 @pytest.fixture(scope="module")
