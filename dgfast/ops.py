@@ -164,9 +164,9 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale: float = 1.0, guidanc
         if mode in ("ddpm", "ddim"):
             return cpp_extension().guided_step(x, out_ft, out_pre, noise, coefs, float(scale), int(k),
                                                mode == "ddim", bool(clip_denoised))
+        cpp_mode = {"linear": 2, "flow_euler": 3, "flow_heun": 4}[mode]
         res = cpp_extension().guided_step_modes(x, out_ft, out_pre, noise, prev, coefs, float(scale), int(k),
-                                                {"linear": 2, "flow_euler": 3, "flow_heun": 4}[mode], bool(clip_denoised),
-                                                bool(return_state))
+                                                cpp_mode, bool(clip_denoised), bool(return_state))
         return tuple(res) if return_state else res[0]
     if which == "triton":
         extra = {} if mode in ("ddpm", "ddim") else dict(prev=prev, return_state=bool(return_state))
