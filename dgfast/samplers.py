@@ -335,7 +335,8 @@ def check_controls(guidance_interval, guidance_rescale, mode, pretrained_every):
         raise TypeError(f"guidance_interval must be a (start, stop) pair of fractions, got {guidance_interval!r}")
     start, stop = (float(v) for v in guidance_interval)
     if not 0.0 <= start < 1.0 or not start <= stop <= 1.0:  # diffusers guiders' checks
-        raise ValueError(f"guidance_interval must satisfy 0 <= start < 1 and start <= stop <= 1, got {guidance_interval!r}")
+        raise ValueError(f"guidance_interval must satisfy 0 <= start < 1 and start <= stop <= 1, "
+                         f"got {guidance_interval!r}")
     if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or not (
             math.isfinite(guidance_rescale) and 0.0 <= guidance_rescale <= 1.0):
         raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
