@@ -78,8 +78,10 @@ setup(
     package_data={"dgfast": ["zoo/*.safetensors"], "dgfast.zoo": ["*.safetensors"]},
     install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors", "pillow"],
     extras_require={
+        # triton: the kernels' tests run under its interpreter (TRITON_INTERPRET=1) without a GPU
         "dev": ["pytest", "pytest-benchmark", "pybind11", "ninja", "numpy", "pillow", "tqdm", "safetensors",
-                "scikit-learn"],
+                "scikit-learn", "triton>=3.0"],
+        "triton": ["triton>=3.0"],
         "diffusers": ["diffusers", "peft"],
         "xformers": ["xformers"],
     },
