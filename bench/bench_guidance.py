@@ -106,7 +106,7 @@ QUALITY_VARIANTS = {  # full and unguided first: the others are measured between
 }
 
 
-def quality_study(n: int = 500, steps: int = STEPS, scale: float = 1.5, batch: int = 250):
+def quality_study(n: int = 500, steps: int = STEPS, scale: float = 1.5, batch: int = 250, zoo_dir=None):
     """Per variant: seconds, pre-trained forwards, and how far its samples are from full guidance:
     `effect_lost` = |x - x_full| / |x_unguided - x_full| (0: all of DoG's change kept, 1: none), plus
     target FD / accuracy when the embedded pair and its metric are there."""
@@ -116,9 +116,9 @@ def quality_study(n: int = 500, steps: int = STEPS, scale: float = 1.5, batch: i
     try:
         from dgfast import zoo
         from dgfast.zoo.metrics import load_metric
-        ft, pre, info = zoo.load_pair(device=device)
-        null, what = info["pretrained"]["null_label"], "dgfast.zoo embedded pair"
-        metric = load_metric()
+        ft, pre, info = zoo.load_pair(zoo_dir, device=device)
+        null, what = info["pretrained"]["null_label"], f"dgfast.zoo pair ({zoo_dir or 'embedded'})"
+        metric = load_metric(zoo_dir)
     except Exception as err:
         ft, pre, null, what = _random_pair(device)
         what += f" (zoo unavailable: {type(err).__name__}; distances only, no quality metric)"
@@ -154,4 +154,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--steps", type=int, default=STEPS)
-    quality_study(parser.parse_args().n, parser.parse_args().steps)
+    parser.add_argument("--scale", type=float, default=1.5)
+    parser.add_argument("--zoo-dir", default=None, help="a dgfast.zoo.train output (default: the embedded pair)")
+    args = parser.parse_args()
+    quality_study(args.n, args.steps, args.scale, zoo_dir=args.zoo_dir)
