@@ -48,10 +48,13 @@ class TimestepEmbedder(nn.Module):
                                                        divisor=self.freq_divisor).to(device)
         return self._freqs[device]
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def frequency_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """The sinusoidal features (N, frequency_embedding_size), before the MLP."""
         args = t[:, None].float() * self.freqs(t.device)[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first
-        return self.mlp(emb)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.frequency_embedding(t))
 
 
 class LabelEmbedder(nn.Module):
