@@ -115,13 +115,17 @@ def quality_study(n: int = 500, steps: int = STEPS, scale: float = 1.5, batch: i
     metric = None
     try:
         from dgfast import zoo
-        from dgfast.zoo.metrics import load_metric
         ft, pre, info = zoo.load_pair(zoo_dir, device=device)
         null, what = info["pretrained"]["null_label"], f"dgfast.zoo pair ({zoo_dir or 'embedded'})"
-        metric = load_metric(zoo_dir)
     except Exception as err:
         ft, pre, null, what = _random_pair(device)
         what += f" (zoo unavailable: {type(err).__name__}; distances only, no quality metric)"
+    else:
+        try:
+            from dgfast.zoo.metrics import load_metric
+            metric = load_metric(zoo_dir)
+        except Exception as err:  # e.g. an encoder file from another version of the metric
+            what += f" (metric unavailable: {type(err).__name__}; distances only)"
     g = torch.Generator().manual_seed(0)
     z = torch.randn(n, ft.in_channels, ft.input_size, ft.input_size, generator=g).to(device)
     y = torch.randint(0, ft.num_classes, (n,), generator=g).to(device)
