@@ -306,6 +306,11 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
     check_eval(finetuned, "finetuned")
     check_eval(pretrained, "pretrained")
     check_pair(model_info(finetuned), model_info(pretrained))
+    if guidance_channels != "all":  # the channel count is known only per call; reject what never fits now
+        if isinstance(guidance_channels, bool) or not isinstance(guidance_channels, int):
+            raise TypeError(f"guidance_channels must be an int or 'all', got {guidance_channels!r}")
+        if guidance_channels < 0:
+            raise ValueError(f"guidance_channels must be >= 0 or 'all', got {guidance_channels}")
     pair_forward = make_pair_forward(finetuned, pretrained, paired)
 
     @torch.no_grad()
@@ -313,7 +318,11 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
         n = len(x) // 2
         C = x.shape[1]
         k = resolve_channels(guidance_channels, C)
-        out_ft, out_pre = pair_forward(x[:n], t[:n], y[:n], null_label)
+        if torch.equal(t[:n], t[n:]):  # always so inside p_sample_loop: one paired forward
+            out_ft, out_pre = pair_forward(x[:n], t[:n], y[:n], null_label)
+        else:  # the script's closure gives the pre-trained model the second half of t
+            out_ft = finetuned(x[:n], t[:n], y[:n])
+            out_pre = pretrained(x[:n], t[n:], torch.full_like(y[:n], null_label))
         out_ft, out_pre = _first(out_ft), _first(out_pre)
         g = out_pre[:, :k] + cfg_scale * (out_ft[:, :k] - out_pre[:, :k])
         rest = torch.cat([out_ft[:, k:], out_pre[:, k:]], dim=0)
