@@ -1,8 +1,24 @@
-"""dgfast: fast, faithful Domain Guidance sampling for DiT models."""
+"""dgfast: fast, faithful Domain Guidance sampling for DiT models.
+
+    eps = eps_pre(x, t, null) + w * (eps_ft(x, t, y) - eps_pre(x, t, null))
+"""
 __version__ = "0.1.0"
 
 from dgfast import ops  # noqa: F401
+from dgfast.adapters import to_dgfast  # noqa: F401
+from dgfast.checkpoint import load_checkpoint, save_safetensors  # noqa: F401
+from dgfast.distributed import make_npz, sample_to_dir  # noqa: F401
+from dgfast.models import DiT, DiT_models, build_model  # noqa: F401
+from dgfast.paired import get_pair, pair  # noqa: F401
+from dgfast.sampling import dog_forward, sample  # noqa: F401
 from dgfast.schedule import Schedule, space_timesteps  # noqa: F401
-from dgfast.checkpoint import load_checkpoint, save_safetensors  # noqa: F401,E402
-from dgfast.models import DiT, DiT_models, build_model  # noqa: F401,E402
-from dgfast.sampling import dog_forward, sample  # noqa: F401,E402
+
+# diffusers is optional (pip install dgfast[diffusers]): import those names on first use.
+_LAZY = {"DoGDiTPipeline": "dgfast.diffusers_pipeline", "DomainGuidance": "dgfast.guiders"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dgfast' has no attribute {name!r}")
