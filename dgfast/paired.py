@@ -6,9 +6,9 @@ layer and once, how each layer runs:
 
   shared             identical weights (same storage, or equal values): one GEMM over 2n rows.
   stacked            different weights: one batched GEMM (baddbmm over (2, out, in) stacked
-                     weights, one launch) -- or, on CPU, two GEMMs writing one output buffer,
-                     which measured as fast as baddbmm there and holds no weight copy (see
-                     bench/RESULTS.md). `stack=` overrides the choice.
+                     weights: one launch instead of two). On CPU the MLP runs instead as two
+                     oneDNN GEMMs with fc1's bias and GELU fused into the GEMM (oneDNN outran
+                     MKL here; bench/RESULTS.md). `gemm=` overrides the choice.
   lora               a peft LoRA layer on the fine-tuned side over a base equal to the
                      pre-trained weights: the base GEMM once over 2n rows, the low-rank delta on
                      the fine-tuned rows only. The base weights exist once.
@@ -22,8 +22,11 @@ layer and once, how each layer runs:
 Attention runs both halves in one SDPA call (batch 2n). The elementwise work between GEMMs is
 the fused ops of dgfast.ops in the same block loop as DiT.run_blocks (models.blocks_forward).
 
-Weights are read from the two models' own parameters (no copies), except stacked layers when
-stacking: the pair then holds a (2, out, in) copy of both weights; `report()` lists the bytes.
+Memory: shared and LoRA layers use the models' own tensors (one copy of a shared base). Layers
+whose weights differ cost a copy of both weights under the default gemm ("bmm": stacked
+(2, out, in) copies, all blocks' adaLN concatenated into one; "onednn": the same for attention
+and adaLN, oneDNN-prepacked copies for the MLP) -- for a full fine-tune that is as much again
+as both models. `report()` lists the bytes per layer; gemm="mm" allocates nothing.
 `get_pair(ft, pre)` caches one pair per model pair and rebuilds it when a parameter changed
 (its storage pointer or its in-place version counter); edits through `.data` bypass the
 version counter: call `get_pair(ft, pre, rebuild=True)` after those.
@@ -118,21 +121,50 @@ def _param_bytes(mod: nn.Module) -> int:
 # One Linear of both models
 # ----------------------------------------------------------------------------------------------
 
-class PairLinear:
-    """One Linear of both models. Input: a contiguous (..., in) tensor holding 2M rows, the
-    fine-tuned model's M rows first; output viewed as (*shape, out)."""
+GEMMS = ("bmm", "onednn", "mm")
 
-    def __init__(self, name: str, ft_mod: nn.Module, pre_mod: nn.Module, stack: bool):
-        self.name = name
+
+def _onednn_linear(x, w, b, gelu: bool):
+    """x @ w.T + b (then tanh-GELU) as one oneDNN primitive: the bias and the GELU run in the
+    GEMM's epilogue, so neither costs a pass over the output (ATen's addmm/baddbmm first copy the
+    broadcast bias into the output, and GELU is a separate pass). On this machine's AMD CPU
+    oneDNN's fp32 GEMM also measured ~20% faster than MKL's (bench/RESULTS.md)."""
+    if gelu:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh")
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def onednn_available(t: torch.Tensor) -> bool:
+    return (t.device.type == "cpu" and t.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _whole(x):
+    return torch.cat(x) if isinstance(x, tuple) else x
+
+
+class PairLinear:
+    """One Linear of both models over the 2M input rows, the fine-tuned model's M rows first.
+
+    gemm: how a stacked (different-weights) layer runs --
+      "bmm":    one baddbmm over a stacked (2, out, in) copy of both weights (one launch);
+      "onednn": two oneDNN GEMMs, one per half, bias (and GELU) fused, on prepacked copies of
+                the two weights (CPU);
+      "mm":     two GEMMs written into the halves of one buffer, on the models' own weights.
+    Shared layers run one GEMM over all 2M rows (oneDNN when gemm="onednn", else F.linear).
+    """
+
+    def __init__(self, name: str, ft_mod: nn.Module, pre_mod: nn.Module, gemm: str = "mm"):
+        self.name, self.gemm = name, gemm
         f, p = _parts(ft_mod, nn.Linear), _parts(pre_mod, nn.Linear)
         self.bytes_two = _param_bytes(ft_mod) + _param_bytes(pre_mod)
         self.extra = 0
         self.loras = []
         self.stacked = False
-        self.w2t = self.b2 = self.wt_ft = self.b_ft = self.wt_pre = self.b_pre = None
+        self.w2t = self.b2 = self.packed = None
         if f is None or p is None or p.loras:
             self.kind, self.ft_mod, self.pre_mod = "separate", ft_mod, pre_mod
-            self.in_features = ft_mod.in_features if hasattr(ft_mod, "in_features") else None
+            self.in_features = getattr(ft_mod, "in_features", None)
             self.bytes_used = self.bytes_two
             self.note = "module calls (a wrapper the pair does not fuse)"
             return
@@ -147,58 +179,91 @@ class PairLinear:
             return
         self.kind = "stacked+lora" if f.loras else "stacked"
         self.bytes_used = _nbytes(f.weight, f.bias, p.weight, p.bias) + lora_bytes
-        self.wt_ft, self.b_ft, self.wt_pre, self.b_pre = f.weight.t(), f.bias, p.weight.t(), p.bias
-        self.note = "two GEMMs into one output, no weight copy"
-        if stack:
+        self.weights, self.biases = (f.weight, p.weight), (f.bias, p.bias)  # the models' own tensors
+        self.note = {"onednn": "two oneDNN GEMMs (bias, GELU fused) on prepacked copies",
+                     "mm": "two GEMMs into one output, no weight copy"}.get(gemm, "")
+        if gemm == "bmm":
             self.make_stacked()
+        elif gemm == "onednn":
+            # oneDNN's blocked layout, made once: packing per call (what a plain weight costs)
+            # measured ~10% of these GEMMs. A copy of both weights, like stacking.
+            with torch.no_grad():
+                self.packed = tuple(torch.ops.mkldnn._reorder_linear_weight(w.detach()) for w in self.weights)
+            self.extra = _nbytes(*self.weights)
 
     def make_stacked(self):
-        """Switch to one baddbmm over a (2, out, in) copy, used as its (2, in, out) transposed view
-        (baddbmm reads W^T directly). The models keep their own weights: this is extra memory."""
-        self.w2t = torch.stack([self.wt_ft.t(), self.wt_pre.t()]).transpose(1, 2)
-        self.b2 = None if self.b_ft is None else torch.stack([self.b_ft, self.b_pre]).unsqueeze(1)  # (2, 1, out)
-        self.wt_ft = self.b_ft = self.wt_pre = self.b_pre = None
-        self.stacked = True
+        """One baddbmm over a (2, out, in) copy, used as its (2, in, out) transposed view (baddbmm
+        reads W^T directly). The models keep their own weights: this is extra memory."""
+        self.w2t = torch.stack(self.weights).transpose(1, 2)
+        self.b2 = None if self.biases[0] is None else torch.stack(self.biases).unsqueeze(1)  # (2, 1, out)
+        self.stacked, self.gemm, self.packed = True, "bmm", None
         self.extra = _nbytes(self.w2t, self.b2)
         self.note = "one baddbmm over a stacked (2,out,in) copy"
 
-    def __call__(self, x: torch.Tensor, shape=None) -> torch.Tensor:
-        """x: 2M rows of `in` features, contiguous, in any leading shape whose rows are in order;
-        returns the output viewed as (*shape, out) (shape None: as the GEMM produced it).
+    def __call__(self, x, shape=None, *, gelu: bool = False, halves: bool = False, backend: str = "auto"):
+        """x: the 2M input rows -- one contiguous tensor (any leading shape, rows in order) or a
+        (fine-tuned, pre-trained) pair of halves. gelu: apply tanh-GELU to the output (fused into
+        oneDNN's epilogue when possible). Returns the output viewed as (*shape, out) (shape None:
+        as the GEMM left it), or the pair of halves when halves=True and the GEMMs made halves.
         Reshapes that are already in place are skipped: every view is a dispatched op."""
-        kind = self.kind
+        kind, n_in = self.kind, self.in_features
+        fuse = gelu and self.gemm == "onednn" and not self.loras
         if kind == "shared" or kind == "lora":
-            if x.shape[-1] != self.in_features:
-                x = x.reshape(2, -1, self.in_features)
-            out = F.linear(x, self.weight, self.bias)  # one GEMM over all 2M rows
+            x = _whole(x)
+            if x.shape[-1] != n_in:
+                x = x.reshape(2, -1, n_in)
+            if self.gemm == "onednn":                  # one GEMM over all 2M rows
+                out = _onednn_linear(x, self.weight, self.bias, fuse)
+            else:
+                out = F.linear(x, self.weight, self.bias)
             if self.loras:
-                self._add_lora(x.view(2, -1, self.in_features), out.view(2, -1, self.out_features))
-        else:
-            x2 = x if x.dim() == 3 and x.shape[0] == 2 and x.shape[2] == self.in_features \
-                else x.reshape(2, -1, self.in_features)  # (2, M, in): [fine-tuned rows; pre-trained rows]
+                self._add_lora(x.view(2, -1, n_in).unbind(0)[0], out.view(2, -1, self.out_features).unbind(0)[0])
+        elif kind == "separate" or self.gemm == "onednn":
+            if isinstance(x, tuple):
+                xa, xb = x
+            else:                                      # (2n, ...) -> its fine-tuned and pre-trained halves
+                xa, xb = (x if x.shape[-1] == n_in else x.flatten(2)).chunk(2)
             if kind == "separate":
-                out = torch.cat([self.ft_mod(x2[0]), self.pre_mod(x2[1])])
-            elif self.stacked:
+                ya, yb = self.ft_mod(xa), self.pre_mod(xb)
+            else:
+                ya = _onednn_linear(xa, self.packed[0], self.biases[0], fuse)
+                yb = _onednn_linear(xb, self.packed[1], self.biases[1], fuse)
+                if self.loras:
+                    self._add_lora(xa, ya)
+            if gelu and not fuse:
+                ya, yb = _gelu(ya, backend), _gelu(yb, backend)
+                gelu = False
+            if halves:
+                return ya, yb
+            out = torch.cat([ya, yb])
+        else:
+            x = _whole(x)
+            x2 = x if x.dim() == 3 and x.shape[0] == 2 and x.shape[2] == n_in \
+                else x.reshape(2, -1, n_in)            # (2, M, in): [fine-tuned rows; pre-trained rows]
+            if self.stacked:
                 out = torch.baddbmm(self.b2, x2, self.w2t) if self.b2 is not None else torch.bmm(x2, self.w2t)
             else:
                 # Two GEMMs straight into the halves of one buffer: no torch.cat copy afterwards.
                 out = x.new_empty(2, x2.shape[1], self.out_features)
-                for xi, oi, wt, b in zip(x2.unbind(0), out.unbind(0), (self.wt_ft, self.wt_pre), (self.b_ft, self.b_pre)):
+                for xi, oi, w, b in zip(x2.unbind(0), out.unbind(0), self.weights, self.biases):
                     if b is not None:
-                        torch.addmm(b, xi, wt, out=oi)
+                        torch.addmm(b, xi, w.t(), out=oi)
                     else:
-                        torch.mm(xi, wt, out=oi)
+                        torch.mm(xi, w.t(), out=oi)
             if self.loras:
-                self._add_lora(x2, out)
+                self._add_lora(x2[0], out[0])
+        if gelu and not fuse:
+            out = _gelu(out, backend)
         if shape is not None and tuple(out.shape[:-1]) != tuple(shape):
             out = out.view(*shape, -1)
         return out
 
-    def _add_lora(self, x2, out2):
+    def _add_lora(self, x_ft, out_ft):
         """peft's result + B(A(x)) * s, on the fine-tuned rows only, in place."""
+        x_ft = x_ft.reshape(-1, self.in_features)
+        o = out_ft.view(-1, self.out_features)
         for At, Bt, b_B, s in self.loras:
-            o = out2[0]
-            o.addmm_(torch.mm(x2[0], At), Bt, alpha=s)
+            o.addmm_(torch.mm(x_ft, At), Bt, alpha=s)
             if b_B is not None:
                 o.add_(b_B, alpha=s)
 
@@ -209,8 +274,7 @@ class PairLinear:
         held = [t for lo in self.loras for t in lo[:3] if t is not None]
         if self.kind in ("shared", "lora"):
             return held + [t for t in (self.weight, self.bias) if t is not None]
-        return held + [t for t in (self.w2t, self.b2, self.wt_ft, self.b_ft, self.wt_pre, self.b_pre)
-                       if t is not None]
+        return held + [t for t in (self.w2t, self.b2, *self.weights, *self.biases) if t is not None]
 
 
 class AdaLNGroup:
@@ -222,14 +286,12 @@ class AdaLNGroup:
         self.index = [i for i, _ in layers]
         self.sizes = [pl.out_features for _, pl in layers]
         pls = [pl for _, pl in layers]
-        w = torch.stack([torch.cat([pl.wt_ft.t() for pl in pls]), torch.cat([pl.wt_pre.t() for pl in pls])])
+        w = torch.stack([torch.cat([pl.weights[i] for pl in pls]) for i in (0, 1)])
         self.w2t = w.transpose(1, 2)                                          # (2, D, sum out)
-        self.b2 = torch.stack([torch.cat([pl.b_ft for pl in pls]), torch.cat([pl.b_pre for pl in pls])]).unsqueeze(1)
+        self.b2 = torch.stack([torch.cat([pl.biases[i] for pl in pls]) for i in (0, 1)]).unsqueeze(1)
         for pl in pls:  # the group computes these layers; each row reports its share of the copy
-            pl.extra = 2 * _nbytes(pl.wt_ft, pl.b_ft)
+            pl.extra = 2 * _nbytes(pl.weights[0], pl.biases[0])
             pl.note = "in one baddbmm with all stacked adaLN layers (concatenated stacked copy)"
-            pl.wt_ft = pl.b_ft = pl.wt_pre = pl.b_pre = None
-            pl.stacked = True
 
     def __call__(self, silu_c: torch.Tensor, D: int) -> dict[int, tuple]:
         N = silu_c.shape[0]
@@ -260,10 +322,13 @@ class LayerRow:
     note: str = ""
 
 
-def _default_stack(device: torch.device) -> bool:
-    # CUDA: one baddbmm launch instead of two GEMMs pays. CPU (MKL, 2 threads): measured no faster
-    # than two addmm at DiT-S/2 sizes (bench/RESULTS.md), so no stacked copy there.
-    return device.type == "cuda"
+def default_gemm(weight: torch.Tensor) -> str:
+    """CUDA: "bmm" -- one baddbmm launch instead of two GEMMs (launches are the cost there).
+    CPU (float32, torch with oneDNN): "onednn" -- the MLP as per-half oneDNN GEMMs with fused
+    bias/GELU, attention as stacked baddbmm; measured fastest here (bench/RESULTS.md)."""
+    if weight.device.type == "cuda":
+        return "bmm"
+    return "onednn" if onednn_available(weight) else "mm"
 
 
 class PairedDiT:
@@ -274,7 +339,7 @@ class PairedDiT:
     get_pair does not keep the models alive).
     """
 
-    def __init__(self, finetuned: DiT, pretrained: DiT, *, stack: bool | None = None):
+    def __init__(self, finetuned: DiT, pretrained: DiT, *, gemm: str = "auto"):
         for name, m in (("finetuned", finetuned), ("pretrained", pretrained)):
             if not isinstance(m, DiT):
                 raise TypeError(f"pair: {name} must be a dgfast DiT, got {type(m).__name__}; convert upstream "
@@ -285,9 +350,14 @@ class PairedDiT:
             raise ValueError("pair: the two models differ in architecture (" + "; ".join(bad) + ")")
         ft, pre = finetuned, pretrained
         p0 = next(ft.parameters())
-        self.stack = _default_stack(p0.device) if stack is None else bool(stack)
+        if gemm not in ("auto",) + GEMMS:
+            raise ValueError(f"pair: gemm must be 'auto' or one of {GEMMS}, got {gemm!r}")
+        if gemm == "onednn" and not onednn_available(p0):
+            raise ValueError("pair: gemm='onednn' needs float32 CPU weights and torch built with oneDNN")
+        self.gemm = default_gemm(p0) if gemm == "auto" else gemm
         self._ft_ref = weakref.ref(ft)  # settings (backend, attention impl) are read per call
         self._graphs: dict = {}  # captured CUDA graphs per shape (run_cuda_graph)
+        self._null_rows: dict = {}  # the pre-trained model's null-label embedding, per (label, device)
         self.fingerprint = fingerprint(ft, pre)
         self.num_heads, self.patch_size, self.out_channels = ft.num_heads, ft.patch_size, ft.out_channels
         self.norm_eps, self.mlp_norm_eps = ft.norm_eps, ft.mlp_norm_eps
@@ -305,6 +375,8 @@ class PairedDiT:
             note = "conv once on n rows" + (" + delta on fine-tuned rows" if fe.loras else "")
         else:
             self.x_kind, used, note = "separate", two, "each model's conv on n rows"
+            if _hooked(ft.x_embedder) or _hooked(pre.x_embedder):
+                raise ValueError("pair: hooks on x_embedder itself are not supported (hook x_embedder.proj)")
         self.x_embedders = (ft.x_embedder, pre.x_embedder)
         rows.append(LayerRow("x_embedder.proj", self.x_kind, two, used, 0, note))
 
@@ -322,13 +394,19 @@ class PairedDiT:
         self.t_shared = (ft.t_embedder.freq_divisor == pre.t_embedder.freq_divisor
                          and ft.t_embedder.frequency_embedding_size == pre.t_embedder.frequency_embedding_size
                          and not _hooked(ft.t_embedder) and not _hooked(pre.t_embedder)
+                         and not _hooked(ft.t_embedder.mlp) and not _hooked(pre.t_embedder.mlp)
                          and all(a is not None and b is not None and not a.loras and not b.loras
                                  and _same(a.weight, b.weight) and _same(a.bias, b.bias) for a, b in t_parts))
+        # The sinusoid depends on t and the frequency table only: shared whenever those match.
+        self.t_freq_shared = (ft.t_embedder.freq_divisor == pre.t_embedder.freq_divisor
+                              and ft.t_embedder.frequency_embedding_size == pre.t_embedder.frequency_embedding_size
+                              and not _hooked(ft.t_embedder) and not _hooked(pre.t_embedder))
         for i in (0, 2):
             two = _param_bytes(ft.t_embedder.mlp[i]) + _param_bytes(pre.t_embedder.mlp[i])
             rows.append(LayerRow(f"t_embedder.mlp.{i}", "shared-activation" if self.t_shared else "separate",
                                  two, two // 2 if self.t_shared else two, 0,
-                                 "once on n rows" if self.t_shared else "each model's embedder"))
+                                 "once on n rows" if self.t_shared else
+                                 "each model's MLP" + (" (sinusoid once)" if self.t_freq_shared else "")))
 
         # --- label tables: y vs null always differ --------------------------------------------------
         self.y_embedders = (ft.y_embedder, pre.y_embedder)
@@ -337,25 +415,37 @@ class PairedDiT:
                              "labels y vs null: each model's table"))
 
         # --- blocks and final layer -----------------------------------------------------------------
-        def lin(name, get):
-            return PairLinear(name, get(ft), get(pre), stack=False)  # stacked copies are made below
+        def lin(name, get, gemm=self.gemm):
+            return PairLinear(name, get(ft), get(pre), gemm)
 
         def block_mod(i, path):
             return lambda m: m.blocks[i].get_submodule(path)
 
-        self.blocks = [{key: lin(f"blocks.{i}.{path}", block_mod(i, path))
+        self.blocks = [{key: lin(f"blocks.{i}.{path}", block_mod(i, path), "mm" if key == "ada" else self.gemm)
                         for key, path in (("ada", "adaLN_modulation.1"), ("qkv", "attn.qkv"), ("proj", "attn.proj"),
                                           ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"))} for i in range(len(ft.blocks))]
-        self.final_ada = lin("final_layer.adaLN_modulation.1", lambda m: m.final_layer.adaLN_modulation[1])
+        self.final_ada = lin("final_layer.adaLN_modulation.1", lambda m: m.final_layer.adaLN_modulation[1], "mm")
         self.final_linear = lin("final_layer.linear", lambda m: m.final_layer.linear)
+        # adaLN: every block's modulation reads the same SiLU(c) (n rows: tiny GEMMs), so all the
+        # stacked ones run as one baddbmm over a concatenated copy -- one op instead of one per block.
+        # gemm="mm" is the zero-copy mode: there they stay two GEMMs each.
         ada = [(i, blk["ada"]) for i, blk in enumerate(self.blocks)] + [(len(self.blocks), self.final_ada)]
-        self.ada_group = None
-        if self.stack:
-            grouped = [(i, pl) for i, pl in ada if pl.kind == "stacked" and pl.b_ft is not None]
-            if len(grouped) > 1:
-                self.ada_group = AdaLNGroup(grouped)
-            for pl in [lin for blk in self.blocks for lin in blk.values()] + [self.final_ada, self.final_linear]:
-                if pl.kind.startswith("stacked") and not pl.stacked:
+        grouped = [(i, pl) for i, pl in ada if pl.kind == "stacked" and pl.biases[0] is not None]
+        self.ada_group = AdaLNGroup(grouped) if self.gemm != "mm" and len(grouped) > 1 else None
+        if self.gemm == "onednn":
+            # The attention layers stay stacked baddbmms on CPU too: SDPA wants one (2n, T, 3D) qkv
+            # tensor and hands back one (2n, T, D), which baddbmm reads and writes as views, where
+            # per-half GEMMs need a concatenation -- an extra read+write pass that, on this memory-
+            # starved machine, cost more than oneDNN's faster GEMM saved (and two more ops per layer).
+            # The MLP is where oneDNN pays: fc1's bias and GELU run in the GEMM's epilogue, and its
+            # two halves feed fc2's two GEMMs directly (bench/RESULTS.md).
+            for blk in self.blocks:
+                for key in ("qkv", "proj"):
+                    if blk[key].kind == "stacked":
+                        blk[key].make_stacked()
+        if self.gemm == "bmm":
+            for i, pl in ada:
+                if pl.kind.startswith("stacked") and not any(pl is q for _, q in grouped):
                     pl.make_stacked()
         for pl in [lin for blk in self.blocks for lin in blk.values()] + [self.final_ada, self.final_linear]:
             rows.append(LayerRow(pl.name, pl.kind, pl.bytes_two, pl.bytes_used, pl.extra, pl.note))
@@ -409,7 +499,7 @@ class PairedDiT:
         blocks = self.blocks
 
         def attn(i, xm):
-            qkv = blocks[i]["qkv"](xm, (N, T, 3, H))     # lands as (2n, T, 3, H, hd)
+            qkv = blocks[i]["qkv"](xm, (N, T, 3, H))     # (2n, T, 3, H, hd): both halves, one SDPA
             if impl == "xformers" and qkv.is_cuda:
                 import xformers.ops as xops
                 q, k, v = qkv.unbind(2)                   # (2n, T, H, hd): xformers' layout, strided views
@@ -422,8 +512,10 @@ class PairedDiT:
             return blocks[i]["proj"](o, (N, T))            # o read as (2, nT, D): a view, no copy
 
         def mlp(i, xm):
-            z = blocks[i]["fc1"](xm)                      # as the GEMM left it: fc2 reads it as is
-            return blocks[i]["fc2"](_gelu(z, backend), (N, T))
+            # fc1's output (GELU applied, fused into oneDNN's epilogue on CPU) goes to fc2 as the
+            # GEMMs left it: per-half outputs stay halves, no concatenation in between.
+            z = blocks[i]["fc1"](xm, gelu=True, halves=True, backend=backend)
+            return blocks[i]["fc2"](z, (N, T))
 
         xm = blocks_forward(h, mods, final, attn, mlp, eps=self.norm_eps, mlp_eps=self.mlp_norm_eps,
                             backend=backend)
@@ -440,33 +532,43 @@ class PairedDiT:
         return mods, final
 
     def _embed_tokens(self, x):
-        if self.x_kind == "separate":
-            e_ft, e_pre = self.x_embedders[0](x), self.x_embedders[1](x)
+        n = x.shape[0]
+        if self.x_kind == "separate":                     # each model's conv; both halves at once below
+            e = torch.cat([self.x_embedders[0].proj(x), self.x_embedders[1].proj(x)])
         else:
-            conv = self.x_conv
-            e = conv(x)                                   # once for n rows: same x_t, same weights
-            e_pre = e.flatten(2).transpose(1, 2)
+            e = self.x_conv(x)                            # once for n rows: same x_t, same weights
             if self.x_loras:                              # peft's base(x) + B(A(x)) * s, fine-tuned only
+                e_ft = e
                 for A, B, s in self.x_loras:
-                    e = e + B(A(x)) * s
-                e_ft = e.flatten(2).transpose(1, 2)
-            else:
-                e_ft = e_pre
+                    e_ft = e_ft + B(A(x)) * s
+                e = torch.cat([e_ft, e])
+        e = e.flatten(2).transpose(1, 2)                  # (rows, T, D), row-major tokens
         pos_ft, pos_pre = self.pos
-        if e_ft is e_pre and self.pos_shared:
-            h0 = e_ft + pos_ft
-            return torch.cat([h0, h0])
+        if self.pos_shared:
+            h = e + pos_ft
+            return torch.cat([h, h]) if len(e) == n else h  # shared activation: broadcast to 2n rows
+        e_ft, e_pre = (e, e) if len(e) == n else e.chunk(2)
         return torch.cat([e_ft + pos_ft, e_pre + pos_pre])
 
     def _embed_cond(self, t, y, null_label, n):
         t_ft_mod, t_pre_mod = self.t_embedders
-        t_ft = t_ft_mod(t)
-        t_pre = t_ft if self.t_shared else t_pre_mod(t)   # shared: once for n rows
+        if self.t_shared:                                 # once for n rows
+            t_ft = t_pre = t_ft_mod(t)
+        elif self.t_freq_shared:                          # the sinusoid once, each model's MLP
+            f = t_ft_mod.frequency_embedding(t)
+            t_ft, t_pre = t_ft_mod.mlp(f), t_pre_mod.mlp(f)
+        else:
+            t_ft, t_pre = t_ft_mod(t), t_pre_mod(t)
         y_ft = self.y_embedders[0](y, False)
         if isinstance(null_label, torch.Tensor):
             y_pre = self.y_embedders[1](null_label.to(y.device).expand(n), False)
-        else:  # one table row, broadcast over the n rows
-            y_pre = self.y_embedders[1](torch.full((1,), int(null_label), dtype=torch.long, device=y.device), False)
+        else:  # one table row, broadcast over the n rows; looked up once per label and device
+            key = (int(null_label), y.device)
+            if key not in self._null_rows:
+                with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable outside inference mode
+                    self._null_rows[key] = self.y_embedders[1](
+                        torch.full((1,), key[0], dtype=torch.long, device=y.device), False)
+            y_pre = self._null_rows[key]
         return torch.cat([t_ft + y_ft, t_pre + y_pre])    # upstream's c = t_emb + y_emb
 
     def _unpatchify(self, z):
@@ -494,7 +596,9 @@ class PairedDiT:
             out += pl.tensors()
         for m in (*self.x_embedders, *self.t_embedders, *self.y_embedders):
             out += list(m.parameters())
-        return out
+        if self.ada_group is not None:
+            out += self.ada_group.tensors()
+        return out  # (oneDNN's prepacked weights are opaque tensors: counted in memory()["extra"] only)
 
     def report(self) -> str:
         """Per layer: kind and weight bytes, two separate models vs the pair; totals."""
@@ -510,10 +614,16 @@ class PairedDiT:
         lines.append("layers: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
         lines.append(f"weights of two separate models: {mem['two_models'] / mib:.2f} MiB; the paired forward reads "
                      f"{mem['used'] / mib:.2f} MiB and allocated {mem['extra'] / mib:.2f} MiB of its own "
-                     f"({'stacked copies for baddbmm' if self.stack else 'no copies: stacked layers run as two GEMMs'})")
+                     f"(gemm={self.gemm!r}: {_GEMM_NOTE[self.gemm]})")
         if self.uncovered:
             lines.append(f"parameters outside these layers (used by the models' own modules): {self.uncovered}")
         return "\n".join(lines)
+
+
+_GEMM_NOTE = {"bmm": "stacked copies for baddbmm, adaLN concatenated",
+              "onednn": "MLP and output layer as per-half oneDNN GEMMs on prepacked copies, attention and "
+                        "adaLN as stacked baddbmm",
+              "mm": "no copies: stacked layers run as two GEMMs"}
 
 
 def _same_conv(a: nn.Conv2d, b: nn.Conv2d) -> bool:
@@ -548,13 +658,14 @@ def fingerprint(ft: nn.Module, pre: nn.Module) -> tuple:
     return tuple(items)
 
 
-def pair(finetuned: DiT, pretrained: DiT, *, stack: bool | None = None) -> PairedDiT:
+def pair(finetuned: DiT, pretrained: DiT, *, gemm: str = "auto") -> PairedDiT:
     """A new paired model for (finetuned, pretrained); see the module docstring.
 
-    stack: stacked layers run as one baddbmm over a (2, out, in) copy (True) or as two GEMMs
-    with no copy (False); default: True on CUDA, False on CPU.
+    gemm: how layers whose weights differ run -- "bmm" (one baddbmm over stacked copies; the
+    default on CUDA), "onednn" (two oneDNN GEMMs with fused bias/GELU; the default on CPU) or
+    "mm" (two GEMMs, no weight copies at all). See PairLinear.
     """
-    return PairedDiT(finetuned, pretrained, stack=stack)
+    return PairedDiT(finetuned, pretrained, gemm=gemm)
 
 
 _PAIRS: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()

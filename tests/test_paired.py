@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dgfast.models import DiT
-from dgfast.paired import KINDS, PairedDiT, fingerprint, get_pair, pair
+from dgfast.paired import GEMMS, KINDS, PairedDiT, fingerprint, get_pair, pair
 
 CFG = dict(input_size=8, patch_size=2, hidden_size=48, depth=3, num_heads=3)
 TOL = 1e-5
@@ -54,9 +54,9 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-def check_pair_matches(ft, pre, stack, null=1000):
+def check_pair_matches(ft, pre, gemm, null=1000):
     x, t, y = inputs()
-    p = pair(ft, pre, stack=stack)
+    p = pair(ft, pre, gemm=gemm)
     out_ft, out_pre = p.forward_pair(x, t, y, null)
     with torch.no_grad():
         ref_ft, ref_pre = ft(x, t, y), pre(x, t, torch.full_like(y, null))
@@ -84,19 +84,21 @@ def pre():
     return rand_dit()
 
 
-@pytest.mark.parametrize("stack", [False, True])
-def test_full_finetune(pre, stack):
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_full_finetune(pre, gemm):
     ft = finetune_of(pre)
-    p = check_pair_matches(ft, pre, stack)
+    p = check_pair_matches(ft, pre, gemm)
     assert p.kinds() == expected_kinds(lambda i, lin: "stacked", "separate")
-    mem = p.memory()
-    stacked = sum(r.bytes_two_models for r in p.rows if r.kind == "stacked")
-    assert mem["extra"] == (stacked if stack else 0)  # stacking copies both weights, nothing else
+    # bmm and onednn hold a copy of every stacked layer (stacked, concatenated or prepacked); mm none
+    copied = sum(r.bytes_two_models for r in p.rows if r.kind == "stacked")
+    packed_biases = sum(m.get_parameter(f"{name}.bias").numel() * 4 for name in p.kinds() for m in (ft, pre)
+                        if gemm == "onednn" and name.endswith(("fc1", "fc2", "final_layer.linear")))
+    assert p.memory()["extra"] == (0 if gemm == "mm" else copied - packed_biases)  # prepacking copies weights only
 
 
-@pytest.mark.parametrize("stack", [False, True])
+@pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize("how", ["same-tensors", "equal-values"])
-def test_first_k_blocks_frozen(pre, stack, how):
+def test_first_k_blocks_frozen(pre, gemm, how):
     k = 2
     ft = finetune_of(pre)
     frozen = ["x_embedder", "t_embedder", "pos_embed"] + [f"blocks.{i}." for i in range(k)]
@@ -107,14 +109,14 @@ def test_first_k_blocks_frozen(pre, stack, how):
         ft.load_state_dict({n: v.clone() for n, v in pre.state_dict().items() if n.startswith(tuple(frozen))},
                            strict=False)
         assert ft.blocks[0].attn.qkv.weight.data_ptr() != pre.blocks[0].attn.qkv.weight.data_ptr()
-    p = check_pair_matches(ft, pre, stack)
+    p = check_pair_matches(ft, pre, gemm)
     assert p.kinds() == expected_kinds(lambda i, lin: "shared" if i < k else "stacked", "shared-activation")
 
 
-@pytest.mark.parametrize("stack", [False, True])
-def test_identical_models(pre, stack):
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_identical_models(pre, gemm):
     for other in (pre, copy.deepcopy(pre)):  # the same object; an equal copy
-        p = check_pair_matches(pre, other, stack)
+        p = check_pair_matches(pre, other, gemm)
         assert p.kinds() == expected_kinds(lambda i, lin: "shared", "shared-activation")
         assert p.memory()["extra"] == 0
 
@@ -144,10 +146,10 @@ def unique_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("stack", [False, True])
-def test_lora_finetune(pre, stack):
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_lora_finetune(pre, gemm):
     ft = lora_finetune(pre)
-    p = check_pair_matches(ft, pre, stack)
+    p = check_pair_matches(ft, pre, gemm)
     # "proj" also matches x_embedder.proj (a Conv2d): peft wraps it too, and the pair handles it.
     assert p.kinds() == expected_kinds(lambda i, lin: "shared" if lin == "adaLN_modulation.1" else "lora",
                                        "shared-activation", final_kind="shared", x_kind="lora")
@@ -171,8 +173,10 @@ def test_lora_over_finetuned_base(pre):
         for name, prm in ft.named_parameters():
             if "lora_B" in name:
                 prm.normal_(0, 0.2)
-    p = check_pair_matches(ft, pre, stack=True)
+    p = check_pair_matches(ft, pre, gemm="bmm")
     assert p.kinds()["blocks.1.mlp.fc1"] == "stacked+lora"
+    check_pair_matches(ft, pre, gemm="onednn")
+    check_pair_matches(ft, pre, gemm="mm")
     assert p.kinds()["blocks.1.mlp.fc2"] == "stacked"
 
 
@@ -182,12 +186,12 @@ def test_disabled_and_merged_lora(pre):
     for mod in ft.modules():
         if isinstance(mod, peft.tuners.lora.LoraLayer):
             mod.enable_adapters(False)
-    p = check_pair_matches(ft, pre, stack=False)
+    p = check_pair_matches(ft, pre, gemm="onednn")
     assert p.kinds()["blocks.0.attn.qkv"] == "shared"  # adapters off: the base alone, as peft runs it
 
 
 def test_report_lists_every_layer(pre):
-    p = pair(finetune_of(pre), pre, stack=True)
+    p = pair(finetune_of(pre), pre, gemm="bmm")
     text = p.report()
     for name, kind in p.kinds().items():
         assert name in text
@@ -200,8 +204,9 @@ def test_report_lists_every_layer(pre):
 def test_unsupported_wrapper_runs_separately(pre):
     ft = finetune_of(pre)
     ft.blocks[1].mlp.fc2.register_forward_hook(lambda m, i, o: o * 1.0)  # the pair must not skip hooks
-    p = check_pair_matches(ft, pre, stack=True)
-    assert p.kinds()["blocks.1.mlp.fc2"] == "separate"
+    for gemm in GEMMS:
+        p = check_pair_matches(ft, pre, gemm)
+        assert p.kinds()["blocks.1.mlp.fc2"] == "separate"
 
 
 def test_architecture_mismatch(pre):
@@ -261,7 +266,7 @@ def test_sample_paired_equals_two_pass(pre):
     torch.manual_seed(0)
     b = dgfast.sample(ft, pre, x, y, steps="3", guidance_scale=1.5, paired=False)
     torch.manual_seed(0)
-    c = dgfast.sample(ft, pre, x, y, steps="3", guidance_scale=1.5, paired=pair(ft, pre, stack=True))
+    c = dgfast.sample(ft, pre, x, y, steps="3", guidance_scale=1.5, paired=pair(ft, pre, gemm="bmm"))
     assert rel(a, b) <= 1e-5 and rel(c, b) <= 1e-5
 
 
