@@ -21,7 +21,7 @@
 // Hot loops are compiled for AVX-512, AVX2 and baseline x86-64, and the loader's ifunc resolver
 // picks one per CPU: one binary, full-width SIMD on each machine (AVX-512 is 1.6x on the GELU's
 // arithmetic here), still runs on older CPUs. All clones return the same bits: the code has no
-// FMA (contraction off) and its sums have a fixed order (see kLanes), so auto-vectorization
+// FMA (contraction off) and its sums have a fixed order (see f32x16), so auto-vectorization
 // cannot change a result.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DGFAST_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -335,26 +335,43 @@ std::vector<at::Tensor> guided_step_modes(const at::Tensor& x_in, const at::Tens
 // ---------------------------------------------------------------------------------------------
 // adaln_modulate / gated_residual_modulate
 // ---------------------------------------------------------------------------------------------
-// Sums use kLanes independent float partials: the compiler vectorizes them without -ffast-math,
-// and the summation order (so the result) is the same in every SIMD clone. Partials are combined
-// in double. Corrected two-pass moments: the second pass sums d = x - mean0 and d^2, and the sum
-// of d repairs the float rounding of the first-pass mean, which matters when a row's mean is large
-// next to its spread. The row is in L1 by then.
+// Row sums run on 16-float vectors (GCC/Clang vector extension: one zmm, two ymm or four xmm,
+// depending on the clone), two accumulators for two independent add chains. Lane-wise IEEE
+// arithmetic fixes the summation order, so every clone returns the same bits; the lanes are
+// combined in double. (Plain loops over a float[16] accumulator vectorize badly: GCC shuffles.)
+// Corrected two-pass moments: the second pass sums d = x - mean0 and d^2, and the sum of d repairs
+// the float rounding of the first-pass mean, which matters when a row's mean is large next to its
+// spread. The row is in L1 by then.
 
-constexpr int64_t kLanes = 16;
+typedef float f32x16 __attribute__((vector_size(64)));
+// The f32x16 helpers below are inlined, so no f32x16 crosses a call boundary; GCC's note that
+// passing one by value would depend on the clone's ISA does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+constexpr int64_t kBlock = 32;  // floats per step of the vector loops: two f32x16
 
-inline double lane_total(const float* acc) {
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);  // unaligned load
+  return v;
+}
+
+inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+
+inline double lanes_total(f32x16 a, f32x16 b) {
   double t = 0.0;
-  for (int64_t l = 0; l < kLanes; ++l) t += acc[l];
+  for (int l = 0; l < 16; ++l) t += a[l];
+  for (int l = 0; l < 16; ++l) t += b[l];
   return t;
 }
 
 inline double row_sum(const float* x, int64_t D) {
-  float acc[kLanes] = {};
+  f32x16 a = {}, b = {};
   int64_t j = 0;
-  for (; j + kLanes <= D; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) acc[l] += x[j + l];
-  double t = lane_total(acc);
+  for (; j + kBlock <= D; j += kBlock) {
+    a += load16(x + j);
+    b += load16(x + j + 16);
+  }
+  double t = lanes_total(a, b);
   for (; j < D; ++j) t += x[j];
   return t;
 }
@@ -363,15 +380,16 @@ inline double row_sum(const float* x, int64_t D) {
 inline void modulate_row(const float* x, double sum, const float* shift, const float* scale,
                          float eps, int64_t D, float* y) {
   const float mean0 = static_cast<float>(sum / static_cast<double>(D));
-  float acc[kLanes] = {}, acc2[kLanes] = {};
+  f32x16 s0 = {}, s1 = {}, q0 = {}, q1 = {};
   int64_t j = 0;
-  for (; j + kLanes <= D; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const float d = x[j + l] - mean0;
-      acc[l] += d;
-      acc2[l] += d * d;
-    }
-  double sd = lane_total(acc), sq = lane_total(acc2);
+  for (; j + kBlock <= D; j += kBlock) {
+    const f32x16 d0 = load16(x + j) - mean0, d1 = load16(x + j + 16) - mean0;
+    s0 += d0;
+    s1 += d1;
+    q0 += d0 * d0;
+    q1 += d1 * d1;
+  }
+  double sd = lanes_total(s0, s1), sq = lanes_total(q0, q1);
   for (; j < D; ++j) {
     const double d = x[j] - mean0;
     sd += d;
@@ -409,15 +427,17 @@ DGFAST_SIMD void gated_rows(const RowArgs& a, int64_t r0, int64_t r1) {
     const float *h = a.h + i * a.hs0 + t * a.hs1, *y = a.y + i * a.ys0 + t * a.ys1,
                 *g = a.gate + i * a.gs0;
     float* hn = a.h_new + r * D;
-    float acc[kLanes] = {};
+    f32x16 a0 = {}, a1 = {};
     int64_t j = 0;
-    for (; j + kLanes <= D; j += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const float v = h[j + l] + g[j + l] * y[j + l];
-        hn[j + l] = v;
-        acc[l] += v;
-      }
-    double sum = lane_total(acc);
+    for (; j + kBlock <= D; j += kBlock) {
+      const f32x16 v0 = load16(h + j) + load16(g + j) * load16(y + j),
+                   v1 = load16(h + j + 16) + load16(g + j + 16) * load16(y + j + 16);
+      store16(hn + j, v0);
+      store16(hn + j + 16, v1);
+      a0 += v0;
+      a1 += v1;
+    }
+    double sum = lanes_total(a0, a1);
     for (; j < D; ++j) {
       hn[j] = h[j] + g[j] * y[j];
       sum += hn[j];
