@@ -1,0 +1,285 @@
+"""End-to-end DoG sampling on CPU: dgfast.sample vs the two-pass reference loop, side by side.
+
+Same DiT-S/2 pair (random weights in upstream layout; a full fine-tune: every layer differs
+from the pre-trained one, the hardest case for pairing), same latents, labels and seed, fp32,
+batch 8, latent 32 and 16, respacing STEPS. The reference is dgfast.reference: ReferenceDiT
+models with the same state_dicts + ReferenceDiffusion.p_sample_loop with the DoG script's
+closure (eager, two batch-n forwards per step). Each benchmark asserts that the samples agree
+within 1e-4 relative and records aten ops per step / per forward in extra_info.
+
+    pytest bench/bench_sample.py --benchmark-only --benchmark-columns=min,median,max,rounds
+    python bench/bench_sample.py --profile [--latent 32]   # torch.profiler tables (bench/RESULTS.md)
+
+Env: DGFAST_BENCH_STEPS (default "10"), DGFAST_BENCH_ROUNDS (default 3). With --benchmark-disable
+(make test) each body runs once with 2 steps and skips the op counts.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dgfast
+from dgfast.adapters import to_dgfast
+from dgfast.paired import get_pair
+from dgfast.reference import ReferenceDiffusion, ReferenceDiT_models, dog_guidance_fn
+
+MODEL = "DiT-S/2"
+N = 8
+SCALE = 1.5
+NULL = 1000
+FT_CLASSES = 101
+SEED = 0
+STEPS = os.environ.get("DGFAST_BENCH_STEPS", "10")
+ROUNDS = int(os.environ.get("DGFAST_BENCH_ROUNDS", "3"))
+TOLERANCE = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and inputs
+# ----------------------------------------------------------------------------------------------
+
+def randomize(model: torch.nn.Module, gen: torch.Generator, std: float = 0.02) -> None:
+    """Upstream init leaves adaLN and the output layer at zero (every block an identity): give
+    every zero-initialised tensor random values so all layers do real work."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed" and not p.abs().gt(0).any():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def build_models(latent: int):
+    """(reference ft, reference pre, dgfast ft, dgfast pre): same weights, upstream layout."""
+    gen = torch.Generator().manual_seed(SEED)
+    torch.manual_seed(SEED)
+    ref_pre = ReferenceDiT_models[MODEL](input_size=latent, num_classes=1000).eval()
+    randomize(ref_pre, gen)
+    ref_ft = ReferenceDiT_models[MODEL](input_size=latent, num_classes=FT_CLASSES).eval()
+    sd = {}
+    for k, v in ref_pre.state_dict().items():  # a full fine-tune: every tensor moved a little
+        if k == "y_embedder.embedding_table.weight":
+            sd[k] = torch.randn(FT_CLASSES + 1, v.shape[1], generator=gen) * 0.02  # new domain's labels
+        elif k == "pos_embed":
+            sd[k] = v.clone()
+        else:
+            sd[k] = v + torch.randn(v.shape, generator=gen) * (0.1 * float(v.std()) + 1e-3)
+    ref_ft.load_state_dict(sd)
+    dg_ft, dg_pre = to_dgfast(ref_ft).eval(), to_dgfast(ref_pre).eval()
+    return ref_ft, ref_pre, dg_ft, dg_pre
+
+
+def inputs(latent: int):
+    gen = torch.Generator().manual_seed(SEED + 1)
+    z = torch.randn(N, 4, latent, latent, generator=gen)
+    y = torch.randint(0, FT_CLASSES, (N,), generator=gen)
+    return z, y
+
+
+def run_reference(ref_ft, ref_pre, z, y, steps=STEPS):
+    """The DoG script's loop: doubled batch, closure with two separate forwards, p_sample_loop."""
+    torch.manual_seed(SEED)
+    diffusion = ReferenceDiffusion(steps)
+    n = len(z)
+    model_kwargs = dict(y=torch.cat([y, torch.full((n,), FT_CLASSES)]), cfg_scale=SCALE)
+    out = diffusion.p_sample_loop(dog_guidance_fn(ref_ft, ref_pre, null=NULL, channels=3), (2 * n, *z.shape[1:]),
+                                  torch.cat([z, z]), clip_denoised=False, model_kwargs=model_kwargs, device=z.device)
+    return out[:n]
+
+
+def run_dgfast(dg_ft, dg_pre, z, y, steps=STEPS, paired=True):
+    torch.manual_seed(SEED)
+    return dgfast.sample(dg_ft, dg_pre, z, y, guidance_scale=SCALE, steps=steps, guidance_channels=3,
+                         null_label=NULL, paired=paired)
+
+
+def run_dgfast_two_pass(dg_ft, dg_pre, z, y, steps=STEPS):
+    """dgfast's DiT and fused step, but the two models as two separate forwards (paired=False)."""
+    return run_dgfast(dg_ft, dg_pre, z, y, steps=steps, paired=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# aten op counts
+# ----------------------------------------------------------------------------------------------
+
+class CountOps(TorchDispatchMode):
+    """Counts aten ops as dispatched (views and in-place ops included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def op_counts(models, latent: int) -> dict:
+    """aten ops per sampler step and per model forward (reference: the DoG closure = two
+    forwards; dgfast: one paired forward). Per step is marginal: (ops of a 4-step run - ops of a
+    2-step run) / 2, so one-time work (pairing, input checks, schedule tables) is not counted."""
+    ref_ft, ref_pre, dg_ft, dg_pre = models
+    z, y = inputs(latent)
+    n = len(z)
+    counts = {}
+    for name, run, args in (("reference", run_reference, (ref_ft, ref_pre)), ("dgfast", run_dgfast, (dg_ft, dg_pre))):
+        run(*args, z, y, steps="2")  # warm: the pair is built and cached on the first call
+        total = {}
+        for steps in ("2", "4"):
+            with CountOps() as c:
+                run(*args, z, y, steps=steps)
+            total[steps] = c.total
+        counts[f"{name}_ops_per_step"] = (total["4"] - total["2"]) / 2
+    t = torch.full((2 * n,), 999)
+    with torch.no_grad(), CountOps() as c:
+        dog_guidance_fn(ref_ft, ref_pre, null=NULL)(torch.cat([z, z]), t, torch.cat([y, y]), SCALE)
+    counts["reference_ops_per_forward"] = c.total
+    paired = get_pair(dg_ft, dg_pre)
+    with CountOps() as c:
+        paired.forward_pair(z, t[:n], y, NULL)
+    counts["dgfast_ops_per_forward"] = c.total
+    counts["ops_ratio_per_step"] = counts["reference_ops_per_step"] / counts["dgfast_ops_per_step"]
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmarks
+# ----------------------------------------------------------------------------------------------
+
+_MODELS: dict = {}
+_SAMPLES: dict = {}
+
+
+def models_for(latent):
+    if latent not in _MODELS:
+        _MODELS[latent] = build_models(latent)
+    return _MODELS[latent]
+
+
+def reference_samples(latent, steps):
+    if (latent, steps) not in _SAMPLES:
+        ref_ft, ref_pre, _, _ = models_for(latent)
+        _SAMPLES[latent, steps] = run_reference(ref_ft, ref_pre, *inputs(latent), steps=steps)
+    return _SAMPLES[latent, steps]
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _setup(benchmark, latent, impl):
+    """Group, extra_info; the step count (a short run when benchmarks are disabled: make test)."""
+    steps = "2" if benchmark.disabled else STEPS
+    benchmark.group = f"sample {MODEL} batch {N} latent {latent} steps {STEPS}"
+    benchmark.extra_info.update(device="cpu", torch=torch.__version__, threads=torch.get_num_threads(), batch=N,
+                                latent=latent, steps=steps, model=MODEL, impl=impl,
+                                ops_backend=dgfast.ops.resolve_backend("auto", torch.empty(0)))
+    if not benchmark.disabled:  # op counts do not depend on timing: skipped in untimed runs
+        benchmark.extra_info.update(op_counts(models_for(latent), latent))
+    return steps
+
+
+@pytest.mark.parametrize("latent", [32, 16])
+def test_sample_reference(benchmark, latent):
+    ref_ft, ref_pre, _, _ = models_for(latent)
+    steps = _setup(benchmark, latent, "reference two-pass loop (dgfast.reference)")
+    z, y = inputs(latent)
+    out = benchmark.pedantic(run_reference, args=(ref_ft, ref_pre, z, y), kwargs=dict(steps=steps), rounds=ROUNDS,
+                             warmup_rounds=1)
+    _SAMPLES.setdefault((latent, steps), out)
+
+
+@pytest.mark.parametrize("latent", [32, 16])
+def test_sample_dgfast(benchmark, latent):
+    _, _, dg_ft, dg_pre = models_for(latent)
+    steps = _setup(benchmark, latent, "dgfast.sample (paired)")
+    z, y = inputs(latent)
+    out = benchmark.pedantic(run_dgfast, args=(dg_ft, dg_pre, z, y), kwargs=dict(steps=steps), rounds=ROUNDS,
+                             warmup_rounds=1)
+    err = rel_err(out, reference_samples(latent, steps))
+    benchmark.extra_info["max_rel_err_vs_reference"] = err
+    benchmark.extra_info["pair_gemm"] = get_pair(dg_ft, dg_pre).gemm
+    assert err <= TOLERANCE, f"dgfast samples differ from the reference loop by {err:.2e} relative"
+
+
+# ----------------------------------------------------------------------------------------------
+# Profiles (python bench/bench_sample.py --profile)
+# ----------------------------------------------------------------------------------------------
+
+GEMM_KEYS = ("aten::addmm", "aten::baddbmm", "aten::bmm", "aten::mm", "mkldnn::_linear_pointwise")
+ATTENTION_KEYS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_efficient_attention_forward",
+                  "aten::_scaled_dot_product_efficient_attention", "aten::_flash_attention_forward")
+FUSED = ("adaln_modulate", "gated_residual_modulate", "gelu_tanh", "guided_step")
+
+
+class label_fused_ops:
+    """The C++ fused ops are pybind calls that torch.profiler does not record: while profiling,
+    wrap dgfast.ops' entry points in record_function so their time shows up as dgfast::<op>."""
+
+    def __enter__(self):
+        self.saved = {name: getattr(dgfast.ops, name) for name in FUSED}
+        for name, fn in self.saved.items():
+            def wrapped(*args, _fn=fn, _name=f"dgfast::{name}", **kwargs):
+                with torch.profiler.record_function(_name):
+                    return _fn(*args, **kwargs)
+            setattr(dgfast.ops, name, wrapped)
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dgfast.ops, name, fn)
+
+
+def profile(latent: int, steps: str = "2", rows: int = 12) -> dict:
+    """torch.profiler over a `steps`-step run of each loop: self-CPU-time table and shares of
+    GEMMs, attention and everything else. Returns the shares."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    models = models_for(latent)
+    z, y = inputs(latent)
+    shares = {}
+    for name, fn, args in (("reference", run_reference, models[:2]), ("dgfast two-pass", run_dgfast_two_pass,
+                                                                       models[2:]), ("dgfast", run_dgfast, models[2:])):
+        fn(*args, z, y, steps="2")  # warm-up (C++ extension load, pairing, MKL/oneDNN init)
+        with label_fused_ops(), torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            fn(*args, z, y, steps=steps)
+            wall = time.perf_counter() - start
+        events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+        total = sum(e.self_cpu_time_total for e in events)
+        gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_KEYS)
+        attn = sum(e.self_cpu_time_total for e in events if e.key in ATTENTION_KEYS)
+        shares[name] = dict(wall_s=wall, gemm=gemm / total, attention=attn / total, other=1 - (gemm + attn) / total)
+        print(f"\n== {name}, latent {latent}, {steps} steps: wall {wall:.2f} s ({wall / int(steps):.3f} s/step), "
+              f"profiled self CPU {total / 1e6:.2f} s; GEMM {100 * gemm / total:.1f}%, attention "
+              f"{100 * attn / total:.1f}%, everything else {100 * (1 - (gemm + attn) / total):.1f}%")
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
+            print(f"  {e.key:<50} {e.self_cpu_time_total / 1e3:9.1f} ms {100 * e.self_cpu_time_total / total:5.1f}%"
+                  f"  calls {e.count}")
+    print(f"\nlatent {latent}: reference / dgfast wall time {shares['reference']['wall_s'] / shares['dgfast']['wall_s']:.2f}x "
+          f"(two-pass dgfast {shares['reference']['wall_s'] / shares['dgfast two-pass']['wall_s']:.2f}x)")
+    return shares
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--latent", type=int, nargs="*", default=[32, 16])
+    ap.add_argument("--steps", default="2")
+    ap.add_argument("--counts", action="store_true")
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"ops backend {dgfast.ops.resolve_backend('auto', torch.empty(0))}", file=sys.stderr)
+    for lat in a.latent:
+        if a.profile:
+            profile(lat, a.steps)
+        if a.counts:
+            print(lat, op_counts(models_for(lat), lat))
