@@ -345,9 +345,21 @@ def run_config(args) -> dict:
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    from dgfast.zoo import demo  # imported on use: the demo pulls in the zoo and the reference loop
+    demo.add_arguments(p)
+
+
+def run_demo(args) -> int:
+    from dgfast.zoo import demo
+    return demo.run(args)
+
+
 COMMANDS: dict[str, Command] = {
     "sample": Command("sample a folder of images and an .npz for FID (DiT sample_ddp.py flags, torchrun-aware)",
                       add_sample_arguments, run_sample, SAMPLE_DESCRIPTION),
+    "demo": Command("Domain Guidance on the embedded DiT pair: image grid, demo.json, throughput vs the "
+                    "upstream loop", add_demo_arguments, run_demo),
 }
 
 
