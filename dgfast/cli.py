@@ -346,11 +346,18 @@ def run_config(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    from dgfast.zoo import demo  # imported on use: the demo pulls in the zoo and the reference loop
+    # imported here, not at the top: the demo pulls in the zoo and the reference loop
+    try:
+        from dgfast.zoo import demo
+    except ImportError as err:  # a checkout without the embedded models: say so when demo is run
+        p.set_defaults(demo_missing=str(err))
+        return
     demo.add_arguments(p)
 
 
 def run_demo(args) -> int:
+    if getattr(args, "demo_missing", None):
+        raise UsageError(f"the embedded model pair is not installed ({args.demo_missing})")
     from dgfast.zoo import demo
     return demo.run(args)
 

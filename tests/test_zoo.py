@@ -1,0 +1,127 @@
+"""The embedded pair (dgfast.zoo): files, loading, a quick sample, the metric, and the demo end to end."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import dgfast
+from dgfast import zoo
+from dgfast.zoo import data, metrics
+from dgfast.zoo.diffusion_train import TrainDiffusion
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return zoo.load_pair()
+
+
+def test_shipped_files_fit_the_budget():
+    info = zoo.load_info()
+    files = [info[k]["file"] for k in ("pretrained", "finetuned", "encoder")]
+    sizes = [os.path.getsize(os.path.join(zoo.ZOO_DIR, f)) for f in files]
+    assert sum(sizes) <= 10 * 2 ** 20, sizes
+
+
+def test_load_pair(pair):
+    finetuned, pretrained, info = pair
+    for model, key in ((finetuned, "finetuned"), (pretrained, "pretrained")):
+        assert isinstance(model, dgfast.DiT)
+        assert not any(m.training for m in model.modules())
+        cfg = info[key]["config"]
+        assert model.config["hidden_size"] == cfg["hidden_size"] and model.config["depth"] == cfg["depth"]
+        assert model.num_table_rows == cfg["num_classes"] + 1  # label dropout kept: a null row
+        assert info[key]["null_label"] == cfg["num_classes"]
+        assert model.in_channels == data.CHANNELS and model.input_size == data.IMAGE_SIZE and model.learn_sigma
+    assert info["finetuned"]["config"]["num_classes"] == len(data.TARGET_DIGITS)
+    assert info["pretrained"]["config"]["num_classes"] == 10
+    assert info["finetuned"]["classes"] == [str(d) for d in data.TARGET_DIGITS]
+    # the fine-tune changed the weights (a copy would make DoG a no-op)
+    w_ft = finetuned.blocks[0].attn.qkv.weight
+    w_pre = pretrained.blocks[0].attn.qkv.weight
+    assert w_ft.shape == w_pre.shape and not torch.equal(w_ft, w_pre)
+
+
+def test_quick_dog_sample(pair):
+    finetuned, pretrained, info = pair
+    torch.manual_seed(0)
+    size, channels = info["image"]["size"], info["image"]["channels"]
+    z = torch.randn(2, channels, size, size)
+    y = torch.tensor([0, 4])
+    x = dgfast.sample(finetuned, pretrained, z, y, guidance_scale=2.0, steps="5", guidance_channels="all",
+                      null_label=info["pretrained"]["null_label"])
+    assert x.shape == (2, channels, size, size) and torch.isfinite(x).all()
+    x1 = dgfast.sample(finetuned, None, z, y, guidance_scale=1.0, steps="5", guidance_channels="all")
+    assert not torch.equal(x, x1)
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    mu, sig = metrics.gaussian_stats(a)
+    assert metrics.frechet_distance(mu, sig, mu, sig) == pytest.approx(0.0, abs=1e-8)
+    # N(0, I) vs N(m, 4I) in d dims: |m|^2 + d * (1 + 4 - 2 * 2)
+    d2 = metrics.frechet_distance(np.zeros(3), np.eye(3), np.ones(3), 4 * np.eye(3))
+    assert d2 == pytest.approx(3 + 3 * 1.0)
+
+
+def test_metric_separates_domains():
+    """The encoder features see the domain shift: source-style renders of the target digits are far
+    from the held-out target set, fresh target-style renders of the train glyphs are close."""
+    metric = metrics.load_metric()
+    dom = data.Domains()
+    g = torch.Generator().manual_seed(0)
+    idx = dom.train_idx[np.isin(dom.digits[dom.train_idx], data.TARGET_DIGITS)][:400]
+    labels = torch.tensor([data.TARGET_DIGITS.index(int(d)) for d in dom.digits[idx]])
+    same = metric(data.render(dom.glyphs[idx], **data.target_style(len(idx), g)), labels)
+    other = metric(data.render(dom.glyphs[idx], **data.source_style(len(idx), g)), labels)
+    assert same["fd"] * 5 < other["fd"]
+    assert same["accuracy"] > 0.9
+
+
+def test_training_tables_match_the_sampler():
+    """The training loss's diffusion is the sampler's: same float64 tables, same float32 rounding."""
+    tables = dgfast.Schedule.from_steps("1000").tables
+    td = TrainDiffusion()
+    for ours, theirs in (("coef1", "posterior_mean_coef1"), ("coef2", "posterior_mean_coef2"),
+                         ("post_logvar", "posterior_log_variance_clipped"), ("log_betas", "log_betas"),
+                         ("sqrt_recip_ac", "sqrt_recip_alphas_cumprod")):
+        assert torch.equal(td.t[ours], torch.from_numpy(tables[theirs]).float()), ours
+
+
+def test_training_loss_terms():
+    td = TrainDiffusion()
+    torch.manual_seed(0)
+    model = dgfast.DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2,
+                       num_classes=3).set_backend("torch")
+    x0 = torch.rand(6, 3, 8, 8) * 2 - 1
+    terms = td.training_losses(model, x0, torch.tensor([0, 1, 2, 0, 1, 3]), torch.Generator().manual_seed(0))
+    assert set(terms) == {"loss", "mse", "vb"} and terms["loss"].shape == (6,)
+    assert torch.isfinite(terms["loss"]).all()
+    terms["loss"].mean().backward()  # the zero-initialised output layer gets a gradient
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+def test_demo_quick(tmp_path):
+    from dgfast.zoo import demo
+    from PIL import Image
+    out = tmp_path / "demo"
+    assert demo.main(["--quick", "--out", str(out)]) == 0
+    img = Image.open(out / "grid.png")
+    assert img.size[0] > img.size[1] > 0
+    report = json.loads((out / "demo.json").read_text())
+    assert set(report["quality"]) == {"finetuned", "cfg", "dog"}
+    assert report["throughput"]["dgfast_samples_per_s"] > 0
+    assert report["throughput"]["max_abs_diff_vs_reference"] < 1e-3
+    assert report["null_labels"] == {"cfg": 5, "dog": 10}
+
+
+def test_demo_arguments_register_on_a_subparser():
+    import argparse
+    from dgfast.zoo import demo
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd")
+    demo.add_arguments(sub.add_parser("demo"))
+    args = parser.parse_args(["demo", "--quick", "--out", "x"])
+    assert args.quick and args.out == "x" and args.per_class == 8
