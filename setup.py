@@ -75,7 +75,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["dgfast", "dgfast.*"]) + ["dgfast.kernels"],
     package_dir={"dgfast.kernels": "kernels"},
-    package_data={"dgfast": ["zoo/*.safetensors"], "dgfast.zoo": ["*.safetensors"]},
+    package_data={"dgfast.zoo": ["*.safetensors", "*.json", "*.md"]},
     install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors", "pillow"],
     extras_require={
         # triton: the kernels' tests run under its interpreter (TRITON_INTERPRET=1) without a GPU
