@@ -111,17 +111,14 @@ inline float clamp1(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
 DGFAST_SIMD void step_chunk(const float* x, const float* ft, const float* pre, const float* var,
                             const float* z, float* out, int64_t len, const float* cf, float s,
                             bool clip, bool ddim, ExpFn exp_fn) {
-  float eps_buf[kChunk], half_lv[kChunk], stdv[kChunk];
+  float half_lv[kChunk], stdv[kChunk];
   const float A = cf[0], B = cf[1];
-  const float* eps = ft;
-  if (pre != nullptr) {
-    for (int64_t j = 0; j < len; ++j) eps_buf[j] = pre[j] + s * (ft[j] - pre[j]);
-    eps = eps_buf;
-  }
+  // The guided eps inline (pre is loop-invariant: GCC unswitches the loops on it).
+  auto eps_at = [&](int64_t j) { return pre != nullptr ? pre[j] + s * (ft[j] - pre[j]) : ft[j]; };
   if (ddim) {
     const float c2 = cf[2], c3 = cf[3], c4 = cf[4];
     for (int64_t j = 0; j < len; ++j) {
-      float x0 = A * x[j] - B * eps[j];
+      float x0 = A * x[j] - B * eps_at(j);
       if (clip) x0 = clamp1(x0);
       const float eps2 = (A * x[j] - x0) / B;
       out[j] = (x0 * c2 + c3 * eps2) + c4 * z[j];
@@ -130,7 +127,7 @@ DGFAST_SIMD void step_chunk(const float* x, const float* ft, const float* pre, c
   }
   const float C1 = cf[2], C2 = cf[3], Lmin = cf[4], Lmax = cf[5], mask = cf[6];
   for (int64_t j = 0; j < len; ++j) {
-    float x0 = A * x[j] - B * eps[j];
+    float x0 = A * x[j] - B * eps_at(j);
     if (clip) x0 = clamp1(x0);
     out[j] = C1 * x0 + C2 * x[j];
     const float frac = (var[j] + 1.0f) / 2.0f;
