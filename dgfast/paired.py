@@ -27,6 +27,7 @@ whose weights differ cost a copy of both weights under the default gemm ("bmm": 
 (2, out, in) copies, all blocks' adaLN concatenated into one; "onednn": the same for attention
 and adaLN, oneDNN-prepacked copies for the MLP) -- for a full fine-tune that is as much again
 as both models. `report()` lists the bytes per layer; gemm="mm" allocates nothing.
+A pair reuses its sub-layer output buffers call after call: one forward_pair at a time per pair.
 `get_pair(ft, pre)` caches one pair per model pair and rebuilds it when a parameter changed
 (its storage pointer or its in-place version counter); edits through `.data` bypass the
 version counter: call `get_pair(ft, pre, rebuild=True)` after those.
@@ -200,12 +201,15 @@ class PairLinear:
         self.extra = _nbytes(self.w2t, self.b2)
         self.note = "one baddbmm over a stacked (2,out,in) copy"
 
-    def __call__(self, x, shape=None, *, gelu: bool = False, halves: bool = False, backend: str = "auto"):
+    def __call__(self, x, shape=None, *, gelu: bool = False, halves: bool = False, backend: str = "auto",
+                 workspace=None):
         """x: the 2M input rows -- one contiguous tensor (any leading shape, rows in order) or a
         (fine-tuned, pre-trained) pair of halves. gelu: apply tanh-GELU to the output (fused into
         oneDNN's epilogue when possible). Returns the output viewed as (*shape, out) (shape None:
         as the GEMM left it), or the pair of halves when halves=True and the GEMMs made halves.
-        Reshapes that are already in place are skipped: every view is a dispatched op."""
+        Reshapes that are already in place are skipped: every view is a dispatched op.
+        workspace(shape) -> a reusable buffer for the output of a baddbmm or a concatenation
+        (the caller guarantees the previous contents are dead)."""
         kind, n_in = self.kind, self.in_features
         fuse = gelu and self.gemm == "onednn" and not self.loras
         if kind == "shared" or kind == "lora":
@@ -235,13 +239,16 @@ class PairLinear:
                 gelu = False
             if halves:
                 return ya, yb
-            out = torch.cat([ya, yb])
+            out = torch.cat([ya, yb]) if workspace is None else \
+                torch.cat([ya, yb], out=workspace((ya.shape[0] * 2, *ya.shape[1:])))
         else:
             x = _whole(x)
             x2 = x if x.dim() == 3 and x.shape[0] == 2 and x.shape[2] == n_in \
                 else x.reshape(2, -1, n_in)            # (2, M, in): [fine-tuned rows; pre-trained rows]
             if self.stacked:
-                out = torch.baddbmm(self.b2, x2, self.w2t) if self.b2 is not None else torch.bmm(x2, self.w2t)
+                buf = None if workspace is None else workspace((2, x2.shape[1], self.out_features))
+                out = torch.baddbmm(self.b2, x2, self.w2t, out=buf) if self.b2 is not None else \
+                    torch.bmm(x2, self.w2t, out=buf)
             else:
                 # Two GEMMs straight into the halves of one buffer: no torch.cat copy afterwards.
                 out = x.new_empty(2, x2.shape[1], self.out_features)
@@ -358,6 +365,7 @@ class PairedDiT:
         self._ft_ref = weakref.ref(ft)  # settings (backend, attention impl) are read per call
         self._graphs: dict = {}  # captured CUDA graphs per shape (run_cuda_graph)
         self._null_rows: dict = {}  # the pre-trained model's null-label embedding, per (label, device)
+        self._buffers: dict = {}    # reused sub-layer outputs, per (role, shape) (forward_pair)
         self.fingerprint = fingerprint(ft, pre)
         self.num_heads, self.patch_size, self.out_channels = ft.num_heads, ft.patch_size, ft.out_channels
         self.norm_eps, self.mlp_norm_eps = ft.norm_eps, ft.mlp_norm_eps
@@ -498,8 +506,15 @@ class PairedDiT:
         mods, final = self._modulation(silu_c, D)
         blocks = self.blocks
 
+        def ws(role):
+            # Sub-layer outputs go to buffers reused block after block: each is dead once the next
+            # op has read it (SDPA reads qkv; the residual op reads proj / fc2). A fresh multi-MB
+            # tensor per call costs page faults on first touch -- on this VM a large share of
+            # every eager op's time (see "Fused ops (CPU)" in bench/RESULTS.md).
+            return lambda shape: self._workspace(role, shape, h)
+
         def attn(i, xm):
-            qkv = blocks[i]["qkv"](xm, (N, T, 3, H))     # (2n, T, 3, H, hd): both halves, one SDPA
+            qkv = blocks[i]["qkv"](xm, (N, T, 3, H), workspace=ws("qkv"))  # (2n, T, 3, H, hd): one SDPA
             if impl == "xformers" and qkv.is_cuda:
                 import xformers.ops as xops
                 q, k, v = qkv.unbind(2)                   # (2n, T, H, hd): xformers' layout, strided views
@@ -509,18 +524,25 @@ class PairedDiT:
                 # halves (batch 2n); its output is (2n, T, H, hd)-contiguous after the transpose.
                 q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
                 o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-            return blocks[i]["proj"](o, (N, T))            # o read as (2, nT, D): a view, no copy
+            return blocks[i]["proj"](o, (N, T), workspace=ws("proj"))  # o read as (2, nT, D): a view
 
         def mlp(i, xm):
             # fc1's output (GELU applied, fused into oneDNN's epilogue on CPU) goes to fc2 as the
             # GEMMs left it: per-half outputs stay halves, no concatenation in between.
             z = blocks[i]["fc1"](xm, gelu=True, halves=True, backend=backend)
-            return blocks[i]["fc2"](z, (N, T))
+            return blocks[i]["fc2"](z, (N, T), workspace=ws("fc2"))
 
         xm = blocks_forward(h, mods, final, attn, mlp, eps=self.norm_eps, mlp_eps=self.mlp_norm_eps,
                             backend=backend)
         out = self._unpatchify(self.final_linear(xm, (N, T)))
         return out[:n], out[n:]
+
+    def _workspace(self, role, shape, like):
+        key = (role, tuple(shape), like.dtype, like.device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
 
     def _modulation(self, silu_c, D):
         """Every block's six (2n, D) adaLN chunks and the final layer's two."""
