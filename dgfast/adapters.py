@@ -1,6 +1,7 @@
-"""Model adapters: bring other DiT implementations into dgfast's DiT.
+"""Model adapters: bring other DiT implementations into dgfast's DiT, and dgfast's DiT into diffusers.
 
     to_dgfast(model_or_state_dict, **config) -> dgfast.DiT (same device and dtype, weights copied)
+    to_diffusers(dit) -> diffusers DiTTransformer2DModel (same device and dtype, weights copied)
 
 Supported inputs:
   - a dgfast DiT: returned as is;
@@ -21,6 +22,9 @@ LayerNorm eps of `norm_eps` (1e-5 by default) instead of 1e-6 (`mlp_norm_eps=1e-
 pos_embed is diffusers' recomputed buffer. Pass freq_divisor=None, mlp_norm_eps=1e-6 to get
 upstream DiT numerics from the same weights instead (the hub's DiT weights are upstream's).
 Conversion does not touch the global RNG (the model is built on the meta device).
+
+to_diffusers is the inverse mapping (see its docstring): the diffusers model it gives runs
+diffusers' numerics, and to_dgfast of it gives back the same tensors, with those numerics.
 """
 from __future__ import annotations
 
@@ -271,3 +275,107 @@ def from_diffusers(sd: Mapping, config: Mapping, pos_embed: torch.Tensor | None 
     if out_ch not in (C, 2 * C):
         raise ValueError(f"to_dgfast: out_channels {out_ch} is neither in_channels nor 2*in_channels")
     return dst, cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# dgfast DiT -> diffusers layout (the inverse of from_diffusers)
+# ----------------------------------------------------------------------------------------------
+
+def to_diffusers(dit: DiT):
+    """A diffusers DiTTransformer2DModel holding the weights of the dgfast DiT `dit` (copied; same
+    device, dtype and train/eval mode), the inverse of `to_dgfast` on a diffusers model.
+
+    Mapping: attn.qkv is split into attn1.to_q / to_k / to_v; the one t/y embedder is copied into
+    every block's norm1.emb (diffusers keeps one per block); adaLN_modulation -> norm1.linear;
+    mlp.fc1 / fc2 -> ff.net.0.proj / ff.net.2; the final layer -> proj_out_1 / proj_out_2; dgfast's
+    pos_embed is copied into diffusers' (non-persistent, recomputed) pos_embed.pos_embed buffer.
+    Config: norm_type "ada_norm_zero", norm_elementwise_affine False, activation_fn
+    "gelu-approximate", sample_size=input_size, num_embeds_ada_norm=num_classes, out_channels 2C
+    when learn_sigma, norm_eps=dit.mlp_norm_eps (the pre-MLP LayerNorm, diffusers' only configurable eps).
+
+    diffusers runs its own numerics (module docstring): timestep frequencies exp(-ln(1e4) k / 127)
+    (dgfast's freq_divisor=127; upstream DiT and dgfast's default divide by 128) and LayerNorm eps
+    1e-6 before attention and the final layer (dgfast's norm_eps). So a DiT with upstream numerics
+    (freq_divisor=None, e.g. dgfast.zoo's models or the hub's DiT weights) gives slightly different
+    outputs once in diffusers, as the hub's diffusers DiT does next to upstream DiT. The round trip
+    `to_dgfast(to_diffusers(m))` has m's state_dict tensors bit for bit, with diffusers' numerics
+    (freq_divisor=127, mlp_norm_eps = the config's norm_eps): it reproduces the diffusers model, not m.
+    diffusers' label dropout (training only) is fixed at 0.1 whatever m's class_dropout_prob.
+
+    Raises ValueError naming `dit` for what diffusers cannot hold: a non-DiT input, a label table
+    without the null row (class_dropout_prob=0: diffusers always adds it), mlp_ratio other than 4
+    (diffusers' FeedForward width is 4 x hidden), non-square or mismatched weights.
+    """
+    try:
+        from diffusers import DiTTransformer2DModel
+    except ImportError as e:  # pragma: no cover - diffusers is an optional dependency
+        raise ImportError("to_diffusers needs diffusers (pip install dgfast[diffusers])") from e
+    if not isinstance(dit, DiT):
+        raise ValueError(f"to_diffusers: dit must be a dgfast.models.DiT, got {type(dit).__module__}."
+                         f"{type(dit).__name__} (convert it with to_dgfast first)")
+    cfg = dit.config
+    D, C, p, depth, heads = dit.hidden_size, dit.in_channels, dit.patch_size, len(dit.blocks), dit.num_heads
+    sd = dit.state_dict()
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    if rows != dit.num_classes + 1:
+        raise ValueError(f"to_diffusers: dit has a {rows}-row label table for num_classes={dit.num_classes} "
+                         f"(class_dropout_prob={cfg.get('class_dropout_prob')}): diffusers' DiT always has "
+                         f"num_classes + 1 rows (the null class), so this table cannot be represented")
+    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * D
+    if hidden != 4 * D:
+        raise ValueError(f"to_diffusers: dit has an MLP width of {hidden} (mlp_ratio={cfg.get('mlp_ratio')}); "
+                         f"diffusers' DiT blocks have 4 * hidden_size = {4 * D}")
+    out_ch = dit.out_channels
+    if sd["final_layer.linear.weight"].shape[0] != p * p * out_ch:
+        raise ValueError(f"to_diffusers: dit's final layer has {sd['final_layer.linear.weight'].shape[0]} "
+                         f"outputs, not patch_size^2 * out_channels = {p * p * out_ch}")
+    g = dit.input_size // p
+    if tuple(sd["pos_embed"].shape) != (1, g * g, D):
+        raise ValueError(f"to_diffusers: dit's pos_embed is {tuple(sd['pos_embed'].shape)}, diffusers needs "
+                         f"(1, {g * g}, {D}) for input_size {dit.input_size} and patch_size {p}")
+
+    dst = {}
+
+    def put(ukey, dkey):
+        for s in ("weight", "bias"):
+            if f"{ukey}.{s}" in sd:
+                dst[f"{dkey}.{s}"] = sd[f"{ukey}.{s}"]
+
+    put("x_embedder.proj", "pos_embed.proj")
+    for i in range(depth):
+        b, u = f"transformer_blocks.{i}", f"blocks.{i}"
+        emb = f"{b}.norm1.emb"
+        put("t_embedder.mlp.0", f"{emb}.timestep_embedder.linear_1")
+        put("t_embedder.mlp.2", f"{emb}.timestep_embedder.linear_2")
+        dst[f"{emb}.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
+        put(f"{u}.adaLN_modulation.1", f"{b}.norm1.linear")
+        for s in ("weight", "bias"):
+            for c, part in zip("qkv", sd[f"{u}.attn.qkv.{s}"].chunk(3, dim=0)):
+                dst[f"{b}.attn1.to_{c}.{s}"] = part
+        put(f"{u}.attn.proj", f"{b}.attn1.to_out.0")
+        put(f"{u}.mlp.fc1", f"{b}.ff.net.0.proj")
+        put(f"{u}.mlp.fc2", f"{b}.ff.net.2")
+    put("final_layer.adaLN_modulation.1", "proj_out_1")
+    put("final_layer.linear", "proj_out_2")
+
+    config = dict(num_attention_heads=heads, attention_head_dim=D // heads, in_channels=C, out_channels=out_ch,
+                  num_layers=depth, sample_size=dit.input_size, patch_size=p, num_embeds_ada_norm=dit.num_classes,
+                  attention_bias=True, activation_fn="gelu-approximate", norm_type="ada_norm_zero",
+                  norm_elementwise_affine=False, norm_eps=float(dit.mlp_norm_eps))
+    with torch.device("meta"):  # no init compute, no RNG use; the weights come from dst
+        model = DiTTransformer2DModel(**config)
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(dst)), sorted(set(dst) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"to_diffusers: dit's weights do not fit DiTTransformer2DModel({config}): "
+                         f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+    for k, v in dst.items():
+        if v.shape != want[k].shape:
+            raise ValueError(f"to_diffusers: dit's weight for {k} has shape {tuple(v.shape)}, "
+                             f"DiTTransformer2DModel({config}) needs {tuple(want[k].shape)}")
+    # contiguous copies: the q/k/v chunks are views, and each block gets its own embedder copy
+    model.load_state_dict({k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in dst.items()},
+                          strict=True, assign=True)
+    ref = dst["pos_embed.proj.weight"]
+    model.pos_embed.register_buffer("pos_embed", sd["pos_embed"].detach().to(ref.device).clone(), persistent=False)
+    return model.train(dit.training)

@@ -16,6 +16,10 @@ default, latents decoded with the VAE), fixing its known gaps:
 - only the B kept rows are stepped (DiTPipeline steps the doubled batch and discards half).
 The scheduler's config drives dgfast's fused guidance + step (dgfast.samplers); schedulers it does
 not cover run their own step() on the guided prediction.
+
+vae=None means pixel-space models (e.g. dgfast.zoo's pair through adapters.to_diffusers, which
+samples 3-channel 8x8 images directly): nothing is decoded, the samples are mapped from [-1, 1]
+to [0, 1] as decoded images are, and every output_type works ("latent" gives the raw samples).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def transformer_fn(transformer):
 
 class DoGDiTPipeline(DiTPipeline):
     model_cpu_offload_seq = "transformer->transformer_pre->vae"
-    _optional_components = ["transformer_pre"]
+    _optional_components = ["transformer_pre", "vae"]  # vae=None: a pixel-space model
 
     def __init__(self, transformer, transformer_pre, vae, scheduler, id2label: dict[int, str] | None = None):
         super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
@@ -61,7 +65,7 @@ class DoGDiTPipeline(DiTPipeline):
         guidance_channels: "all" (diffusers) or 3 (the DiT/DoG scripts' quirk).
         pretrained_every: run the guiding model every k-th guided step and reuse its output in between.
         null_class: the guiding model's label (default: its num_embeds_ada_norm, the null row).
-        output_type: "pil", "np", "pt" or "latent".
+        output_type: "pil", "np", "pt" or "latent" (with vae=None: the undecoded samples in [-1, 1] space).
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
@@ -101,7 +105,7 @@ class DoGDiTPipeline(DiTPipeline):
         if output_type == "latent":
             samples = x
         else:
-            samples = self.vae.decode(x / self.vae.config.scaling_factor).sample
+            samples = x if self.vae is None else self.vae.decode(x / self.vae.config.scaling_factor).sample
             samples = (samples / 2 + 0.5).clamp(0, 1)
             if output_type != "pt":
                 samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
