@@ -201,9 +201,10 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     mode="cfg": classifier-free guidance, the fine-tuned model with its own null label
     (cfg_null_label, default its num_classes) is the guiding branch; pretrained must be None.
     pretrained_every=k: run the guiding branch every k-th guided evaluation, reuse it in between.
-    cuda_graph=True (CUDA, sampler "ddpm"/"ddim"): the whole step (paired forward + step) is captured
-    once per shape as a CUDA graph and replayed; the S noise tensors are drawn up front in the loop's
-    order (same RNG stream). See dgfast.paired.run_cuda_graph.
+    cuda_graph=True (CUDA, sampler "ddpm", "ddim" or "dpm2m"): the whole step (paired forward + step)
+    is captured once per shape as a CUDA graph and replayed; the noise tensors are drawn up front in
+    the loop's order (same RNG stream); dpm2m's multistep state (the previous x0) is kept in a static
+    buffer between replays. See dgfast.paired.run_cuda_graph.
     """
     if scheduler is None and sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -266,8 +267,8 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
                         else make_pair_forward(finetuned, pretrained, paired))
     if cuda_graph:
         if scheduler is not None or interval != (0.0, 1.0) or pretrained_every != 1 or guidance_rescale:
-            raise ValueError("cuda_graph=True runs DiT's ddpm/ddim loop; it does not combine with scheduler=, "
-                             "guidance_interval, pretrained_every or guidance_rescale")
+            raise ValueError("cuda_graph=True runs the native ddpm/ddim/dpm2m loop; it does not combine with "
+                             "scheduler=, guidance_interval, pretrained_every or guidance_rescale")
         from dgfast.paired import run_cuda_graph
         forward = pair_forward if guided else (lambda x, t, labels, null: (finetuned(x, t, labels), None))
         cache = getattr(getattr(forward, "__self__", None), "_graphs", None)  # a PairedDiT keeps its graphs
