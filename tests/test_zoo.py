@@ -125,3 +125,23 @@ def test_demo_arguments_register_on_a_subparser():
     demo.add_arguments(sub.add_parser("demo"))
     args = parser.parse_args(["demo", "--quick", "--out", "x"])
     assert args.quick and args.out == "x" and args.per_class == 8
+
+
+def test_finetune_starts_from_the_pretrained_rows():
+    """The fine-tune's label table: target class k starts as the pre-trained row of digit
+    TARGET_DIGITS[k], the null row as the pre-trained null row; every other weight is copied."""
+    from dgfast.zoo import train
+    torch.manual_seed(0)
+    pre = train.build_dit(10)
+    with torch.no_grad():
+        pre.y_embedder.embedding_table.weight.normal_()
+    ft = train.finetune_from(pre, data.TARGET_DIGITS, seed=1)
+    table_pre, table_ft = pre.y_embedder.embedding_table.weight, ft.y_embedder.embedding_table.weight
+    assert table_ft.shape == (len(data.TARGET_DIGITS) + 1, table_pre.shape[1])
+    for k, digit in enumerate(data.TARGET_DIGITS):
+        assert torch.equal(table_ft[k], table_pre[digit])
+    assert torch.equal(table_ft[-1], table_pre[10])
+    for (name, a), b in zip(pre.state_dict().items(), ft.state_dict().values()):
+        if not name.startswith("y_embedder"):
+            assert torch.equal(a, b), name
+    assert ft.y_embedder.num_classes == len(data.TARGET_DIGITS)

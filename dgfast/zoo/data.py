@@ -6,8 +6,9 @@ random affine map at 16x16, coloured and area-downsampled to 8x8 (anti-aliased):
 - **source** ("many inks"): all ten digits, ink and paper colours drawn uniformly from the RGB cube
   (with a minimum luminance contrast), flat paper, any stroke weight, +-15 degree rotation. The broad
   domain the model is pre-trained on (the ImageNet of this toy).
-- **target** ("neon sign"): five digits (0, 2, 4, 6, 8 = target classes 0..4), thick amber ink on
-  a night-blue-to-purple vertical gradient, upright. Fine-tuning sees only `SHOTS` glyphs per class.
+- **target** ("teal on sand"): five digits (0, 2, 4, 6, 8 = target classes 0..4) in dark teal ink
+  on sand paper, medium strokes, nearly upright: one narrow corner of the source domain (as CUB
+  birds or Caltech-101 are corners of ImageNet). Fine-tuning sees only `SHOTS` glyphs per class.
 - **probe** (encoder training only): any ink, any paper (flat or gradient), any weight: a superset
   of both domains, so the metric encoder is not tuned to either.
 

@@ -203,6 +203,7 @@ def run(args) -> int:
     seeds = [args.seed * 10 ** 6 + i for i in range(len(y))]
     grid_images, grid_seconds = {}, {}
     for mode in ("finetuned", "cfg", "dog"):
+        print(f"[1/3] grid: {len(y)} samples, {MODE_TITLES[mode]} (w={scales[mode]:g}) ...", flush=True)
         t0 = time.perf_counter()
         x = sample_mode(finetuned, pretrained, info, mode, scales[mode], y, seeds, steps=args.steps,
                         backend=args.backend)
@@ -223,11 +224,14 @@ def run(args) -> int:
         yq = balanced_labels(args.quality_samples, K)
         sq = [args.seed * 10 ** 6 + 500_000 + i for i in range(args.quality_samples)]
         for mode in ("finetuned", "cfg", "dog"):
+            print(f"[2/3] quality: {args.quality_samples} samples, {MODE_TITLES[mode]} ...", flush=True)
             x = sample_mode(finetuned, pretrained, info, mode, scales[mode], yq, sq, steps=args.steps,
                             backend=args.backend)
             quality[mode] = metric(x, yq)
 
     # 3. throughput: DoG, dgfast.sample vs the reference two-pass loop
+    print("[3/3] throughput: dgfast.sample" + ("" if args.no_reference else " vs the reference two-pass loop")
+          + " ...", flush=True)
     thr = throughput(finetuned, pretrained, info, scales["dog"], args.steps, len(y), args.seed, args.backend,
                      with_reference=not args.no_reference)
 

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 import dgfast
-from dgfast.zoo import ZOO_DIR, load_pair
+from dgfast.zoo import ZOO_DIR, load_info, load_pair
 
 DEFAULT_STEPS = "50"
-SCALES = (1.25, 1.5, 2.0, 2.5, 3.0)
+SCALES = (1.1, 1.25, 1.5, 2.0, 2.5, 3.0)
 
 
 def mode_args(mode: str, scale: float, info: dict) -> dict:
@@ -38,7 +38,7 @@ def mode_args(mode: str, scale: float, info: dict) -> dict:
     if mode == "finetuned":
         return {"guidance_scale": 1.0}
     if mode == "cfg":
-        return {"guidance_scale": scale, "null_label": info["finetuned"]["null_label"]}
+        return {"guidance_scale": scale, "mode": "cfg", "cfg_null_label": info["finetuned"]["null_label"]}
     if mode == "dog":
         return {"guidance_scale": scale, "null_label": info["pretrained"]["null_label"]}
     raise ValueError(f"mode must be 'finetuned', 'cfg' or 'dog', got {mode!r}")
@@ -46,14 +46,15 @@ def mode_args(mode: str, scale: float, info: dict) -> dict:
 
 @torch.no_grad()
 def sample_mode(finetuned, pretrained, info, mode: str, scale: float, y: torch.Tensor, seeds, *,
-                steps=DEFAULT_STEPS, backend="auto", batch: int = 500) -> torch.Tensor:
-    """Samples (n, 3, 16, 16) in [-1, 1] for labels y; sample i depends only on seeds[i]."""
-    guide = pretrained if mode == "dog" else finetuned  # CFG: the fine-tuned model guides itself
+                steps=DEFAULT_STEPS, backend="auto", batch: int = 500, **extra) -> torch.Tensor:
+    """Samples (n, 3, 8, 8) in [-1, 1] for labels y; sample i depends only on seeds[i].
+    extra: more dgfast.sample keywords (e.g. pretrained_every)."""
+    guide = pretrained if mode == "dog" else None  # CFG: the fine-tuned model guides itself
     out = []
     for i in range(0, len(y), batch):
         out.append(dgfast.sample(finetuned, guide, None, y[i:i + batch], steps=steps, guidance_channels="all",
                                  noise="per-sample", seeds=list(seeds[i:i + batch]), backend=backend,
-                                 **mode_args(mode, scale, info)))
+                                 **mode_args(mode, scale, info), **extra))
     return torch.cat(out)
 
 
@@ -76,8 +77,18 @@ def main(argv=None) -> int:
     p.add_argument("--zoo-dir", default=None, help="where the .safetensors are (default: the package's)")
     p.add_argument("--out", default=ZOO_DIR, help="where RESULTS.md and results.json go")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--interval", type=float, nargs=2, default=[0.0, 0.5],
+                   help="guidance_interval of the extra DoG rows (default 0 0.5: the first half of the steps)")
+    p.add_argument("--interval-scales", type=float, nargs="*", default=[1.5, 2.0, 3.0],
+                   help="scales of the extra DoG rows with --interval")
+    p.add_argument("--every", type=int, nargs="*", default=[2, 4],
+                   help="also score the best DoG scale with pretrained_every=k for these k (issue: branch reuse)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--markdown-only", action="store_true",
+                   help="rewrite RESULTS.md from results.json (and finetune_sweep.json) without sampling")
     args = p.parse_args(argv)
+    if args.markdown_only:
+        return write_markdown(args.out, load_info(args.zoo_dir))
     if args.threads:
         torch.set_num_threads(args.threads)
     from dgfast.zoo import data
@@ -86,7 +97,9 @@ def main(argv=None) -> int:
     finetuned, pretrained, info = load_pair(args.zoo_dir)
     metric = load_metric(args.zoo_dir or ZOO_DIR)
     K = info["finetuned"]["config"]["num_classes"]
-    runs = [("finetuned", 1.0)] + [(m, w) for m in ("cfg", "dog") for w in args.scales]
+    full, part = (0.0, 1.0), tuple(args.interval)
+    runs = ([("finetuned", 1.0, full)] + [(m, w, full) for m in ("cfg", "dog") for w in args.scales]
+            + [("dog", w, part) for w in args.interval_scales])
     per_seed: dict[str, list[dict]] = {}
     t_start = time.time()
 
@@ -110,12 +123,15 @@ def main(argv=None) -> int:
     for s in args.seeds:
         seeds = [s * 10 ** 6 + i for i in range(args.samples)]
         y = balanced_labels(args.samples, K)
-        for mode, w in runs:
+        for mode, w, interval in runs:
             t0 = time.time()
-            x = sample_mode(finetuned, pretrained, info, mode, w, y, seeds, steps=args.steps, backend=args.backend)
+            x = sample_mode(finetuned, pretrained, info, mode, w, y, seeds, steps=args.steps, backend=args.backend,
+                            guidance_interval=interval)
             r = metric(x, y)
             r["seconds"] = round(time.time() - t0, 2)
             key = mode if mode == "finetuned" else f"{mode} {w:g}"
+            if interval != full:
+                key += f" interval {interval[0]:g}-{interval[1]:g}"
             per_seed.setdefault(key, []).append(r)
             print(f"seed {s}  {key:12s}  FD {r['fd']:8.3f}  acc {r['accuracy']:.3f}  ({r['seconds']:.0f}s)", flush=True)
 
@@ -124,12 +140,34 @@ def main(argv=None) -> int:
         summary[key] = {"fd": summarize([r["fd"] for r in rows]),
                         "accuracy": summarize([r["accuracy"] for r in rows])}
     ft = summary["finetuned"]["fd"]
-    best = {m: min((k for k in summary if k.startswith(m + " ")), key=lambda k: summary[k]["fd"]["mean"])
-            for m in ("cfg", "dog")}
+    # best scale of each mode over the whole trajectory (keys "cfg w" / "dog w"), and of the interval rows
+    groups = {m: [k for k in summary if k.startswith(m + " ") and len(k.split()) == 2] for m in ("cfg", "dog")}
+    if args.interval_scales:
+        groups["dog interval"] = [k for k in summary if k.startswith("dog ") and " interval " in k]
+    best = {m: min(keys, key=lambda k: summary[k]["fd"]["mean"]) for m, keys in groups.items()}
     for m, k in best.items():
         summary[k]["best_of_sweep"] = True
         print(f"best {m}: {k}: FD {summary[k]['fd']['mean']:.3f} +- {summary[k]['fd']['std']:.3f} vs fine-tuned "
               f"{ft['mean']:.3f} +- {ft['std']:.3f} ({100 * (1 - summary[k]['fd']['mean'] / ft['mean']):.1f}% lower)")
+    # pre-trained-branch reuse at the best DoG scale: quality and time against evaluating it every step
+    w_best = float(best["dog"].split()[1])
+    for k in args.every:
+        key = f"dog {w_best:g} every {k}"
+        for s in args.seeds:
+            seeds = [s * 10 ** 6 + i for i in range(args.samples)]
+            y = balanced_labels(args.samples, K)
+            t0 = time.time()
+            x = sample_mode(finetuned, pretrained, info, "dog", w_best, y, seeds, steps=args.steps,
+                            backend=args.backend, pretrained_every=k)
+            r = {**metric(x, y), "seconds": round(time.time() - t0, 2)}
+            per_seed.setdefault(key, []).append(r)
+            print(f"seed {s}  {key:12s}  FD {r['fd']:8.3f}  acc {r['accuracy']:.3f}  ({r['seconds']:.0f}s)", flush=True)
+        summary[key] = {"fd": summarize([r["fd"] for r in per_seed[key]]),
+                        "accuracy": summarize([r["accuracy"] for r in per_seed[key]])}
+    for key in summary:
+        secs = [r["seconds"] for r in per_seed[key] if "seconds" in r]
+        if secs:
+            summary[key]["seconds"] = summarize(secs)
     result = {
         "setup": {"samples_per_mode_and_seed": args.samples, "seeds": args.seeds, "steps": args.steps,
                   "sampler": "ddpm (learned-range variance)", "guidance_channels": "all",
@@ -142,10 +180,55 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
-        f.write(results_markdown(result, info))
-    print(f"wrote {os.path.join(args.out, 'RESULTS.md')} in {time.time() - t_start:.0f}s")
+    write_markdown(args.out, info)
+    print(f"sampling and scoring took {time.time() - t_start:.0f}s")
     return 0
+
+
+def write_markdown(out_dir: str, info: dict) -> int:
+    """RESULTS.md from out_dir/results.json, plus the fine-tune-length table when
+    finetune_sweep.json (python -m dgfast.zoo.finetune_sweep) is there."""
+    with open(os.path.join(out_dir, "results.json")) as f:
+        text = results_markdown(json.load(f), info)
+    sweep_path = os.path.join(out_dir, "finetune_sweep.json")
+    if os.path.isfile(sweep_path):
+        with open(sweep_path) as f:
+            text += "\n" + sweep_markdown(json.load(f), info)
+    path = os.path.join(out_dir, "RESULTS.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}")
+    return 0
+
+
+def sweep_markdown(sweep: dict, info: dict) -> str:
+    """The fine-tune-length table: one row per length, FD per mode, the best DoG's change."""
+    s, rows = sweep["setup"], sweep["rows"]
+    lengths = sorted({r["finetune_steps"] for r in rows})
+    cols = []
+    for r in rows:
+        c = (r["mode"], r["scale"])
+        if c not in cols:
+            cols.append(c)
+    shipped = info["finetuned"]["train"]["steps"]
+    head = " | ".join("fine-tuned only" if m == "finetuned" else f"{m} {w:g}" for m, w in cols)
+    lines = ["## How the gain depends on the fine-tune's length (python -m dgfast.zoo.finetune_sweep)", "",
+             f"Each row is a fresh fine-tune of the shipped pre-trained model, as `dgfast.zoo.train` makes it "
+             f"(batch {s['finetune']['batch']}, lr {s['finetune']['lr']:g}, warm-up {s['finetune']['warmup']}, "
+             f"EMA {s['finetune']['ema']}, seed {s['finetune']['seed']}) but for the number of steps in the first "
+             f"column; the shipped model is the {shipped}-step row. Target FD, {s['samples']} samples per cell, "
+             f"one sampling seed ({s['seed']}), {s['steps']} steps; \"dog 0-0.5\" is DoG on the first half of "
+             f"the steps only. torch {s['torch']}, {s['threads']} threads, {s['seconds']:.0f} s.", "",
+             f"| fine-tune steps | {head} | best DoG vs fine-tuned |",
+             "|---:|" + "---:|" * (len(cols) + 1)]
+    for n in lengths:
+        by = {(r["mode"], r["scale"]): r for r in rows if r["finetune_steps"] == n}
+        ft = by[("finetuned", 1.0)]["fd"]
+        dog = min((r["fd"], m, w) for (m, w), r in by.items() if m == "dog")
+        cells = " | ".join(f"{by[c]['fd']:.2f}" if c in by else "" for c in cols)
+        mark = " (shipped)" if n == shipped else ""
+        lines.append(f"| {n}{mark} | {cells} | {100 * (dog[0] / ft - 1):+.1f}% (w={dog[2]:g}) |")
+    return "\n".join(lines) + "\n"
 
 
 def results_markdown(result: dict, info: dict) -> str:
@@ -159,20 +242,31 @@ def results_markdown(result: dict, info: dict) -> str:
         f"images ({s['reference']}); accuracy: the encoder's digit head reads the requested class "
         f"(dgfast/zoo/metrics.py explains the encoder). Mean ± standard deviation over the seeds; "
         f"lower FD is better. torch {s['torch']}, {s['threads']} threads, {s['seconds']:.0f} s.", "",
-        "| mode | scale | target FD | vs fine-tuned | accuracy |",
-        "|---|---:|---:|---:|---:|",
+        "| mode | scale | target FD | vs fine-tuned | accuracy | s per 1000 |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for key, r in summ.items():
         mode, _, scale = key.partition(" ")
         if key.startswith("real") or key.startswith("pretrained"):
             mode, scale = key, ""
+        elif " interval " in scale:  # "2 interval 0-0.5": guided on that fraction of the steps only
+            scale, _, span = scale.partition(" interval ")
+            mode = f"{mode}, guided on steps {span.replace('-', ' to ')} of the run only"
+        elif " every " in scale:
+            scale, _, k = scale.partition(" every ")
+            mode = f"{mode}, pre-trained branch every {k} steps"
         fd, acc = r["fd"], r["accuracy"]
         rel = "" if key.startswith(("real", "pretrained")) else f"{100 * (fd['mean'] / ft - 1):+.1f}%"
         acc_s = "—" if np.isnan(acc["mean"]) else f"{acc['mean']:.3f} ± {acc['std']:.3f}"
         bold = "**" if r.get("best_of_sweep") else ""
+        secs = f"{r['seconds']['mean'] * 1000 / s['samples_per_mode_and_seed']:.1f}" if "seconds" in r else ""
         lines.append(f"| {bold}{mode}{bold} | {scale or ('1' if mode == 'finetuned' else '')} | "
-                     f"{bold}{fd['mean']:.3f} ± {fd['std']:.3f}{bold} | {rel} | {acc_s} |")
-    lines += ["", "Bold: the best scale of each guidance mode in the sweep.", ""]
+                     f"{bold}{fd['mean']:.3f} ± {fd['std']:.3f}{bold} | {rel} | {acc_s} | {secs} |")
+    lines += ["", "Bold: the best scale of each group (CFG, DoG, DoG on part of the trajectory). \"guided on "
+              "steps a to b\": guidance_interval=(a, b), the fraction of the sampling steps (first = noisiest) "
+              "where DoG is applied; the pre-trained model is not run on the others. \"pre-trained branch "
+              "every k steps\": pretrained_every=k at the best DoG scale, its output reused in between. "
+              "s per 1000: wall seconds to sample 1000 images in that mode, this run, this machine.", ""]
     return "\n".join(lines) + "\n"
 
 

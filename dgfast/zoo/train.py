@@ -2,7 +2,7 @@
 
 Reproduce the shipped files (overwrites dgfast/zoo/*.safetensors and zoo.json):
 
-    nice -n 5 python -m dgfast.zoo.train                  # ~25 min on 2 idle cores
+    nice -n 5 python -m dgfast.zoo.train --threads 2      # ~25 min on 2 cores
     python -m dgfast.zoo.evaluate                         # RESULTS.md / results.json (~20 min)
 
 `--out DIR` writes elsewhere; `--quick` is a seconds-long smoke run (useless weights).
@@ -12,9 +12,11 @@ What it does, in order (data: dgfast.zoo.data):
 1. pre-train a dgfast DiT on the *source* domain (ten digits in random inks on flat paper),
    class-conditional with label dropout 0.1 (null label 10), learned sigma, DiT's diffusion
    (1000 linear betas, eps prediction, L_hybrid = MSE + VB with stop-gradient mean);
-2. fine-tune a copy on the few-shot *target* domain (5 digits x 20 glyphs, amber on a night
-   gradient): all weights, a fresh label table of 5 + 1 rows (DiT fine-tunes replace the table),
-   label dropout 0.1 kept (so plain CFG with null label 5 is possible too);
+2. fine-tune a copy on the few-shot *target* domain (5 digits x 20 glyphs, teal ink on sand
+   paper): all weights, a 5 + 1-row label table started from the pre-trained rows of the same
+   digits and the null row, label dropout 0.1 kept (so plain CFG with null label 5 is possible
+   too). The fine-tune is short (FINETUNE["steps"]): dgfast/zoo/RESULTS.md shows how DoG's gain
+   depends on that length (`python -m dgfast.zoo.finetune_sweep`);
 3. train the metric encoder (dgfast.zoo.metrics) on probe renders.
 Both DiTs are saved as their EMA weights, as DiT's train.py checkpoints are used.
 """
@@ -38,9 +40,9 @@ ZOO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 MODEL = dict(input_size=data.IMAGE_SIZE, patch_size=2, in_channels=data.CHANNELS, hidden_size=96, depth=6,
              num_heads=4, mlp_ratio=4.0, class_dropout_prob=0.1, learn_sigma=True)
-PRETRAIN = dict(steps=3000, batch=128, lr=1e-3, warmup=200, ema=0.998, seed=0)
-FINETUNE = dict(steps=400, batch=64, lr=2e-4, warmup=50, ema=0.99, seed=1)
-ENCODER = dict(steps=1500, batch=256, lr=2e-3, seed=2)
+PRETRAIN = dict(steps=7000, batch=128, lr=2e-3, warmup=200, ema=0.998, seed=0)
+FINETUNE = dict(steps=150, batch=64, lr=2e-4, warmup=30, ema=0.99, seed=1)
+ENCODER = dict(steps=1000, batch=256, lr=2e-3, seed=2)
 
 
 def build_dit(num_classes: int) -> DiT:
@@ -71,7 +73,7 @@ def train_diffusion(model: DiT, batch_fn, cfg: dict, name: str, log_every: int =
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=0)
     model.train()
-    t0, run, log = time.time(), {"loss": 0.0, "mse": 0.0, "vb": 0.0}, []
+    t0, c0, run, log = time.time(), time.process_time(), {"loss": 0.0, "mse": 0.0, "vb": 0.0}, []
     for step in range(cfg["steps"]):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"])
@@ -94,16 +96,24 @@ def train_diffusion(model: DiT, batch_fn, cfg: dict, name: str, log_every: int =
             if snapshot is not None:
                 snapshot(step + 1, ema)
     model.eval()
-    return ema.eval(), {"seconds": round(time.time() - t0, 1), "log": log}
+    return ema.eval(), {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
+                        "log": log}
 
 
-def finetune_from(pretrained: DiT, num_classes: int, seed: int) -> DiT:
-    """A copy of `pretrained` with a fresh (num_classes + 1)-row label table."""
+def finetune_from(pretrained: DiT, class_rows, seed: int) -> DiT:
+    """A copy of `pretrained` with a (K + 1)-row label table: row k starts as the pre-trained row
+    class_rows[k] and the null row as the pre-trained null row.
+
+    The target classes are source digits, so their rows start where pre-training left them (what
+    one does when fine-tuning to classes the source already had; a fresh table needs several
+    times more steps just to learn which label is which)."""
     torch.manual_seed(seed)
-    ft = build_dit(num_classes)
-    state = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("y_embedder.")}
-    missing, unexpected = ft.load_state_dict(state, strict=False)
-    assert missing == ["y_embedder.embedding_table.weight"] and not unexpected, (missing, unexpected)
+    ft = build_dit(len(class_rows))
+    state = pretrained.state_dict()
+    table = state["y_embedder.embedding_table.weight"]
+    null = pretrained.y_embedder.num_classes
+    state["y_embedder.embedding_table.weight"] = torch.cat([table[list(class_rows)], table[null:null + 1]])
+    ft.load_state_dict(state)
     return ft
 
 
@@ -113,7 +123,7 @@ def train_encoder(domains: data.Domains, cfg: dict, log_every: int = 250) -> tup
     torch.manual_seed(cfg["seed"])
     enc = Encoder()
     opt = torch.optim.AdamW(enc.parameters(), lr=cfg["lr"], weight_decay=1e-4)
-    t0, log = time.time(), []
+    t0, c0, log = time.time(), time.process_time(), []
     for step in range(cfg["steps"]):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg["steps"], cfg["lr"], 100)
@@ -143,7 +153,7 @@ def train_encoder(domains: data.Domains, cfg: dict, log_every: int = 250) -> tup
             acc = float((enc(x)[0].argmax(1).numpy() == domains.digits[idx]).mean())
             log.append({f"heldout_acc_{name}": round(acc, 4)})
             print(f"[encoder] held-out digit accuracy, {name} style: {acc:.4f}", flush=True)
-    return enc, {"seconds": round(time.time() - t0, 1), "log": log}
+    return enc, {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1), "log": log}
 
 
 def main(argv=None) -> int:
@@ -169,7 +179,7 @@ def main(argv=None) -> int:
         if val is not None:
             cfg["steps"] = val
     os.makedirs(args.out, exist_ok=True)
-    t_start = time.time()
+    t_start, c_start = time.time(), time.process_time()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; writing to {args.out}", flush=True)
     domains = data.Domains()
 
@@ -191,7 +201,7 @@ def main(argv=None) -> int:
                                               snapshot=snapshot)
         save_safetensors(pretrained.state_dict(), os.path.join(args.out, "pretrained.safetensors"))
 
-    ft_model = finetune_from(pretrained, num_target, ft_cfg["seed"])
+    ft_model = finetune_from(pretrained, data.TARGET_DIGITS, ft_cfg["seed"])
     finetuned, ft_log = train_diffusion(ft_model, domains.target_batch, ft_cfg, "finetune", log_every=50)
     save_safetensors(finetuned.state_dict(), os.path.join(args.out, "finetuned.safetensors"))
 
@@ -215,15 +225,17 @@ def main(argv=None) -> int:
                        "params": n_params, "train": pre_cfg, "training": pre_log},
         "finetuned": {"file": "finetuned.safetensors", "config": {**MODEL, "num_classes": num_target},
                       "null_label": num_target, "classes": [str(d) for d in data.TARGET_DIGITS],
-                      "domain": f"target: digits {list(data.TARGET_DIGITS)}, amber ink on a night-blue to purple "
-                                f"gradient, {data.SHOTS} glyphs per class",
+                      "domain": f"target: digits {list(data.TARGET_DIGITS)}, dark teal ink on sand paper, "
+                                f"{data.SHOTS} glyphs per class (few-shot)",
                       "params": sum(p.numel() for p in finetuned.parameters()), "train": ft_cfg,
                       "training": ft_log},
         "encoder": {"file": "encoder.safetensors", "train": enc_cfg, "training": enc_log},
         "data": {"glyphs": "sklearn.datasets.load_digits (8x8)", "split_seed": data.SPLIT_SEED,
                  "shots": data.SHOTS, "target_digits": list(data.TARGET_DIGITS)},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "total_seconds": round(time.time() - t_start, 1) + (pre_log["seconds"] if args.skip_pretrain else 0),
+        # the sum of the three stages' own times (a --skip-* rerun keeps the skipped stage's time)
+        "total_seconds": round(sum(log["seconds"] for log in (pre_log, ft_log, enc_log or {"seconds": 0})), 1),
+        "total_cpu_seconds": round(sum(log.get("cpu_seconds", 0) for log in (pre_log, ft_log, enc_log or {})), 1),
     }
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
