@@ -212,8 +212,17 @@ def guided_step_torch(x, out_ft, out_pre, noise, coefs, *, scale=1.0, guidance_c
                       clip_denoised=False, prev=None, return_state=False):
     """Plain-torch twin, op for op as DiT's p_mean_variance + p_sample (or ddim_sample); the other
     modes op for op as written in guided_step's docstring (the compiled backends follow this order)."""
-    C = x.shape[1]
     c = [torch.tensor(v, dtype=torch.float32, device=x.device) for v in coefs]  # f32 scalars, as _extract
+    return guided_step_math(x, out_ft, out_pre, noise, c, scale=scale, guidance_channels=guidance_channels, mode=mode,
+                            clip_denoised=clip_denoised, prev=prev, return_state=return_state)
+
+
+def guided_step_math(x, out_ft, out_pre, noise, c, *, scale, guidance_channels, mode, clip_denoised, prev,
+                     return_state):
+    """guided_step_torch's arithmetic with the coefficients `c` as float32 0-dim tensors: a list
+    (the twin), or the rows of a (7,) device tensor, which a captured CUDA graph reads afresh on
+    every replay (paired.guided_step_graphable). One body, so both stay op for op the same."""
+    C = x.shape[1]
     eps = guide_eps(out_ft[:, :C], out_pre, scale, guidance_channels)
     if mode == "flow_euler":
         out = x + c[0] * eps

@@ -713,9 +713,10 @@ GRAPH_MODES = ("ddpm", "ddim", "linear")  # ops.guided_step modes the graphed st
 
 def guided_step_graphable(x, out_ft, out_pre, noise, c, *, scale: float, k: int, mode: str,
                           clip_denoised: bool, prev=None, return_state: bool = False):
-    """ops.guided_step_torch, op for op, with the step's coefficients in a device tensor `c` (7,)
-    instead of Python floats: a captured graph then reads each replay's values from c (a kernel
-    launched with float arguments would replay the capture step's numbers forever).
+    """ops.guided_step_torch (the same body: ops.guided_step_math) with the step's coefficients in a
+    device tensor `c` (7,) instead of Python floats: a captured graph then reads each replay's
+    values from c (a kernel launched with float arguments would replay the capture step's numbers
+    forever).
 
     mode "linear" (DPM-Solver++(2M) and the other multistep rows): out = R x + P x0, + Q eps,
     + T (x0 - prev) when prev is given, + S noise when noise is given; return_state=True returns
@@ -725,27 +726,8 @@ def guided_step_graphable(x, out_ft, out_pre, noise, c, *, scale: float, k: int,
     equal as values), i.e. guided_step_torch skipping the term.
     """
     from dgfast import ops
-    C = x.shape[1]
-    eps = ops.guide_eps(out_ft[:, :C], out_pre, scale, k)
-    x0 = c[0] * x - c[1] * eps
-    if clip_denoised:
-        x0 = x0.clamp(-1, 1)
-    if mode == "linear":
-        out = c[2] * x + c[3] * x0
-        out = out + c[4] * eps
-        if prev is not None:
-            out = out + c[5] * (x0 - prev)
-        if noise is not None:
-            out = out + c[6] * noise
-        return (out, x0) if return_state else out
-    if mode == "ddim":
-        eps2 = (c[0] * x - x0) / c[1]
-        mean = x0 * c[2] + c[3] * eps2
-        return mean + c[4] * noise
-    mean = c[2] * x0 + c[3] * x
-    frac = (out_ft[:, C:2 * C] + 1) / 2
-    logvar = frac * c[5] + (1 - frac) * c[4]
-    return mean + c[6] * torch.exp(0.5 * logvar) * noise
+    return ops.guided_step_math(x, out_ft, out_pre, noise, c, scale=scale, guidance_channels=k, mode=mode,
+                                clip_denoised=clip_denoised, prev=prev, return_state=return_state)
 
 
 class GraphedDoGStep:
