@@ -6,23 +6,11 @@ result is within ~1e-6 relative of the exact function everywhere (torch's own fo
 digits in the negative tail; the two agree to 1e-6 relative / 1e-6 absolute). exp is libdevice
 __nv_expf on the GPU: tl.exp's fast ex2 path is off by up to ~5e-6 relative for large |2a|.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # libdevice calls cannot run under the interpreter; tl.exp there is numpy's float32 exp.
-    @triton.jit
-    def _exp(x):
-        return tl.exp(x)
-else:
-    from triton.language.extra.cuda import libdevice
-
-    @triton.jit
-    def _exp(x):
-        return libdevice.exp(x)
+from .exp import exp as _exp  # libdevice expf on the GPU, tl.exp under the interpreter
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -12,23 +12,11 @@ Modes linear / flow_euler / flow_heun (dgfast.samplers' DPM-Solver++, diffusers 
 Heun) follow ops.guided_step_torch the same way; they may read a previous step's state (prev),
 write this step's (state: x0 for linear, the guided d for flow_euler) and skip the noise.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    # libdevice calls cannot run under the interpreter; tl.exp there is numpy's float32 exp.
-    @triton.jit
-    def _exp(x):
-        return tl.exp(x)
-else:
-    from triton.language.extra.cuda import libdevice
-
-    @triton.jit
-    def _exp(x):
-        return libdevice.exp(x)
+from .exp import exp as _exp  # libdevice expf on the GPU, tl.exp under the interpreter
 
 
 MODES = {"ddpm": 0, "ddim": 1, "linear": 2, "flow_euler": 3, "flow_heun": 4}  # MODE branches below
