@@ -54,7 +54,11 @@ class TimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.frequency_embedding(t))
+        return self.from_frequencies(self.frequency_embedding(t))
+
+    def from_frequencies(self, f: torch.Tensor) -> torch.Tensor:
+        """The MLP on float32 sinusoidal features, cast to the MLP's dtype (bf16/fp16 models)."""
+        return self.mlp(f.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -266,7 +270,7 @@ class DiT(nn.Module):
 
     def embed(self, x, t, y):
         """Token embeddings h (N, T, D) and conditioning c (N, D)."""
-        h = self.x_embedder(x) + self.pos_embed
+        h = self.x_embedder(x.to(self.x_embedder.proj.weight.dtype)) + self.pos_embed  # bf16/fp16 models
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
         return h, c
 

@@ -92,7 +92,8 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     if backend == "auto":
         if tensor.is_cuda and triton_kernels() is not None:
             return "triton"
-        if tensor.device.type == "cpu" and cpp_extension() is not None:
+        # the C++ ops are float32 only: bf16/fp16 CPU tensors (half-precision models) take the twins
+        if tensor.device.type == "cpu" and tensor.dtype == torch.float32 and cpp_extension() is not None:
             return "cpp"
         return "torch"
     if backend == "triton":

@@ -555,6 +555,7 @@ class PairedDiT:
 
     def _embed_tokens(self, x):
         n = x.shape[0]
+        x = x.to(self.x_embedders[0].proj.weight.dtype)  # bf16/fp16 models: the sampler's x is float32
         if self.x_kind == "separate":                     # each model's conv; both halves at once below
             e = torch.cat([self.x_embedders[0].proj(x), self.x_embedders[1].proj(x)])
         else:
@@ -578,7 +579,7 @@ class PairedDiT:
             t_ft = t_pre = t_ft_mod(t)
         elif self.t_freq_shared:                          # the sinusoid once, each model's MLP
             f = t_ft_mod.frequency_embedding(t)
-            t_ft, t_pre = t_ft_mod.mlp(f), t_pre_mod.mlp(f)
+            t_ft, t_pre = t_ft_mod.from_frequencies(f), t_pre_mod.from_frequencies(f)
         else:
             t_ft, t_pre = t_ft_mod(t), t_pre_mod(t)
         y_ft = self.y_embedders[0](y, False)
@@ -771,9 +772,9 @@ class GraphedDoGStep:
     def _step(self):
         """(x_next, x0): x0 is the step's data prediction for mode "linear", else None."""
         scale, k, mode, clip = self.settings
+        from dgfast.samplers import model_output
         out_ft, out_pre = self.forward(self.x, self.t, self.y, self.null)
-        out_ft = out_ft[0] if isinstance(out_ft, (tuple, list)) else out_ft
-        out_pre = out_pre[0] if isinstance(out_pre, (tuple, list)) else out_pre
+        out_ft, out_pre = model_output(out_ft, self.x), model_output(out_pre, self.x)  # in x's dtype
         if mode != "linear":
             return guided_step_graphable(self.x, out_ft, out_pre, self.noise, self.c, scale=scale, k=k, mode=mode,
                                          clip_denoised=clip), None

@@ -350,8 +350,13 @@ def interval_steps(start: float, stop: float, num_steps: int) -> range:
     return range(int(start * num_steps), int(stop * num_steps))
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+def model_output(out, x=None):
+    """A model's output tensor (first element of a tuple), in x's dtype: bf16/fp16 models feed the
+    sampler, which steps in the latents' dtype (float32 for faithful sampling)."""
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if x is not None and isinstance(out, torch.Tensor) and out.dtype != x.dtype and out.is_floating_point():
+        out = out.to(x.dtype)
+    return out
 
 
 def cfg_pair_forward(finetuned):
@@ -359,7 +364,7 @@ def cfg_pair_forward(finetuned):
     [x; x] with labels [y; null], as DiT's forward_with_cfg runs it."""
     def forward_pair(x, t, y, null):
         n = len(x)
-        out = _first(finetuned(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])))
+        out = model_output(finetuned(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])))
         return out[:n], out[n:]
     return forward_pair
 
@@ -385,13 +390,13 @@ class Branches:
     def __call__(self, x, t, i):
         self.ft_evals += 1
         if self.pair_forward is None or i not in self.steps_on:
-            return _first(self.finetuned(x, t, self.y)), None
+            return model_output(self.finetuned(x, t, self.y), x), None
         reuse = self.every > 1 and self.cache is not None and self.guided_evals % self.every != 0
         self.guided_evals += 1
         if reuse:
-            return _first(self.finetuned(x, t, self.y)), self.cache
+            return model_output(self.finetuned(x, t, self.y), x), self.cache
         out_ft, out_guide = self.pair_forward(x, t, self.y, self.null)
-        out_ft, out_guide = _first(out_ft), _first(out_guide)
+        out_ft, out_guide = model_output(out_ft, x), model_output(out_guide, x)
         self.guide_evals += 1
         if self.every > 1:  # a paired model may hand out views of buffers it reuses next step
             self.cache = out_guide.clone()
@@ -479,6 +484,6 @@ def _run_scheduler(plan, x, branches, steps, t_at, generator, fused):
             eps = ops.rescale_guided(out_ft[:, :C], out_pre, fused["scale"], k, C, fused["guidance_rescale"])
         else:
             eps = ops.guide_eps(out_ft[:, :C], out_pre, fused["scale"], k)
-        model_output = torch.cat([eps, out_ft[:, C:2 * C]], dim=1) if learned and out_ft.shape[1] >= 2 * C else eps
-        x = sch.step(model_output, t, x, return_dict=False, **rng)[0]
+        pred = torch.cat([eps, out_ft[:, C:2 * C]], dim=1) if learned and out_ft.shape[1] >= 2 * C else eps
+        x = sch.step(pred, t, x, return_dict=False, **rng)[0]
     return x

@@ -168,10 +168,6 @@ def make_pair_forward(finetuned, pretrained, paired) -> Callable:
     return two_pass
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 # ----------------------------------------------------------------------------------------------
 # The sampler
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +320,7 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
         else:  # the script's closure gives the pre-trained model the second half of t
             out_ft = finetuned(x[:n], t[:n], y[:n])
             out_pre = pretrained(x[:n], t[n:], torch.full_like(y[:n], null_label))
-        out_ft, out_pre = _first(out_ft), _first(out_pre)
+        out_ft, out_pre = samplers.model_output(out_ft, x), samplers.model_output(out_pre, x)
         g = out_pre[:, :k] + cfg_scale * (out_ft[:, :k] - out_pre[:, :k])
         rest = torch.cat([out_ft[:, k:], out_pre[:, k:]], dim=0)
         return torch.cat([torch.cat([g, g], dim=0), rest], dim=1)

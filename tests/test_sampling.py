@@ -627,3 +627,32 @@ def test_reference_timestep_frequencies_trap():
     freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
     assert torch.equal(emb[0, :128], torch.cos(999 * freqs))
     assert torch.equal(emb[0, 128:], torch.sin(999 * freqs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Half-precision models: the models run in their weights' dtype, the sampler in the latents'
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+def test_half_precision_models(models, dtype, tol):
+    """bf16/fp16 weights with float32 latents: each forward (alone and paired) within the half
+    type's rounding of the float32 forward, and sample() returns float32 latents. (Before the
+    inputs were cast to the weights' dtype this raised a dtype-mismatch RuntimeError.)"""
+    import copy
+    from dgfast.paired import get_pair
+    ft, pre = models["ft"], models["pre"]
+    ft_h, pre_h = copy.deepcopy(ft).to(dtype), copy.deepcopy(pre).to(dtype)
+    x = latents(3, seed=5)
+    t = torch.tensor([3, 500, 999])
+    y = torch.tensor([1, 4, 9])
+    want_ft, want_pre = ft(x, t, y), pre(x, t, torch.full_like(y, NULL))
+    assert rel_err(ft_h(x, t, y).float(), want_ft) < tol
+    with torch.inference_mode():
+        got_ft, got_pre = get_pair(ft_h, pre_h).forward_pair(x, t, y, NULL)
+    assert got_ft.dtype == dtype
+    assert rel_err(got_ft.float(), want_ft) < tol and rel_err(got_pre.float(), want_pre) < tol
+    z = latents(3, seed=6)
+    out = dgfast.sample(ft_h, pre_h, z, y, guidance_scale=1.5, steps="ddim4", sampler="ddim", null_label=NULL)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    full = dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps="ddim4", sampler="ddim", null_label=NULL)
+    assert not torch.equal(out, full) and rel_err(out, full) < 20 * tol
