@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command for a machine with a CUDA GPU and nothing but this repo (and a python3 with torch,
 # triton and pytest): the CUDA-only tests with Triton compiled (not interpreted), the benchmarks
-# in bench/, copy-bandwidth / bf16-matmul references, guided_step bandwidth and bit-equality, and a
-# summary table last. No installation: runs from the repo root with PYTHONPATH=.
+# in bench/, copy-bandwidth / bf16-matmul references, guided_step bandwidth and bit-equality, the
+# end-to-end DiT-XL/2 run (bench/gpu_e2e.py: speedup, MFU, cuda_graph latency), and a summary
+# table last. No installation: runs from the repo root with PYTHONPATH=.
 #   bash bench/gpu_check.sh            (PYTHON=/path/to/python to choose the interpreter)
 # Exit status 0 when every check passes, or when there is no GPU ("no CUDA GPU: skipped").
 set -u
@@ -41,5 +42,13 @@ else
     bench_mode=fallback
 fi
 
+# End to end first (its table scrolls up), the op summary table last.
+echo "== end to end: DiT-XL/2 256px batch 64 bf16, MFU, cuda_graph latency (bench/gpu_e2e.py) =="
+"$PY" bench/gpu_e2e.py ${OUT:+--json "$OUT/gpu_e2e.json"}
+e2e_rc=$?
+
 echo "== measurements =="
 "$PY" bench/gpu_summary.py --tests-rc "$tests_rc" --bench-rc "$bench_rc" --bench-mode "$bench_mode"
+summary_rc=$?
+[ "$e2e_rc" -eq 0 ] || echo "gpu_e2e.py failed (exit $e2e_rc)"
+exit $(( summary_rc != 0 || e2e_rc != 0 ))

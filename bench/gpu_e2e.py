@@ -1,0 +1,186 @@
+"""End-to-end DoG sampling on a GPU, for bench/gpu_check.sh (issue: paired execution, GPU part).
+
+    python bench/gpu_e2e.py                       # DiT-XL/2, 256px (latent 32), batch 64, bf16, CUDA
+    python bench/gpu_e2e.py --device cpu --model DiT-S/8 --latent 16 --batch 2 --dtype fp32 --steps 2
+                                                  # the same code on a CPU, seconds (a smoke run)
+
+Measures, with random weights in upstream layout (a full fine-tune: every layer differs):
+- throughput: dgfast.sample (paired forward, fused step) vs the two-pass reference loop
+  (dgfast.reference: upstream DiT + GaussianDiffusion + the DoG script's closure), both with the
+  models' weights in --dtype and float32 latents/diffusion math (the reference's models get their
+  input cast to the weights' dtype and their output back to float32, as a user would wrap them);
+- model FLOP utilisation: analytic forward FLOPs (2 per multiply-add) of both models per step over
+  dgfast's time per step, against the measured bf16 matmul peak (8192^3) of the same card;
+- latency of small batches (--latency-batches) with and without cuda_graph=True.
+Prints a table and writes --json. Timings: median of --rounds after a warm-up call, the device
+synchronised inside the timed region.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import dgfast
+from dgfast import samplers
+from dgfast.adapters import to_dgfast
+from dgfast.reference import ReferenceDiffusion, ReferenceDiT_models, dog_guidance_fn
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SCALE, NULL, FT_CLASSES = 1.5, 1000, 101
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, rounds):
+    """Median seconds of fn() over `rounds` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build_pair(model: str, latent: int, seed: int = 0):
+    """(reference ft, reference pre): upstream-layout DiTs, every tensor random and the fine-tune
+    a perturbed copy (as bench/bench_sample.py builds them), float32 on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    pre = ReferenceDiT_models[model](input_size=latent, num_classes=1000).eval()
+    with torch.no_grad():
+        for name, p in pre.named_parameters():
+            if name != "pos_embed" and not p.abs().gt(0).any():  # upstream zero-inits adaLN / output
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    ft = ReferenceDiT_models[model](input_size=latent, num_classes=FT_CLASSES).eval()
+    sd = {}
+    for k, v in pre.state_dict().items():
+        if k == "y_embedder.embedding_table.weight":
+            sd[k] = torch.randn(FT_CLASSES + 1, v.shape[1], generator=gen) * 0.02
+        elif k == "pos_embed":
+            sd[k] = v.clone()
+        else:
+            sd[k] = v + torch.randn(v.shape, generator=gen) * (0.1 * float(v.std()) + 1e-3)
+    ft.load_state_dict(sd)
+    return ft, pre
+
+
+def forward_flops(m) -> float:
+    """FLOPs (2 per multiply-add) of one DiT forward per sample: GEMMs, attention's two matmuls,
+    adaLN, embedders; elementwise work not counted."""
+    D, T, L = m.hidden_size, (m.input_size // m.patch_size) ** 2, len(m.blocks)
+    p, C = m.patch_size, m.in_channels
+    O = m.out_channels
+    mlp = m.blocks[0].mlp.fc1.out_features
+    per_block = 2 * T * D * 3 * D + 2 * 2 * T * T * D + 2 * T * D * D + 2 * 2 * T * D * mlp + 2 * D * 6 * D
+    embed = 2 * T * C * p * p * D + 2 * (m.t_embedder.frequency_embedding_size * D + D * D)
+    final = 2 * D * 2 * D + 2 * T * D * p * p * O
+    return L * per_block + embed + final
+
+
+def cast_io(model, dtype):
+    """model(x, t, y) for half-precision weights, as upstream DiT is run in bf16: under autocast
+    (its timestep MLP gets float32 features otherwise), the output back in float32."""
+    def forward(x, t, y):
+        if dtype == torch.float32:
+            return model(x, t, y)
+        with torch.autocast(x.device.type, dtype=dtype):
+            return model(x, t, y).float()
+    return forward
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="DiT-XL/2")
+    ap.add_argument("--latent", type=int, default=32, help="latent size (32 = 256px images)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", default="10", help="sampling steps (DiT respacing string)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="the models' weights")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--latency-batches", type=int, nargs="*", default=[1, 2, 3, 4])
+    ap.add_argument("--json", default=None, help="write the results here too")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU: skipped (pass --device cpu for a smoke run)")
+        return 0
+    dtype = DTYPES[args.dtype]
+    ref_ft, ref_pre = build_pair(args.model, args.latent)
+    dg_ft, dg_pre = to_dgfast(ref_ft).eval(), to_dgfast(ref_pre).eval()
+    for m in (ref_ft, ref_pre, dg_ft, dg_pre):
+        m.to(device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(args.batch, dg_ft.in_channels, args.latent, args.latent, generator=gen).to(device)
+    y = torch.randint(0, FT_CLASSES, (args.batch,), generator=gen).to(device)
+
+    def run_dgfast(zz, yy, **kw):
+        torch.manual_seed(0)
+        return dgfast.sample(dg_ft, dg_pre, zz, yy, guidance_scale=SCALE, steps=args.steps, null_label=NULL, **kw)
+
+    def run_reference():
+        torch.manual_seed(0)
+        n = len(z)
+        fn = dog_guidance_fn(cast_io(ref_ft, dtype), cast_io(ref_pre, dtype), null=NULL, channels=3)
+        out = ReferenceDiffusion(args.steps).p_sample_loop(
+            fn, (2 * n, *z.shape[1:]), torch.cat([z, z]), clip_denoised=False,
+            model_kwargs=dict(y=torch.cat([y, torch.full((n,), FT_CLASSES, device=device)]), cfg_scale=SCALE),
+            device=device)
+        return out[:n]
+
+    with torch.no_grad():
+        err = ((run_dgfast(z, y) - run_reference()).abs().max() / run_reference().abs().max()).item()
+        t_fast = timed(lambda: run_dgfast(z, y), device, args.rounds)
+        t_ref = timed(run_reference, device, args.rounds)
+        latency = []
+        for b in args.latency_batches:
+            zb, yb = z[:b], y[:b]
+            eager = timed(lambda: run_dgfast(zb, yb), device, args.rounds)
+            graph = timed(lambda: run_dgfast(zb, yb, cuda_graph=True), device, args.rounds) \
+                if device.type == "cuda" else None
+            latency.append({"batch": b, "eager_s": eager, "cuda_graph_s": graph})
+
+    n_steps = samplers.native_plan("ddpm", args.steps, 0.0).num_steps
+    flops_step = 2 * args.batch * forward_flops(dg_ft)          # both models, every step
+    achieved = flops_step * n_steps / t_fast
+    peak = None
+    if device.type == "cuda":
+        a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+        peak = 2 * 8192 ** 3 / timed(lambda: a @ a, device, 10)
+    res = {
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+        "model": args.model, "latent": args.latent, "batch": args.batch, "steps": args.steps, "n_steps": n_steps,
+        "dtype": args.dtype, "dgfast_s": t_fast, "reference_s": t_ref, "speedup": t_ref / t_fast,
+        "max_rel_err_vs_reference": err, "tflop_per_step": flops_step / 1e12, "achieved_tflops": achieved / 1e12,
+        "bf16_matmul_peak_tflops": peak / 1e12 if peak else None, "mfu": achieved / peak if peak else None,
+        "latency": latency,
+    }
+    print(f"\n== end-to-end DoG, {args.model} latent {args.latent}, batch {args.batch}, {args.dtype} weights, "
+          f"{n_steps} steps, {res['card']} ==")
+    print(f"  dgfast.sample      {t_fast:8.3f} s  ({t_fast / n_steps * 1e3:7.1f} ms/step)")
+    print(f"  reference two-pass {t_ref:8.3f} s  ({t_ref / n_steps * 1e3:7.1f} ms/step)   speedup {t_ref / t_fast:.2f}x,"
+          f" max rel diff {err:.2e}")
+    mfu = f", MFU {res['mfu']:.1%} of {res['bf16_matmul_peak_tflops']:.0f} TFLOP/s (bf16 matmul 8192^3)" if peak else ""
+    print(f"  model FLOPs {res['tflop_per_step']:.4g} TFLOP/step, achieved {res['achieved_tflops']:.4g} TFLOP/s{mfu}")
+    for row in latency:
+        g = f"{row['cuda_graph_s'] / n_steps * 1e3:7.2f} ms/step with cuda_graph" if row["cuda_graph_s"] else ""
+        print(f"  batch {row['batch']}: {row['eager_s'] / n_steps * 1e3:7.2f} ms/step eager  {g}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
