@@ -52,13 +52,14 @@ def randomize(model: torch.nn.Module, gen: torch.Generator, std: float = 0.02) -
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-def build_models(latent: int):
-    """(reference ft, reference pre, dgfast ft, dgfast pre): same weights, upstream layout."""
+def build_models(latent: int, model: str = MODEL):
+    """(reference ft, reference pre, dgfast ft, dgfast pre): same weights, upstream layout, float32
+    on the CPU (bench/gpu_e2e.py builds its DiT-XL/2 pair here too)."""
     gen = torch.Generator().manual_seed(SEED)
     torch.manual_seed(SEED)
-    ref_pre = ReferenceDiT_models[MODEL](input_size=latent, num_classes=1000).eval()
+    ref_pre = ReferenceDiT_models[model](input_size=latent, num_classes=1000).eval()
     randomize(ref_pre, gen)
-    ref_ft = ReferenceDiT_models[MODEL](input_size=latent, num_classes=FT_CLASSES).eval()
+    ref_ft = ReferenceDiT_models[model](input_size=latent, num_classes=FT_CLASSES).eval()
     sd = {}
     for k, v in ref_pre.state_dict().items():  # a full fine-tune: every tensor moved a little
         if k == "y_embedder.embedding_table.weight":

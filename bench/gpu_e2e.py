@@ -4,7 +4,7 @@
     python bench/gpu_e2e.py --device cpu --model DiT-S/8 --latent 16 --batch 2 --dtype fp32 --steps 2
                                                   # the same code on a CPU, seconds (a smoke run)
 
-Measures, with random weights in upstream layout (a full fine-tune: every layer differs):
+Measures, with bench/bench_sample.py's random pair (upstream layout, a full fine-tune: every layer differs):
 - throughput: dgfast.sample (paired forward, fused step) vs the two-pass reference loop
   (dgfast.reference: upstream DiT + GaussianDiffusion + the DoG script's closure), both with the
   models' weights in --dtype and float32 latents/diffusion math (the reference's models get their
@@ -28,11 +28,11 @@ import torch
 
 import dgfast
 from dgfast import samplers
-from dgfast.adapters import to_dgfast
-from dgfast.reference import ReferenceDiffusion, ReferenceDiT_models, dog_guidance_fn
+from dgfast.reference import ReferenceDiffusion, dog_guidance_fn
+
+from bench_sample import FT_CLASSES, NULL, SCALE, build_models  # the CPU benchmark's pair and settings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SCALE, NULL, FT_CLASSES = 1.5, 1000, 101
 
 
 def sync(device):
@@ -51,28 +51,6 @@ def timed(fn, device, rounds):
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def build_pair(model: str, latent: int, seed: int = 0):
-    """(reference ft, reference pre): upstream-layout DiTs, every tensor random and the fine-tune
-    a perturbed copy (as bench/bench_sample.py builds them), float32 on the CPU."""
-    gen = torch.Generator().manual_seed(seed)
-    pre = ReferenceDiT_models[model](input_size=latent, num_classes=1000).eval()
-    with torch.no_grad():
-        for name, p in pre.named_parameters():
-            if name != "pos_embed" and not p.abs().gt(0).any():  # upstream zero-inits adaLN / output
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    ft = ReferenceDiT_models[model](input_size=latent, num_classes=FT_CLASSES).eval()
-    sd = {}
-    for k, v in pre.state_dict().items():
-        if k == "y_embedder.embedding_table.weight":
-            sd[k] = torch.randn(FT_CLASSES + 1, v.shape[1], generator=gen) * 0.02
-        elif k == "pos_embed":
-            sd[k] = v.clone()
-        else:
-            sd[k] = v + torch.randn(v.shape, generator=gen) * (0.1 * float(v.std()) + 1e-3)
-    ft.load_state_dict(sd)
-    return ft, pre
 
 
 def forward_flops(m) -> float:
@@ -116,8 +94,7 @@ def main(argv=None) -> int:
         print("no CUDA GPU: skipped (pass --device cpu for a smoke run)")
         return 0
     dtype = DTYPES[args.dtype]
-    ref_ft, ref_pre = build_pair(args.model, args.latent)
-    dg_ft, dg_pre = to_dgfast(ref_ft).eval(), to_dgfast(ref_pre).eval()
+    ref_ft, ref_pre, dg_ft, dg_pre = build_models(args.latent, args.model)
     for m in (ref_ft, ref_pre, dg_ft, dg_pre):
         m.to(device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
@@ -139,7 +116,8 @@ def main(argv=None) -> int:
         return out[:n]
 
     with torch.no_grad():
-        err = ((run_dgfast(z, y) - run_reference()).abs().max() / run_reference().abs().max()).item()
+        ref = run_reference()
+        err = ((run_dgfast(z, y) - ref).abs().max() / ref.abs().max()).item()
         t_fast = timed(lambda: run_dgfast(z, y), device, args.rounds)
         t_ref = timed(run_reference, device, args.rounds)
         latency = []
