@@ -3,6 +3,7 @@
 Without a GPU, Triton kernels run under the interpreter. TRITON_INTERPRET must be set before
 any @triton.jit decorator runs, so it is set here, before anything imports dgfast.kernels.
 """
+import contextlib
 import os
 
 try:
@@ -28,3 +29,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def one_thread():
+    """`with one_thread():` runs torch on one thread. Tiny models gain nothing from threads, and on a
+    busy machine idle OpenMP threads spin (and steal the cores subprocesses under test need)."""
+    return _one_thread

@@ -12,7 +12,6 @@ batch size and on the row's position in the batch (MKL/oneDNN blocking). So
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -93,16 +92,6 @@ def torchrun(nproc, args, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "dgfast", *args]
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-@contextlib.contextmanager
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def files(d, ext):
@@ -236,7 +225,7 @@ def test_two_processes_write_the_same_files_as_one_with_another_batch_size(ckpts
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_process(ckpts, tmp_path):
+def test_torchrun_two_processes_match_one_process(ckpts, tmp_path, one_thread):
     args = ["--vae", "none", "--num-fid-samples", "7", "--per-proc-batch-size", "2", "--global-seed", "1"]
     r = torchrun(2, sample_args(ckpts, tmp_path / "tr", *args))
     assert r.returncode == 0, r.stderr
@@ -273,7 +262,7 @@ def script_transcription(ft, pre, *, world, n, num, global_seed, cfg_scale, step
 
 
 @pytest.mark.slow
-def test_torchrun_reference_mode_is_the_scripts_stream(ckpts, tmp_path):
+def test_torchrun_reference_mode_is_the_scripts_stream(ckpts, tmp_path, one_thread):
     args = ["--vae", "none", "--seed-mode", "reference", "--num-fid-samples", "9", "--per-proc-batch-size", "2",
             "--global-seed", "5", "--cfg-scale", "1.5"]
     r = torchrun(2, sample_args(ckpts, tmp_path / "ref", *args))
@@ -295,7 +284,7 @@ def test_torchrun_reference_mode_is_the_scripts_stream(ckpts, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_uninterrupted_files(ckpts, tmp_path):
+def test_sigkill_then_resume_gives_the_uninterrupted_files(ckpts, tmp_path, one_thread):
     out = tmp_path / "run"
     args = sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", "12", "--per-proc-batch-size", "1",
                        "--num-sampling-steps", "30")

@@ -13,7 +13,6 @@ asserts the gain with a margin on two fidelity measures against the true target 
 (target mass and mean log-density), and checks the assertion has teeth: with the fine-tuned model
 itself in the guiding slot (plain fine-tuned sampling under the same call) it does not pass.
 """
-import contextlib
 import math
 
 import pytest
@@ -106,22 +105,11 @@ def fidelity(x):
     return float(mass), float(target_log_density(x).clamp(min=-50).mean())
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Tiny MLPs gain nothing from threads, and on a busy machine idle threads spin: use one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 PRETRAIN_STEPS, FINETUNE_STEPS = 1500, 20
 
 
 @pytest.fixture(scope="module")
-def toy_pair():
+def toy_pair(one_thread):
     with one_thread():
         torch.manual_seed(0)
         g = torch.Generator().manual_seed(0)
@@ -152,7 +140,7 @@ MASS_MARGIN = 0.10     # observed: +0.18..0.20 over four few-shot draws
 LOGLIK_MARGIN = 2.0    # observed: +4.0..5.2 nats
 
 
-def test_dog_improves_target_fidelity(toy_pair):
+def test_dog_improves_target_fidelity(toy_pair, one_thread):
     finetuned, pretrained = toy_pair
     with one_thread():
         ft_mass, ft_ll = fidelity(draw(finetuned, pretrained, 1.0))
@@ -164,7 +152,7 @@ def test_dog_improves_target_fidelity(toy_pair):
     assert dog_ll - ft_ll > LOGLIK_MARGIN
 
 
-def test_margin_fails_without_dog(toy_pair):
+def test_margin_fails_without_dog(toy_pair, one_thread):
     """The same comparison with the guiding branch replaced by the fine-tuned model itself (the
     "guided" eps is then eps_ft exactly: plain fine-tuned sampling) must not pass the margin."""
     finetuned, _ = toy_pair
@@ -176,7 +164,7 @@ def test_margin_fails_without_dog(toy_pair):
     assert not (fake_mass - ft_mass > MASS_MARGIN or fake_ll - ft_ll > LOGLIK_MARGIN)
 
 
-def test_dog_monotone_in_scale(toy_pair):
+def test_dog_monotone_in_scale(toy_pair, one_thread):
     """More guidance, less leakage (on this toy, over w = 1 -> 1.5 -> 2 -> 3)."""
     finetuned, pretrained = toy_pair
     with one_thread():
