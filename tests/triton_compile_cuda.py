@@ -109,6 +109,11 @@ def cases():
             (f"gelu_tanh bias {d}", _gelu_tanh_kernel, lambda h=h, b=mods[0][0]: kernels.gelu_tanh(h, b.contiguous())),
             (f"gelu_tanh {d}", _gelu_tanh_kernel, lambda h=h: kernels.gelu_tanh(h)),
         ]
+    # The bandwidth benchmark's shape: DiT-XL/2's latents at batch 256 (strides multiples of 16 bytes)
+    for dtype in (torch.float32, torch.bfloat16):
+        big = [torch.empty(256, c, 64, 64, dtype=dtype) for c in (4, 8, 4)]
+        out.append((f"guided_step ddpm (256,4,64,64) {str(dtype).split('.')[-1]}", _guided_step_kernel,
+                    lambda b=big: kernels.guided_step(b[0], b[1], b[1], b[2], [1.0] * 7, scale=1.5, k=4)))
     # DiT-XL widths: hidden 1152 (BLOCK_D 2048, 8 warps), MLP 4608 (gelu blocks of 1024)
     hx, mx = r(1, 3, 1152), r(1, 2 * 1152).chunk(2, dim=1)
     out += [("adaln_modulate D=1152 float32", _adaln_modulate_kernel, lambda: kernels.adaln_modulate(hx, *mx)),
@@ -136,7 +141,8 @@ def summarize(ptx):
             "ex2": sum(o.startswith("ex2.") for o in ops),
             "ex2_kinds": sorted({o for o in ops if o.startswith("ex2.")}),
             "div_f32": sorted({o for o in ops if o.startswith("div.") and o.endswith(".f32")}),
-            "exp_sequences": exp_sequences(ptx)}
+            "exp_sequences": exp_sequences(ptx),
+            "global_access": sorted(set(re.findall(r"\b(?:ld|st)\.global[\w.]*", ptx)))}
 
 
 SKIP = re.compile(r"^\s*(\.loc|\$L__|//|mov\.\w+\s+%\w+,\s*0f)")  # debug lines, labels, immediates
