@@ -6,49 +6,66 @@
 # table last. No installation: runs from the repo root with PYTHONPATH=.
 #   bash bench/gpu_check.sh            (PYTHON=/path/to/python to choose the interpreter)
 # Exit status 0 when every check passes, or when there is no GPU ("no CUDA GPU: skipped").
+# With $OUT set (the device tool's output folder), everything printed is also kept in
+# $OUT/gpu_check.log, with cuda_tests.xml (junit), bench.json, gpu_e2e.json and gpu_summary.json:
+# a caller that sees only the tail of the output loses nothing.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET  # compiled Triton: the interpreter would test numpy, not the GPU
+export DGFAST_NO_JIT=1  # the C++ ops are CPU-only: don't spend GPU time compiling them
 
-if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    echo "no CUDA GPU: skipped ($PY cannot import torch or sees no CUDA device)"
-    exit 0
+check() {  # everything, so that one pipe can keep a copy of its output
+    if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+        echo "no CUDA GPU: skipped ($PY cannot import torch or sees no CUDA device)"
+        exit 0
+    fi
+    if ! "$PY" -c 'import triton, pytest' 2>/dev/null; then
+        echo "gpu_check: $PY needs triton and pytest" >&2
+        exit 2
+    fi
+
+    echo "== pytest -m cuda tests/ =="
+    "$PY" -m pytest -m cuda tests/ -q -rs ${OUT:+--junitxml="$OUT/cuda_tests.xml"}
+    tests_rc=$?
+
+    # Benchmark files are named bench_*.py (pytest collects files named on the command line whatever
+    # their name); without pytest-benchmark, gpu_summary.py's do_bench timings stand in for them.
+    # bench_sample.py is the CPU end-to-end benchmark (gpu_e2e.py is its GPU twin) and -k "not cpu"
+    # drops bench_ops' CPU rows: both are measured on CPU machines, not worth GPU time.
+    bench_files=$(ls bench/bench_*.py bench/test_*.py 2>/dev/null | grep -v 'bench/bench_sample.py')
+    bench_rc=0
+    if [ -z "$bench_files" ]; then
+        bench_mode=none
+    elif "$PY" -c 'import pytest_benchmark' 2>/dev/null; then
+        echo "== pytest" $bench_files "--benchmark-only =="
+        # shellcheck disable=SC2086
+        "$PY" -m pytest $bench_files -k "not cpu" --benchmark-only -q --benchmark-columns=min,median,rounds \
+            ${OUT:+--benchmark-json="$OUT/bench.json"}
+        bench_rc=$?
+        bench_mode=pytest
+    else
+        echo "== pytest-benchmark is not installed: timing the ops with triton.testing.do_bench instead =="
+        bench_mode=fallback
+    fi
+
+    # End to end first (its table scrolls up), the op summary table last.
+    echo "== end to end: DiT-XL/2 256px batch 64 bf16, MFU, cuda_graph latency (bench/gpu_e2e.py) =="
+    "$PY" bench/gpu_e2e.py ${OUT:+--json "$OUT/gpu_e2e.json"}
+    e2e_rc=$?
+
+    echo "== measurements =="
+    "$PY" bench/gpu_summary.py --tests-rc "$tests_rc" --bench-rc "$bench_rc" --bench-mode "$bench_mode" \
+        ${OUT:+--e2e-json "$OUT/gpu_e2e.json" --json "$OUT/gpu_summary.json"}
+    summary_rc=$?
+    [ "$e2e_rc" -eq 0 ] || echo "gpu_e2e.py failed (exit $e2e_rc)"
+    exit $(( summary_rc != 0 || e2e_rc != 0 ))
+}
+
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    check 2>&1 | tee "$OUT/gpu_check.log"
+    exit "${PIPESTATUS[0]}"
 fi
-if ! "$PY" -c 'import triton, pytest' 2>/dev/null; then
-    echo "gpu_check: $PY needs triton and pytest" >&2
-    exit 2
-fi
-
-echo "== pytest -m cuda tests/ =="
-"$PY" -m pytest -m cuda tests/ -q -rs
-tests_rc=$?
-
-# Benchmark files are named bench_*.py (pytest collects files named on the command line whatever
-# their name); without pytest-benchmark, gpu_summary.py's do_bench timings stand in for them.
-bench_files=$(ls bench/bench_*.py bench/test_*.py 2>/dev/null)
-bench_rc=0
-if [ -z "$bench_files" ]; then
-    bench_mode=none
-elif "$PY" -c 'import pytest_benchmark' 2>/dev/null; then
-    echo "== pytest" $bench_files "--benchmark-only =="
-    # shellcheck disable=SC2086
-    "$PY" -m pytest $bench_files --benchmark-only -q
-    bench_rc=$?
-    bench_mode=pytest
-else
-    echo "== pytest-benchmark is not installed: timing the ops with triton.testing.do_bench instead =="
-    bench_mode=fallback
-fi
-
-# End to end first (its table scrolls up), the op summary table last.
-echo "== end to end: DiT-XL/2 256px batch 64 bf16, MFU, cuda_graph latency (bench/gpu_e2e.py) =="
-"$PY" bench/gpu_e2e.py ${OUT:+--json "$OUT/gpu_e2e.json"}
-e2e_rc=$?
-
-echo "== measurements =="
-"$PY" bench/gpu_summary.py --tests-rc "$tests_rc" --bench-rc "$bench_rc" --bench-mode "$bench_mode"
-summary_rc=$?
-[ "$e2e_rc" -eq 0 ] || echo "gpu_e2e.py failed (exit $e2e_rc)"
-exit $(( summary_rc != 0 || e2e_rc != 0 ))
+check

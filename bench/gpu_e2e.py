@@ -23,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 
@@ -115,49 +116,70 @@ def main(argv=None) -> int:
             device=device)
         return out[:n]
 
-    with torch.no_grad():
-        ref = run_reference()
-        err = ((run_dgfast(z, y) - ref).abs().max() / ref.abs().max()).item()
-        t_fast = timed(lambda: run_dgfast(z, y), device, args.rounds)
-        t_ref = timed(run_reference, device, args.rounds)
-        latency = []
-        for b in args.latency_batches:
-            zb, yb = z[:b], y[:b]
-            eager = timed(lambda: run_dgfast(zb, yb), device, args.rounds)
-            graph = timed(lambda: run_dgfast(zb, yb, cuda_graph=True), device, args.rounds) \
-                if device.type == "cuda" else None
-            latency.append({"batch": b, "eager_s": eager, "cuda_graph_s": graph})
-
     n_steps = samplers.native_plan("ddpm", args.steps, 0.0).num_steps
     flops_step = 2 * args.batch * forward_flops(dg_ft)          # both models, every step
-    achieved = flops_step * n_steps / t_fast
-    peak = None
-    if device.type == "cuda":
-        a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
-        peak = 2 * 8192 ** 3 / timed(lambda: a @ a, device, 10)
     res = {
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
         "model": args.model, "latent": args.latent, "batch": args.batch, "steps": args.steps, "n_steps": n_steps,
-        "dtype": args.dtype, "dgfast_s": t_fast, "reference_s": t_ref, "speedup": t_ref / t_fast,
-        "max_rel_err_vs_reference": err, "tflop_per_step": flops_step / 1e12, "achieved_tflops": achieved / 1e12,
-        "bf16_matmul_peak_tflops": peak / 1e12 if peak else None, "mfu": achieved / peak if peak else None,
-        "latency": latency,
+        "dtype": args.dtype, "tflop_per_step": flops_step / 1e12, "latency": [], "errors": {},
     }
     print(f"\n== end-to-end DoG, {args.model} latent {args.latent}, batch {args.batch}, {args.dtype} weights, "
-          f"{n_steps} steps, {res['card']} ==")
-    print(f"  dgfast.sample      {t_fast:8.3f} s  ({t_fast / n_steps * 1e3:7.1f} ms/step)")
-    print(f"  reference two-pass {t_ref:8.3f} s  ({t_ref / n_steps * 1e3:7.1f} ms/step)   speedup {t_ref / t_fast:.2f}x,"
-          f" max rel diff {err:.2e}")
-    mfu = f", MFU {res['mfu']:.1%} of {res['bf16_matmul_peak_tflops']:.0f} TFLOP/s (bf16 matmul 8192^3)" if peak else ""
-    print(f"  model FLOPs {res['tflop_per_step']:.4g} TFLOP/step, achieved {res['achieved_tflops']:.4g} TFLOP/s{mfu}")
-    for row in latency:
-        g = f"{row['cuda_graph_s'] / n_steps * 1e3:7.2f} ms/step with cuda_graph" if row["cuda_graph_s"] else ""
-        print(f"  batch {row['batch']}: {row['eager_s'] / n_steps * 1e3:7.2f} ms/step eager  {g}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+          f"{n_steps} steps, {res['card']} ==", flush=True)
+
+    def stage(name, fn):
+        """fn()'s value, or None with the error recorded: one failure must not lose the other results."""
+        try:
+            with torch.no_grad():
+                return fn()
+        except Exception as err:  # noqa: BLE001 - reported in the table and the JSON, exit status 1
+            traceback.print_exc()
+            res["errors"][name] = f"{type(err).__name__}: {err}"
+            print(f"  {name}: FAILED ({res['errors'][name]})", flush=True)
+            return None
+
+    try:
+        ref = stage("reference", run_reference)
+        if ref is not None:
+            res["max_rel_err_vs_reference"] = stage(
+                "agreement", lambda: ((run_dgfast(z, y) - ref).abs().max() / ref.abs().max()).item())
+        t_fast = res["dgfast_s"] = stage("dgfast timing", lambda: timed(lambda: run_dgfast(z, y), device, args.rounds))
+        t_ref = res["reference_s"] = stage("reference timing", lambda: timed(run_reference, device, args.rounds))
+        if t_fast:
+            print(f"  dgfast.sample      {t_fast:8.3f} s  ({t_fast / n_steps * 1e3:7.1f} ms/step)", flush=True)
+        if t_ref:
+            print(f"  reference two-pass {t_ref:8.3f} s  ({t_ref / n_steps * 1e3:7.1f} ms/step)", flush=True)
+        if t_fast and t_ref:
+            res["speedup"] = t_ref / t_fast
+            print(f"  speedup {res['speedup']:.2f}x, max rel diff {res.get('max_rel_err_vs_reference')}", flush=True)
+        if t_fast:
+            res["achieved_tflops"] = flops_step * n_steps / t_fast / 1e12
+            peak = stage("bf16 matmul peak", matmul_peak_tflops) if device.type == "cuda" else None
+            res["bf16_matmul_peak_tflops"], res["mfu"] = peak, res["achieved_tflops"] / peak if peak else None
+            mfu = f", MFU {res['mfu']:.1%} of {peak:.0f} TFLOP/s (bf16 matmul 8192^3)" if peak else ""
+            print(f"  model FLOPs {res['tflop_per_step']:.4g} TFLOP/step, achieved {res['achieved_tflops']:.4g} "
+                  f"TFLOP/s{mfu}", flush=True)
+        for b in args.latency_batches:
+            zb, yb = z[:b], y[:b]
+            row = {"batch": b, "eager_s": stage(f"batch {b} eager", lambda: timed(lambda: run_dgfast(zb, yb),
+                                                                                    device, args.rounds))}
+            row["cuda_graph_s"] = stage(f"batch {b} cuda_graph", lambda: timed(
+                lambda: run_dgfast(zb, yb, cuda_graph=True), device, args.rounds)) if device.type == "cuda" else None
+            res["latency"].append(row)
+            eager = f"{row['eager_s'] / n_steps * 1e3:7.2f} ms/step eager" if row["eager_s"] else "eager failed"
+            graph = f"{row['cuda_graph_s'] / n_steps * 1e3:7.2f} ms/step with cuda_graph" if row["cuda_graph_s"] else ""
+            print(f"  batch {b}: {eager}  {graph}", flush=True)
+    finally:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+    return 1 if res["errors"] else 0
+
+
+def matmul_peak_tflops(m=8192):
+    """The card's bf16 matmul rate, measured as gpu_summary.py measures it (one definition of peak)."""
+    from gpu_summary import matmul_tflops
+    return matmul_tflops(m)
 
 
 if __name__ == "__main__":

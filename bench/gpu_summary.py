@@ -11,6 +11,7 @@ Run from the repo root with PYTHONPATH=. ; exit status 1 when a check fails.
 import argparse
 import datetime
 import sys
+import traceback
 
 import torch
 
@@ -110,6 +111,22 @@ def guided_step_bitwise(K):
                     if not torch.equal(got, want):
                         failures.append(f"{shape} {name} j={j} k={k} clip={clip}: "
                                         f"{(got != want).sum().item()} elements differ")
+        # the multistep / flow modes (DPM-Solver++(2M), diffusers schedulers, SiT): state in and out
+        x, ft, pre, z = inputs
+        prev = torch.randn_like(x)
+        for name, mode, coefs, kw in [
+                ("linear", "linear", (1.3, 0.7, 0.9, 0.4, -0.2, 0.25, 0.3), dict(prev=prev, return_state=True)),
+                ("linear no prev", "linear", (1.3, 0.7, 0.9, 0.4, -0.2, 0.0, 0.0), dict(return_state=True)),
+                ("flow_euler", "flow_euler", (-0.0625,), dict(return_state=True)),
+                ("flow_heun", "flow_heun", (0.03125,), dict(prev=prev))]:
+            noise = z if name == "linear" else None
+            got = K.guided_step(x, ft, pre, noise, list(coefs), scale=1.37, k=3, mode=mode, **kw)
+            want = ops.guided_step_torch(x, ft, pre, noise, list(coefs), scale=1.37, guidance_channels=3, mode=mode,
+                                         **kw)
+            got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+            cases += 1
+            if not all(torch.equal(a, b) for a, b in zip(got, want)):
+                failures.append(f"{shape} {name}: outputs or state differ")
     return cases, failures
 
 
@@ -165,11 +182,39 @@ def outcome(rc, none_ok):
     return "FAIL", f"exit status {rc}"
 
 
+def e2e_rows(path):
+    """Rows from bench/gpu_e2e.py's JSON: the paired-execution issue's GPU figures in the same table."""
+    import json
+    import os
+    if not path or not os.path.isfile(path):
+        return [("end to end (gpu_e2e.py)", "SKIP", "no JSON")]
+    with open(path) as f:
+        e = json.load(f)
+    what = f"{e['model']} latent {e['latent']} batch {e['batch']} {e['dtype']}"
+    rows = []
+    if e.get("speedup"):
+        rows.append((f"{what}: dgfast vs two-pass", "-", f"{e['speedup']:.2f}x ({e['dgfast_s'] / e['n_steps'] * 1e3:.1f}"
+                     f" vs {e['reference_s'] / e['n_steps'] * 1e3:.1f} ms/step), max rel diff "
+                     f"{e.get('max_rel_err_vs_reference') or float('nan'):.1e}"))
+    if e.get("mfu"):
+        rows.append((f"{what}: MFU", "-", f"{e['mfu']:.1%} ({e['achieved_tflops']:.0f} of "
+                     f"{e['bf16_matmul_peak_tflops']:.0f} TFLOP/s)"))
+    for r in e.get("latency", []):
+        ms = lambda s: f"{s / e['n_steps'] * 1e3:.2f}" if s else "failed"  # noqa: E731
+        rows.append((f"batch {r['batch']} ms/step eager / cuda_graph", "-",
+                     f"{ms(r['eager_s'])} / {ms(r['cuda_graph_s'])}"))
+    for name, err in e.get("errors", {}).items():
+        rows.append((f"gpu_e2e: {name}", "FAIL", err[:80]))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tests-rc", type=int, required=True, help="exit status of pytest -m cuda tests/")
     ap.add_argument("--bench-rc", type=int, default=0, help="exit status of the pytest-benchmark run")
     ap.add_argument("--bench-mode", choices=["pytest", "fallback", "none"], default="fallback")
+    ap.add_argument("--e2e-json", default=None, help="bench/gpu_e2e.py's --json output, for its rows")
+    ap.add_argument("--json", default=None, help="write the table here too")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: skipped")
@@ -178,38 +223,66 @@ def main():
     K = load_kernels()
 
     rows = []  # (check, result, value)
-    rows.append(("pytest -m cuda tests/", *outcome(args.tests_rc, none_ok=False)))
-    if args.bench_mode == "pytest":
-        rows.append(("pytest bench/bench_*.py --benchmark-only", *outcome(args.bench_rc, none_ok=True)))
-    elif args.bench_mode == "fallback":
-        rows.append(("bench/ (pytest-benchmark missing)", "SKIP", "do_bench op timings above instead"))
-    else:
-        rows.append(("bench/", "SKIP", "no bench_*.py files"))
-    cases, failures = guided_step_bitwise(K)
-    rows.append(("guided_step torch.equal vs torch CUDA", "FAIL" if failures else "PASS",
-                 f"{cases - len(failures)}/{cases} cases"))
-    copy = copy_gbps()
-    rows.append(("copy bandwidth (1 GiB D2D, r+w)", "-", f"{copy:.0f} GB/s"))
-    rows.append(("bf16 matmul 8192^3", "-", f"{matmul_tflops():.0f} TFLOP/s"))
-    gbps, t, t_ref = guided_step_bandwidth(K)
-    rows.append((f"guided_step (256,4,64,64) >= {TARGET:.0%} copy", "PASS" if gbps >= TARGET * copy else "FAIL",
-                 f"{gbps:.0f} GB/s = {gbps / copy:.0%} of copy; {t * 1e6:.1f} us (torch ops: {t_ref * 1e6:.1f} us)"))
-    timings = op_timings(K)
+    found = {}
 
-    for f in failures[:10]:
-        print("guided_step mismatch:", f)
-    print("\nop timings (median, L2 flushed; us)")
-    print(f"  {'op':42s} {'dtype':5s} {'triton':>9s} {'torch':>9s} {'speedup':>8s}")
-    for op, dtype, tt, tr in timings:
-        print(f"  {op:42s} {dtype:5s} {tt * 1e6:9.1f} {tr * 1e6:9.1f} {tr / tt:7.2f}x")
-    print("\n== dgfast GPU check ==")
-    print(f"card   {torch.cuda.get_device_name()}  (torch {torch.__version__}, triton {triton.__version__}, "
-          f"CUDA {torch.version.cuda})")
-    print(f"date   {datetime.datetime.now().isoformat(timespec='seconds')}")
-    for check, result, value in rows:
-        print(f"  {check:44s} {result:5s} {value}")
-    failed = [r for r in rows if r[1] == "FAIL"]
-    print("RESULT", "FAIL" if failed else "PASS")
+    def attempt(check, fn):
+        """Run one measurement; an exception becomes a FAIL row, not the end of the table."""
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append((check, "FAIL", f"{type(err).__name__}: {str(err)[:80]}"))
+            return None
+
+    try:
+        rows.append(("pytest -m cuda tests/", *outcome(args.tests_rc, none_ok=False)))
+        if args.bench_mode == "pytest":
+            rows.append(("pytest bench/bench_*.py --benchmark-only", *outcome(args.bench_rc, none_ok=True)))
+        elif args.bench_mode == "fallback":
+            rows.append(("bench/ (pytest-benchmark missing)", "SKIP", "do_bench op timings above instead"))
+        else:
+            rows.append(("bench/", "SKIP", "no bench_*.py files"))
+        rows.extend(e2e_rows(args.e2e_json))
+        bitwise = attempt("guided_step torch.equal vs torch CUDA", lambda: guided_step_bitwise(K))
+        if bitwise:
+            cases, failures = bitwise
+            for f in failures[:10]:
+                print("guided_step mismatch:", f)
+            rows.append(("guided_step torch.equal vs torch CUDA", "FAIL" if failures else "PASS",
+                         f"{cases - len(failures)}/{cases} cases"))
+        copy = found["copy_gbps"] = attempt("copy bandwidth", copy_gbps)
+        if copy:
+            rows.append(("copy bandwidth (1 GiB D2D, r+w)", "-", f"{copy:.0f} GB/s"))
+        peak = found["bf16_tflops"] = attempt("bf16 matmul 8192^3", matmul_tflops)
+        if peak:
+            rows.append(("bf16 matmul 8192^3", "-", f"{peak:.0f} TFLOP/s"))
+        bw = attempt("guided_step (256,4,64,64) bandwidth", lambda: guided_step_bandwidth(K))
+        if bw and copy:
+            gbps, t, t_ref = bw
+            found["guided_step_gbps"] = gbps
+            rows.append((f"guided_step (256,4,64,64) >= {TARGET:.0%} copy", "PASS" if gbps >= TARGET * copy else "FAIL",
+                         f"{gbps:.0f} GB/s = {gbps / copy:.0%} of copy; {t * 1e6:.1f} us (torch ops: {t_ref * 1e6:.1f} us)"))
+        timings = attempt("op timings", lambda: op_timings(K)) or []
+        found["op_timings"] = timings
+        print("\nop timings (median, L2 flushed; us)")
+        print(f"  {'op':42s} {'dtype':5s} {'triton':>9s} {'torch':>9s} {'speedup':>8s}")
+        for op, dtype, tt, tr in timings:
+            print(f"  {op:42s} {dtype:5s} {tt * 1e6:9.1f} {tr * 1e6:9.1f} {tr / tt:7.2f}x")
+    finally:
+        card = torch.cuda.get_device_name()
+        date = datetime.datetime.now().isoformat(timespec="seconds")
+        print("\n== dgfast GPU check ==")
+        print(f"card   {card}  (torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda})")
+        print(f"date   {date}")
+        for check, result, value in rows:
+            print(f"  {check:44s} {result:5s} {value}")
+        failed = [r for r in rows if r[1] == "FAIL"]
+        print("RESULT", "FAIL" if failed else "PASS", flush=True)
+        if args.json:
+            import json
+            with open(args.json, "w") as f:
+                json.dump({"card": card, "date": date, "torch": torch.__version__, "triton": triton.__version__,
+                           "rows": rows, "measured": found}, f, indent=1)
     return 1 if failed else 0
 
 

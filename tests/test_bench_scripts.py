@@ -26,6 +26,21 @@ def test_gpu_e2e_smoke_on_cpu(gpu_e2e, tmp_path, dtype, tol):
     assert res["mfu"] is None and res["latency"][0]["cuda_graph_s"] is None   # CUDA-only parts skipped
 
 
+def test_gpu_e2e_keeps_results_when_a_stage_fails(gpu_e2e, tmp_path, monkeypatch):
+    """The one GPU run must not lose what it measured because a later part raised."""
+    class Broken:
+        def __init__(self, *a, **k):
+            raise RuntimeError("reference loop broke")
+
+    monkeypatch.setattr(gpu_e2e, "ReferenceDiffusion", Broken)
+    out = tmp_path / "e2e.json"
+    assert gpu_e2e.main(["--device", "cpu", "--model", "DiT-S/8", "--latent", "16", "--batch", "2", "--steps", "2",
+                         "--dtype", "fp32", "--rounds", "1", "--latency-batches", "1", "--json", str(out)]) == 1
+    res = json.loads(out.read_text())
+    assert "reference loop broke" in res["errors"]["reference"] and "reference timing" in res["errors"]
+    assert res["dgfast_s"] > 0 and res["latency"][0]["eager_s"] > 0 and "speedup" not in res
+
+
 def test_gpu_e2e_flops_match_dit_paper(gpu_e2e):
     """DiT-XL/2 at 256px: the DiT paper's 118.6 GFLOPs per forward count one multiply-add as one
     FLOP (fvcore); ours count two, so ~237 GFLOP."""
@@ -35,3 +50,20 @@ def test_gpu_e2e_flops_match_dit_paper(gpu_e2e):
     with torch.device("meta"):  # shapes only: no 2.7 GB of weights
         m = dgfast.DiT_models["DiT-XL/2"](input_size=32, num_classes=1000)
     assert gpu_e2e.forward_flops(m) / 2 / 1e9 == pytest.approx(118.6, rel=0.01)
+
+
+def test_gpu_summary_takes_the_e2e_rows(gpu_e2e, tmp_path):
+    """gpu_summary.py's final table carries gpu_e2e.py's figures and its failures."""
+    import gpu_summary
+    out = tmp_path / "e2e.json"
+    gpu_e2e.main(["--device", "cpu", "--model", "DiT-S/8", "--latent", "16", "--batch", "2", "--steps", "2",
+                  "--dtype", "fp32", "--rounds", "1", "--latency-batches", "1", "2", "--json", str(out)])
+    res = json.loads(out.read_text())
+    res.update(mfu=0.5, achieved_tflops=400.0, bf16_matmul_peak_tflops=800.0, errors={"batch 2 cuda_graph": "boom"})
+    out.write_text(json.dumps(res))
+    rows = gpu_summary.e2e_rows(str(out))
+    text = "\n".join(" | ".join(r) for r in rows)
+    assert f"{res['speedup']:.2f}x" in text and "MFU" in text and "50.0% (400 of 800 TFLOP/s)" in text
+    assert sum(r[0].startswith("batch ") for r in rows) == 2
+    assert ("gpu_e2e: batch 2 cuda_graph", "FAIL", "boom") in rows
+    assert gpu_summary.e2e_rows(str(tmp_path / "missing.json"))[0][1] == "SKIP"
