@@ -308,6 +308,39 @@ def _eager_plan(steps):
                            timesteps=[int(sched.timestep_map[j]) for j in order], num_steps=len(order))
 
 
+DEVICE = "cuda"  # the next test's device (set to "cpu" to dry-run it)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("attention", ["sdpa", "xformers"])
+@pytest.mark.parametrize("gemm", ["bmm", "mm"])
+@pytest.mark.parametrize("frozen", [0, 2], ids=["full-finetune", "2-blocks-frozen"])
+def test_pair_matches_two_forwards_on_cuda(pre, dtype, tol, attention, gemm, frozen):
+    """The CPU tests above, on the GPU: stacked (and shared) GEMMs, one SDPA / xformers call over
+    both halves, the Triton elementwise ops inside the blocks."""
+    ft = finetune_of(pre)
+    if frozen:
+        share_with(ft, pre, ["x_embedder", "t_embedder", "pos_embed"] + [f"blocks.{i}." for i in range(frozen)])
+    ft_c, pre_c = copy.deepcopy((ft, pre))  # one deepcopy: the shared Parameters stay shared
+    pre_c.to(DEVICE, dtype), ft_c.to(DEVICE, dtype)
+    for m in (ft_c, pre_c):
+        try:
+            m.set_attention(attention)
+        except RuntimeError as err:
+            pytest.skip(str(err))
+    x, t, y = (v.to(DEVICE) for v in inputs())
+    p = pair(ft_c, pre_c, gemm=gemm)
+    want_kind = "shared" if frozen else "stacked"
+    assert p.kinds()["blocks.0.attn.qkv"] == want_kind and p.kinds()["blocks.2.mlp.fc1"] == "stacked"
+    out_ft, out_pre = p.forward_pair(x, t, y, 1000)
+    with torch.no_grad():
+        ref_ft, ref_pre = ft_c(x, t, y), pre_c(x, t, torch.full_like(y, 1000))
+    for got, want in ((out_ft, ref_ft), (out_pre, ref_pre)):
+        assert got.device.type == DEVICE and torch.isfinite(got).all()
+        assert rel(got.float(), want.float()) <= tol, rel(got.float(), want.float())
+
+
 @pytest.mark.cuda
 def test_cuda_graph_loop_matches_eager():
     from dgfast import ops

@@ -657,3 +657,20 @@ def test_half_precision_models(models, dtype, tol):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     full = dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps="ddim4", sampler="ddim", null_label=NULL)
     assert not torch.equal(out, full) and rel_err(out, full) < 20 * tol
+
+
+def test_attention_choice_is_checked():
+    m = dgfast.DiT(input_size=8, patch_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        m.set_attention("flash")
+    try:
+        import xformers
+        usable = bool(getattr(xformers, "_has_cpp_library", False))
+    except ImportError:
+        usable = False
+    if usable:
+        assert m.set_attention("xformers") is m and m.blocks[0].attn.impl == "xformers"
+    else:  # said when chosen, not at the first CUDA forward
+        with pytest.raises(RuntimeError, match="xformers"):
+            m.set_attention("xformers")
+        assert m.blocks[0].attn.impl == "sdpa"
