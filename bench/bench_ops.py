@@ -32,21 +32,31 @@ def backend_for(impl, device):
     return "cpp"
 
 
+CUDA_CALLS = 20  # per timed call on CUDA: back-to-back launches, one synchronize (see run)
+
+
 def run(benchmark, fn, *, group, device, nbytes, rounds, iterations):
+    # On CUDA one op takes microseconds, as much as a launch plus a synchronize: a timed call
+    # launches it CUDA_CALLS times and synchronizes once, so the table's CUDA times are for
+    # CUDA_CALLS calls (extra_info says so; GB/s is per call). bench/gpu_summary.py times single
+    # kernels with CUDA events.
+    calls = CUDA_CALLS if device == "cuda" else 1
     if device == "cuda":
         def timed():
-            fn()
+            for _ in range(calls):
+                fn()
             torch.cuda.synchronize()
     else:
         timed = fn
     benchmark.group = group
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                                torch=torch.__version__, threads=torch.get_num_threads(), bytes=nbytes)
+                                torch=torch.__version__, threads=torch.get_num_threads(), bytes=nbytes,
+                                calls_per_timed_call=calls)
     if device == "cpu" and ops.cpp_extension() is not None:
         benchmark.extra_info["cpp_exp"] = ops.cpp_extension().exp_backend()
     benchmark.pedantic(timed, rounds=rounds, iterations=iterations, warmup_rounds=3)
     if benchmark.stats is not None:  # None under --benchmark-disable
-        benchmark.extra_info["GB/s (min)"] = round(nbytes / benchmark.stats.stats.min / 1e9, 2)
+        benchmark.extra_info["GB/s (min)"] = round(calls * nbytes / benchmark.stats.stats.min / 1e9, 2)
 
 
 # ----------------------------------------------------------------------------------------------
