@@ -193,9 +193,10 @@ def e2e_rows(path):
     what = f"{e['model']} latent {e['latent']} batch {e['batch']} {e['dtype']}"
     rows = []
     if e.get("speedup"):
+        err = e.get("max_rel_err_vs_reference")
         rows.append((f"{what}: dgfast vs two-pass", "-", f"{e['speedup']:.2f}x ({e['dgfast_s'] / e['n_steps'] * 1e3:.1f}"
                      f" vs {e['reference_s'] / e['n_steps'] * 1e3:.1f} ms/step), max rel diff "
-                     f"{e.get('max_rel_err_vs_reference') or float('nan'):.1e}"))
+                     + ("n/a" if err is None else f"{err:.1e}")))
     if e.get("mfu"):
         rows.append((f"{what}: MFU", "-", f"{e['mfu']:.1%} ({e['achieved_tflops']:.0f} of "
                      f"{e['bf16_matmul_peak_tflops']:.0f} TFLOP/s)"))
