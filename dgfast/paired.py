@@ -367,6 +367,7 @@ class PairedDiT:
         self._null_rows: dict = {}  # the pre-trained model's null-label embedding, per (label, device)
         self._buffers: dict = {}    # reused sub-layer outputs, per (role, shape) (forward_pair)
         self.fingerprint = fingerprint(ft, pre)
+        self.weight_sample = weight_sample(ft, pre)
         self.num_heads, self.patch_size, self.out_channels = ft.num_heads, ft.patch_size, ft.out_channels
         self.norm_eps, self.mlp_norm_eps = ft.norm_eps, ft.mlp_norm_eps
         self.backend, self.attn_impl = ft.backend, ft.blocks[0].attn.impl if len(ft.blocks) else "sdpa"
@@ -681,6 +682,28 @@ def fingerprint(ft: nn.Module, pre: nn.Module) -> tuple:
     return tuple(items)
 
 
+def weight_sample(ft: nn.Module, pre: nn.Module, per_tensor: int = 64) -> torch.Tensor:
+    """Bit patterns of up to `per_tensor` evenly spaced values of every floating parameter and buffer.
+
+    The pair holds copies (stacked or prepacked weights) and reads one tensor for layers whose
+    values were equal. Edits through `p.data` (`p.data.mul_`, `p.data.copy_`: EMA updates, weight
+    loading into existing tensors) and in-place edits of inference tensors change no version
+    counter, so `fingerprint` alone misses them; these samples catch any edit that touches a
+    sampled value (every whole-tensor edit does). Edits of a few values elsewhere need
+    get_pair(..., rebuild=True). Cost: one gather per tensor and one device-to-host copy.
+    """
+    picks: dict = {}  # (device, dtype) -> strided views: one cat per group, no kernel per tensor
+    for m in (ft, pre):
+        for t in list(m.parameters()) + list(m.buffers()):
+            if not t.is_floating_point() or t.numel() == 0:
+                continue
+            flat = t.detach().reshape(-1)
+            picks.setdefault((t.device, t.dtype), []).append(flat[::max(1, flat.numel() // per_tensor)][:per_tensor])
+    parts = [torch.cat(views).to("cpu", torch.float64) for views in picks.values()]  # exact for float dtypes
+    sample = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return sample.view(torch.int64)  # compared bit for bit: NaN weights compare equal to themselves
+
+
 def pair(finetuned: DiT, pretrained: DiT, *, gemm: str = "auto") -> PairedDiT:
     """A new paired model for (finetuned, pretrained); see the module docstring.
 
@@ -695,12 +718,14 @@ _PAIRS: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary]" = weak
 
 
 def get_pair(finetuned: DiT, pretrained: DiT, *, rebuild: bool = False) -> PairedDiT:
-    """The cached pair for these two model objects, rebuilt when their weights changed."""
+    """The cached pair for these two model objects, rebuilt when their weights changed (new
+    tensors, in-place edits, or edits through .data that touch the sampled values: weight_sample)."""
     inner = _PAIRS.get(finetuned)
     if inner is None:
         inner = _PAIRS[finetuned] = weakref.WeakKeyDictionary()
     cached = inner.get(pretrained)
-    if cached is None or rebuild or cached.fingerprint != fingerprint(finetuned, pretrained):
+    if (cached is None or rebuild or cached.fingerprint != fingerprint(finetuned, pretrained)
+            or not torch.equal(cached.weight_sample, weight_sample(finetuned, pretrained))):
         cached = inner[pretrained] = PairedDiT(finetuned, pretrained)
     return cached
 

@@ -308,10 +308,15 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
             raise TypeError(f"guidance_channels must be an int or 'all', got {guidance_channels!r}")
         if guidance_channels < 0:
             raise ValueError(f"guidance_channels must be >= 0 or 'all', got {guidance_channels}")
-    pair_forward = make_pair_forward(finetuned, pretrained, paired)
+    make_pair_forward(finetuned, pretrained, paired)  # build (and check) the pair now, not at step 1
 
     @torch.no_grad()
     def forward_with_cfg(x, t, y, cfg_scale):
+        # Per call, as sample() does per call: the models may have been edited or put in train
+        # mode since; get_pair's check is cheap and rebuilds the pair only when they were.
+        check_eval(finetuned, "finetuned")
+        check_eval(pretrained, "pretrained")
+        pair_forward = make_pair_forward(finetuned, pretrained, paired)
         n = len(x) // 2
         C = x.shape[1]
         k = resolve_channels(guidance_channels, C)

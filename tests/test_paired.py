@@ -246,6 +246,55 @@ def test_get_pair_cache_and_rebuild():
     assert get_pair(ft, pre, rebuild=True) is not p3
 
 
+@pytest.mark.parametrize("edit", ["data.mul_", "data.copy_", "equal-then-edited", "inference-tensors"])
+def test_get_pair_sees_edits_that_bump_no_version(edit):
+    """p.data edits and inference tensors change no version counter; the pair holds copies (stacked
+    or prepacked) and reads one tensor of equal-valued layers: the weight sample must catch them."""
+    pre = rand_dit(seed=13)
+    if edit == "inference-tensors":
+        with torch.inference_mode():
+            ft = finetune_of(pre, seed=14)
+            pre = copy.deepcopy(pre)
+    else:
+        ft = copy.deepcopy(pre) if edit == "equal-then-edited" else finetune_of(pre, seed=14)
+        ft.y_embedder = finetune_of(pre, seed=14).y_embedder  # own label table: ft(x, t, y) is a fine-tune's
+    x, t, y = inputs()
+    p1 = get_pair(ft, pre)
+    if edit == "equal-then-edited":
+        assert p1.kinds()["blocks.1.mlp.fc1"] == "shared"  # equal values: the pair reads pre's tensor
+    w = ft.blocks[1].mlp.fc1.weight
+    if edit == "data.copy_":
+        w.data.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    elif edit == "inference-tensors":
+        with torch.inference_mode():
+            w.mul_(1.5)
+    else:
+        w.data.mul_(1.5)
+    assert p1.fingerprint == fingerprint(ft, pre)  # what the version counters alone would say
+    p2 = get_pair(ft, pre)
+    assert p2 is not p1
+    out = p2.forward_pair(x, t, y)[0]
+    with torch.no_grad():
+        assert rel(out, ft(x, t, y)) <= TOL
+
+
+def test_dog_forward_follows_model_edits():
+    import dgfast
+    pre = rand_dit(seed=15)
+    ft = finetune_of(pre, seed=16)
+    fn = dgfast.dog_forward(ft, pre, null_label=1000, guidance_channels="all")
+    x, t, y = inputs()
+    x2, t2, y2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 1000)])
+    fn(x2, t2, y2, 1.5)
+    ft.load_state_dict({k: v * 1.1 for k, v in ft.state_dict().items()})
+    got = fn(x2, t2, y2, 1.5)
+    want = dgfast.dog_forward(ft, pre, null_label=1000, guidance_channels="all", paired=False)(x2, t2, y2, 1.5)
+    assert rel(got, want) <= TOL
+    ft.train()
+    with pytest.raises(ValueError, match="finetuned is in train mode"):
+        fn(x2, t2, y2, 1.5)
+
+
 def test_get_pair_does_not_keep_models_alive():
     from dgfast import paired
     pre = rand_dit(seed=21)
