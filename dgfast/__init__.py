@@ -18,7 +18,9 @@ _LAZY = {"DoGDiTPipeline": "dgfast.diffusers_pipeline", "DomainGuidance": "dgfas
 
 
 def __getattr__(name):
+    import importlib
     if name in _LAZY:
-        import importlib
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "zoo":  # `dgfast.zoo.load_pair()` without importing dgfast.zoo first
+        return importlib.import_module("dgfast.zoo")
     raise AttributeError(f"module 'dgfast' has no attribute {name!r}")

@@ -351,10 +351,9 @@ class PairedDiT:
             if not isinstance(m, DiT):
                 raise TypeError(f"pair: {name} must be a dgfast DiT, got {type(m).__name__}; convert upstream "
                                 f"DiT modules, state_dicts and diffusers DiTTransformer2DModel with dgfast.to_dgfast")
-        bad = [f"{k}: {finetuned.config[k]!r} vs {pretrained.config[k]!r}" for k in _ARCH_KEYS
-               if finetuned.config[k] != pretrained.config[k]]
-        if bad:
-            raise ValueError("pair: the two models differ in architecture (" + "; ".join(bad) + ")")
+        why = pair_mismatch(finetuned, pretrained)
+        if why:
+            raise ValueError(f"pair: the two models cannot run as one batch: {why}")
         ft, pre = finetuned, pretrained
         p0 = next(ft.parameters())
         if gemm not in ("auto",) + GEMMS:
@@ -663,6 +662,19 @@ def _gelu(z, backend):
 # ----------------------------------------------------------------------------------------------
 # Building and caching
 # ----------------------------------------------------------------------------------------------
+
+def pair_mismatch(ft: DiT, pre: DiT) -> str:
+    """Why two dgfast DiTs cannot run as one concatenated batch ('' when they can): a different
+    architecture, or weights of another dtype or on another device. Two separate forwards still can."""
+    bad = [f"{k} {ft.config[k]!r} vs {pre.config[k]!r}" for k in _ARCH_KEYS if ft.config[k] != pre.config[k]]
+    p, q = next(ft.parameters(), None), next(pre.parameters(), None)
+    if p is not None and q is not None:
+        if p.dtype != q.dtype:
+            bad.append(f"weights {p.dtype} vs {q.dtype}")
+        if p.device != q.device:
+            bad.append(f"weights on {p.device} vs {q.device}")
+    return "; ".join(bad)
+
 
 def fingerprint(ft: nn.Module, pre: nn.Module) -> tuple:
     """Cheap identity of both models' weights: storage pointer and in-place version counter of

@@ -170,6 +170,8 @@ def _int_steps(steps, name: str) -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, str)) or (
             isinstance(steps, str) and not steps.strip().isdigit()):
         raise ValueError(f"{name} must be an int (or a string of digits) here, got {steps!r}")
+    if int(steps) < 1:  # a scheduler set to 0 or fewer steps would return the noise as the sample
+        raise ValueError(f"{name} must be >= 1, got {steps!r}")
     return int(steps)
 
 
@@ -185,6 +187,8 @@ def scheduler_plan(scheduler, steps, device, eta: float = 0.0) -> Plan:
     other than 1, prediction types other than epsilon, third-order DPM, noise-prediction DPM, ...)
     give a fallback Plan: each step then runs scheduler.step() on the guided prediction.
     """
+    if isinstance(scheduler, type):
+        raise TypeError(f"scheduler must be a scheduler instance, e.g. {scheduler.__name__}(), got the class")
     if not hasattr(scheduler, "step") or not hasattr(scheduler, "set_timesteps"):
         raise TypeError(f"scheduler must be a diffusers scheduler instance, got {type(scheduler).__name__}")
     if steps is not None:

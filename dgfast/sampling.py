@@ -9,6 +9,8 @@ the models to float tolerance), including the default generator's consumption.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -103,6 +105,27 @@ def resolve_channels(guidance_channels, C: int) -> int:
     return guidance_channels
 
 
+def check_label(value, name: str, table_rows) -> int:
+    """An int label (numpy integers too) inside a label table of table_rows rows (None: unknown)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < 0 or (table_rows is not None and value >= table_rows):
+        raise ValueError(f"{name} {value} is outside the pretrained model's label table [0, {table_rows})")
+    return value
+
+
+def check_seeds(seeds) -> list:
+    if hasattr(seeds, "tolist"):  # a tensor or numpy array of seeds
+        seeds = seeds.tolist()
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
+        raise TypeError(f"seeds must be a sequence of ints (one per sample), got {type(seeds).__name__}")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= int(s) < 2 ** 63:
+            raise ValueError(f"seeds must hold ints in [0, 2**63), got {s!r}")
+    return [int(s) for s in seeds]
+
+
 def check_scale(guidance_scale) -> float:
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
         raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
@@ -156,12 +179,12 @@ def make_pair_forward(finetuned, pretrained, paired) -> Callable:
     if paired is not False and not isinstance(paired, bool):  # a prebuilt paired model
         return paired.forward_pair
     if paired and _is_dgfast_dit(finetuned) and _is_dgfast_dit(pretrained):
-        try:
-            from dgfast.paired import get_pair
-        except ImportError:
-            get_pair = None
-        if get_pair is not None:
+        from dgfast.paired import get_pair, pair_mismatch
+        why = pair_mismatch(finetuned, pretrained)
+        if not why:
             return get_pair(finetuned, pretrained).forward_pair
+        warnings.warn(f"the fine-tuned and pre-trained models run as two forwards, not one batch: {why}",
+                      stacklevel=3)
 
     def two_pass(x, t, y, null):
         return finetuned(x, t, y), pretrained(x, t, torch.full_like(y, null))
@@ -212,7 +235,9 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     if backend not in ops.BACKENDS:
         raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
     scale = check_scale(guidance_scale)
-    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+    if isinstance(paired, str) or not isinstance(paired, bool) and not hasattr(paired, "forward_pair"):
+        raise TypeError(f"paired must be True, False or a paired model from dgfast.pair(...), got {paired!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     guided = scale != 1.0
     check_eval(finetuned, "finetuned")
@@ -227,15 +252,15 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
         check_eval(pretrained, "pretrained")
         pre_info = model_info(pretrained)
         check_pair(ft_info, pre_info)
-        if isinstance(null_label, bool) or not isinstance(null_label, int) or null_label < 0 or (
-                pre_info["table_rows"] is not None and null_label >= pre_info["table_rows"]):
-            raise ValueError(f"null_label {null_label!r} is outside the pretrained model's label table "
-                             f"[0, {pre_info['table_rows']})")
+        null_label = check_label(null_label, "null_label", pre_info["table_rows"])
     draw = None
     if noise == "per-sample":
         if seeds is None:
             raise ValueError("noise='per-sample' needs seeds= (one int per sample)")
-        if z is None:  # latents from each sample's generator, which then goes on to the step noise
+        seeds = check_seeds(seeds)
+        if z is None:
+            if isinstance(y, torch.Tensor) and y.dim() == 1 and len(y) != len(seeds):
+                raise ValueError(f"seeds has {len(seeds)} entries but y has {len(y)} labels")  # latents from each sample's generator, which then goes on to the step noise
             if ft_info["in_channels"] is None or ft_info["input_size"] is None:
                 raise ValueError("z=None needs a model whose in_channels and input_size are known")
             size = ft_info["input_size"]
@@ -254,6 +279,8 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     plan = (samplers.native_plan(sampler, steps, float(eta)) if scheduler is None
             else samplers.scheduler_plan(scheduler, steps, z.device, float(eta)))
     n = len(z)
+    if n == 0:  # nothing to sample (after every argument was checked)
+        return torch.empty(z.shape, dtype=torch.float32, device=z.device)
     if draw is None:
         draw = (PerSampleNoise(seeds, z.shape, z.device, z.dtype) if noise == "per-sample"
                 else ReferenceNoise(n, 2 * n if guided and plan.doubled_noise else n, z.shape, z.device, z.dtype))
@@ -268,13 +295,25 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
         from dgfast.paired import run_cuda_graph
         forward = pair_forward if guided else (lambda x, t, labels, null: (finetuned(x, t, labels), None))
         cache = getattr(getattr(forward, "__self__", None), "_graphs", None)  # a PairedDiT keeps its graphs
-        return run_cuda_graph(forward, z, y, cfg_null_label if mode == "cfg" else null_label, plan, draw,
-                              scale=scale, guidance_channels=k, clip_denoised=clip_denoised, cache=cache)
+        return warn_nonfinite(run_cuda_graph(forward, z, y, cfg_null_label if mode == "cfg" else null_label, plan,
+                                             draw, scale=scale, guidance_channels=k, clip_denoised=clip_denoised,
+                                             cache=cache))
     branches = samplers.Branches(finetuned, y, pair_forward, cfg_null_label if mode == "cfg" else null_label,
                                  samplers.interval_steps(*interval, plan.num_steps), pretrained_every)
-    return samplers.run(plan, z, branches, scale=scale, guidance_channels=k, draw=draw,
-                        clip_denoised=clip_denoised, backend=backend, guidance_rescale=float(guidance_rescale),
-                        generator=getattr(draw, "gens", None), progress=progress)
+    return warn_nonfinite(samplers.run(plan, z, branches, scale=scale, guidance_channels=k, draw=draw,
+                                       clip_denoised=clip_denoised, backend=backend,
+                                       guidance_rescale=float(guidance_rescale),
+                                       generator=getattr(draw, "gens", None), progress=progress))
+
+
+def warn_nonfinite(samples: torch.Tensor) -> torch.Tensor:
+    """The samples, with a warning when some hold NaN/inf (a model's output or the scheduler diverged):
+    said once here rather than found later in an image grid. Not an error: the rest are good."""
+    bad = int((~torch.isfinite(samples.reshape(len(samples), -1))).any(dim=1).sum())
+    if bad:
+        warnings.warn(f"dgfast.sample: {bad} of {len(samples)} samples contain NaN or infinite values "
+                      f"(the models' outputs or the sampler diverged)", RuntimeWarning, stacklevel=3)
+    return samples
 
 
 def _cfg_null_label(finetuned, info, label):
@@ -302,7 +341,9 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
     """
     check_eval(finetuned, "finetuned")
     check_eval(pretrained, "pretrained")
-    check_pair(model_info(finetuned), model_info(pretrained))
+    ft_info, pre_info = model_info(finetuned), model_info(pretrained)
+    check_pair(ft_info, pre_info)
+    null_label = check_label(null_label, "null_label", pre_info["table_rows"])
     if guidance_channels != "all":  # the channel count is known only per call; reject what never fits now
         if isinstance(guidance_channels, bool) or not isinstance(guidance_channels, int):
             raise TypeError(f"guidance_channels must be an int or 'all', got {guidance_channels!r}")
@@ -317,7 +358,15 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
         check_eval(finetuned, "finetuned")
         check_eval(pretrained, "pretrained")
         pair_forward = make_pair_forward(finetuned, pretrained, paired)
+        if len(x) % 2 or len(y) != len(x) or len(t) != len(x):
+            raise ValueError(f"x, t and y must hold the doubled batch (2n rows each, as the DoG script builds "
+                             f"it), got {len(x)}, {len(t)} and {len(y)} rows")
+        if isinstance(cfg_scale, (int, float)):
+            check_scale(cfg_scale)
         n = len(x) // 2
+        rows = ft_info["table_rows"]
+        if n and rows is not None and (int(y[:n].min()) < 0 or int(y[:n].max()) >= rows):
+            raise ValueError(f"y[:n] holds labels outside [0, {rows}) of the finetuned model's label table")
         C = x.shape[1]
         k = resolve_channels(guidance_channels, C)
         if torch.equal(t[:n], t[n:]):  # always so inside p_sample_loop: one paired forward

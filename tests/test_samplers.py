@@ -204,6 +204,22 @@ def test_scheduler_steps_none_keeps_its_timesteps(pair):
 
 
 @needs_diffusers
+@pytest.mark.parametrize("steps", [0, -3])
+def test_scheduler_steps_must_be_positive(pair, steps):
+    """-3 used to run no step at all and return the noise as the sample; 0 a raw ZeroDivisionError."""
+    ft, pre = pair
+    with pytest.raises(ValueError, match="steps .*>= 1"):
+        dgfast.sample(ft, pre, torch.randn(1, C, 4, 4), torch.tensor([1]), scheduler=DDPMScheduler(), steps=steps)
+
+
+@needs_diffusers
+def test_scheduler_class_instead_of_instance(pair):
+    ft, pre = pair
+    with pytest.raises(TypeError, match=r"scheduler must be a scheduler instance, e.g. DDPMScheduler\(\)"):
+        dgfast.sample(ft, pre, torch.randn(1, C, 4, 4), torch.tensor([1]), scheduler=DDPMScheduler, steps=4)
+
+
+@needs_diffusers
 def test_learned_range_on_a_tiny_dit():
     """DDPMScheduler(learned_range) with real DiTs: the fine-tuned variance channels are used."""
     torch.manual_seed(0)

@@ -469,6 +469,15 @@ ERROR_CASES = [
     ("guidance_channels", dict(guidance_channels=5)),
     ("guidance_channels", dict(guidance_channels="some")),
     ("pretrained", dict(pretrained=None)),
+    ("null_label", dict(null_label=10.0)),                 # a float, not "outside the table"
+    ("seeds", dict(noise="per-sample", seeds=5)),
+    ("seeds", dict(noise="per-sample", seeds=["a", "b"])),
+    ("seeds", dict(noise="per-sample", seeds=[1.7, 2.2])),  # not silently truncated
+    ("seeds", dict(noise="per-sample", seeds=[2 ** 70, 2])),
+    ("seeds", dict(noise="per-sample", seeds=[1], z=None)),  # one seed, two labels: names seeds, not z
+    ("paired", dict(paired="yes")),
+    ("paired", dict(paired=None)),
+    ("eta", dict(eta=True)),
 ]
 
 
@@ -476,6 +485,61 @@ ERROR_CASES = [
 def test_sample_rejects_bad_input(models, name, over):
     with pytest.raises((ValueError, TypeError), match=rf"\b{name}\b"):
         _call(models, **over)
+
+
+def test_sample_accepts_numpy_labels_and_seeds(models):
+    np_null = _call(models, null_label=np.int64(NULL), steps="ddim3")
+    a = _call(models, noise="per-sample", seeds=np.array([3, 4]), steps="ddim3")
+    b = _call(models, noise="per-sample", seeds=[3, 4], steps="ddim3")
+    assert torch.equal(a, b) and np_null.shape == (2, 4, 8, 8)
+
+
+def test_sample_with_no_rows_returns_no_samples(models):
+    out = _call(models, z=torch.empty(0, 4, 8, 8), y=torch.empty(0, dtype=torch.int64))
+    assert out.shape == (0, 4, 8, 8) and out.dtype == torch.float32
+
+
+def test_sample_warns_about_nonfinite_samples(models):
+    def broken(x, t, y):  # a model that diverges on sample 1
+        out = models["ft"](x, t, y)
+        out[1] = float("nan")
+        return out
+    with pytest.warns(RuntimeWarning, match="1 of 2 samples contain NaN"):
+        out = dgfast.sample(broken, None, latents(2, 3), torch.tensor([1, 2]), guidance_scale=1, steps="ddim3")
+    assert torch.isfinite(out[0]).all()
+
+
+def test_models_of_other_dtypes_run_as_two_forwards(models):
+    """A bf16 fine-tune guided by a float32 ancestor cannot share one batch; it runs unpaired."""
+    import copy
+    ft16 = copy.deepcopy(models["ft"]).bfloat16()
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="two forwards.*bfloat16 vs torch.float32"):
+        got = _call(models, finetuned=ft16, steps="ddim3", eta=1.0)
+    torch.manual_seed(0)
+    want = _call(models, finetuned=ft16, steps="ddim3", eta=1.0, paired=False)
+    assert torch.equal(got, want)
+
+
+def test_dog_forward_checks_its_arguments(models):
+    with pytest.raises(ValueError, match=r"\bnull_label\b"):
+        dgfast.dog_forward(models["ft"], models["pre"], null_label=1001)
+    fn = dgfast.dog_forward(models["ft"], models["pre"], null_label=NULL)
+    x, t = latents(4, 19), torch.full((4,), 10)
+    with pytest.raises(ValueError, match="2n rows"):
+        fn(x[:3], t[:3], torch.tensor([1, 2, 10]), 1.5)
+    with pytest.raises(ValueError, match=r"label table"):
+        fn(x, t, torch.tensor([1, 11, 10, 10]), 1.5)
+    with pytest.raises(ValueError, match=r"\bguidance_scale\b"):
+        fn(x, t, torch.tensor([1, 2, 10, 10]), float("nan"))
+
+
+def test_zoo_is_reachable_as_the_readme_writes_it():
+    import subprocess
+    import sys
+    code = "import dgfast; print(dgfast.zoo.load_pair.__name__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "load_pair" in res.stdout, res.stderr[-2000:]
 
 
 def test_sample_rejects_models_on_other_device(models):
