@@ -23,13 +23,51 @@ to [0, 1] as decoded images are, and every output_type works ("latent" gives the
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from diffusers import DiTPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from dgfast import samplers
-from dgfast.sampling import make_pair_forward, resolve_channels
+from dgfast.sampling import check_eval, check_scale, make_pair_forward, resolve_channels
+
+
+def label_rows(transformer) -> int:
+    """Rows of a diffusers DiT's label table (num_embeds_ada_norm, + 1 when it has a null row)."""
+    for m in transformer.modules():
+        table = getattr(m, "embedding_table", None)
+        if isinstance(table, torch.nn.Embedding):
+            return table.num_embeddings
+    return transformer.config.num_embeds_ada_norm + 1
+
+
+def check_labels(class_labels, num_classes: int) -> list[int]:
+    """class_labels as DiTPipeline takes them (a list of class ids; a 1-D tensor works too)."""
+    if isinstance(class_labels, torch.Tensor):
+        class_labels = class_labels.reshape(-1).tolist() if class_labels.dim() <= 1 else class_labels
+    if not isinstance(class_labels, (list, tuple)):
+        raise TypeError(f"class_labels must be a list of class ids, got {type(class_labels).__name__}")
+    if not class_labels:
+        raise ValueError("class_labels is empty: pass one class id per image")
+    for c in class_labels:
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral):
+            raise TypeError(f"class_labels must hold ints, got {c!r}")
+        if not 0 <= c < num_classes:
+            raise ValueError(f"class_labels holds {c}, outside the fine-tuned model's classes [0, {num_classes})")
+    return [int(c) for c in class_labels]
+
+
+def check_pipeline_models(transformer, transformer_pre) -> None:
+    check_eval(transformer, "transformer")
+    if transformer_pre is None:
+        return
+    check_eval(transformer_pre, "transformer_pre")
+    for key in ("sample_size", "in_channels", "out_channels"):
+        a, b = transformer.config.get(key), transformer_pre.config.get(key)
+        if a != b:
+            raise ValueError(f"transformer and transformer_pre disagree on {key}: {a} vs {b}")
 
 
 def transformer_fn(transformer):
@@ -70,22 +108,34 @@ class DoGDiTPipeline(DiTPipeline):
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         interval = samplers.check_controls(guidance_interval, guidance_rescale, "dog", pretrained_every)
+        guidance_scale = check_scale(guidance_scale)
+        num_inference_steps = samplers.int_steps(num_inference_steps, "num_inference_steps")
+        check_pipeline_models(self.transformer, self.transformer_pre)
         device = self._execution_device
         cfg = self.transformer.config
         size, C = cfg.sample_size, cfg.in_channels
+        class_labels = check_labels(class_labels, cfg.num_embeds_ada_norm)
         batch = len(class_labels)
         shape = (batch, C, size, size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+            raise ValueError(f"latents must be a tensor of shape {shape}, got "
+                             f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
+        elif latents.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"latents must be float32, float16 or bfloat16, got {latents.dtype}")
+        elif not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or infinite values")
         latents = latents.to(device)
-        y = torch.tensor(class_labels, device=device).reshape(-1)
+        y = torch.tensor(class_labels, device=device)
 
         finetuned = transformer_fn(self.transformer)
         guide = self.transformer_pre if self.transformer_pre is not None else self.transformer
         if null_class is None:
             null_class = guide.config.num_embeds_ada_norm
+        rows = label_rows(guide)
+        if isinstance(null_class, bool) or not isinstance(null_class, numbers.Integral) or not 0 <= null_class < rows:
+            raise ValueError(f"null_class {null_class!r} is outside the guiding model's label table [0, {rows})")
         pair_forward = None
         if guidance_scale > 1:
             pair_forward = (make_pair_forward(finetuned, transformer_fn(self.transformer_pre), False)

@@ -160,13 +160,13 @@ def native_plan(sampler: str, steps, eta: float = 0.0) -> Plan:
         return dit(Schedule.from_steps(steps), sampler, eta)
     if sampler == "dpm2m":
         return dit_dpm2m(Schedule.from_steps(steps))
-    points = _int_steps(steps, "steps")
+    points = int_steps(steps, "steps")
     if points < 2:
         raise ValueError(f"steps: the flow samplers take a grid of >= 2 points (SiT's num_steps), got {points}")
     return flow(points, heun=sampler == "flow_heun")
 
 
-def _int_steps(steps, name: str) -> int:
+def int_steps(steps, name: str) -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, str)) or (
             isinstance(steps, str) and not steps.strip().isdigit()):
         raise ValueError(f"{name} must be an int (or a string of digits) here, got {steps!r}")
@@ -192,7 +192,7 @@ def scheduler_plan(scheduler, steps, device, eta: float = 0.0) -> Plan:
     if not hasattr(scheduler, "step") or not hasattr(scheduler, "set_timesteps"):
         raise TypeError(f"scheduler must be a diffusers scheduler instance, got {type(scheduler).__name__}")
     if steps is not None:
-        scheduler.set_timesteps(_int_steps(steps, "steps (with a diffusers scheduler)"), device=device)
+        scheduler.set_timesteps(int_steps(steps, "steps (with a diffusers scheduler)"), device=device)
     elif getattr(scheduler, "num_inference_steps", None) is None:
         raise ValueError("steps=None: call scheduler.set_timesteps(...) first, or pass steps=<int>")
     name = type(scheduler).__name__

@@ -68,6 +68,46 @@ def test_pipeline_makes_images(parts):
     assert torch.allclose(pt.permute(0, 2, 3, 1), torch.from_numpy(arr))
 
 
+PIPE_ERRORS = [
+    # (message pattern, call overrides); each used to run silently or raise a raw torch error
+    (r"num_inference_steps .*>= 1", dict(num_inference_steps=-3)),   # returned the latents as images
+    (r"num_inference_steps .*>= 1", dict(num_inference_steps=0)),
+    (r"guidance_scale", dict(guidance_scale=-1.0)),                   # ran unguided
+    (r"guidance_scale", dict(guidance_scale=float("nan"))),
+    (r"guidance_scale", dict(guidance_scale=float("inf"))),         # NaN images
+    (r"class_labels holds 10", dict(class_labels=[0, 10])),
+    (r"class_labels holds -1", dict(class_labels=[0, -1])),
+    (r"class_labels must be a list", dict(class_labels=3)),
+    (r"class_labels is empty", dict(class_labels=[])),
+    (r"class_labels must hold ints", dict(class_labels=[0.0, 1.7])),
+    (r"null_class 1001", dict(null_class=1001)),
+    (r"latents must be float32", dict(latents=torch.zeros(2, C, L, L, dtype=torch.int64))),
+    (r"latents must be float32", dict(latents=torch.zeros(2, C, L, L, dtype=torch.float64))),
+    (r"latents contain NaN", dict(latents=torch.full((2, C, L, L), float("nan")))),
+]
+
+
+@pytest.mark.parametrize("pattern,over", PIPE_ERRORS, ids=[p for p, _ in PIPE_ERRORS])
+def test_pipeline_rejects_bad_input(parts, pattern, over):
+    pipe = DoGDiTPipeline(parts["ft"], parts["pre"], None, DDPMScheduler(clip_sample=False))
+    kw = dict(class_labels=[1, 7], guidance_scale=1.5, num_inference_steps=3, output_type="latent")
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        pipe(**{**kw, **over})
+
+
+def test_pipeline_rejects_train_mode_and_mismatched_models(parts):
+    import copy
+    ft = copy.deepcopy(parts["ft"]).train()
+    pipe = DoGDiTPipeline(ft, parts["pre"], None, DDPMScheduler(clip_sample=False))
+    with pytest.raises(ValueError, match=r"transformer is in train mode"):
+        pipe([1], num_inference_steps=2, output_type="latent")
+    small = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=C, out_channels=2 * C,
+                                  num_layers=1, sample_size=L // 2, patch_size=2, num_embeds_ada_norm=1000).eval()
+    pipe = DoGDiTPipeline(parts["ft"], small, None, DDPMScheduler(clip_sample=False))
+    with pytest.raises(ValueError, match=r"transformer and transformer_pre disagree on sample_size"):
+        pipe([1], num_inference_steps=2, output_type="latent")
+
+
 @pytest.mark.parametrize("name,make,learned", [
     ("ddpm-learned_range", lambda: DDPMScheduler(variance_type="learned_range", clip_sample=False), True),
     ("dpm-sde", lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), False),
