@@ -63,6 +63,12 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="pre-trained architecture (default: the fine-tuned one)")
     g.add_argument("--image-size", type=int, default=256, help="image size (256 or 512); latents are image-size/8")
     g.add_argument("--num-classes", type=int, default=1000, help="classes of the fine-tuned model")
+    g.add_argument("--pretrained-num-classes", type=int, default=None, metavar="N",
+                   help="classes of the pre-trained model (default: its label table's rows minus the null "
+                        "row, 1000 for an ImageNet DiT)")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="load .pt checkpoints with a full pickle load (weights_only=False) if the safe load "
+                        "refuses them: this runs any code the file holds, so only for files you trust")
     g.add_argument("--vae", help="local diffusers AutoencoderKL directory (saved with save_pretrained), or "
                                  "'none' to save latents as .npy (then the .npz holds float32 (N, 4, L, L))")
 
@@ -72,7 +78,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-channels", default="3",
                    help="eps channels guided: 3 reproduces DiT/DoG (their 3-channel quirk), 'all' guides all")
     g.add_argument("--null-label", type=int, default=None,
-                   help="label of the guiding branch (default 1000 with --pretrained-ckpt, else --num-classes)")
+                   help="label of the guiding branch (default: the pre-trained model's null row, i.e. its "
+                        "number of classes, 1000 for an ImageNet DiT; without --pretrained-ckpt, --num-classes)")
     g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     g.add_argument("--backend", choices=["auto", "triton", "cpp", "torch"], default="auto",
@@ -113,6 +120,8 @@ def check_sample_args(args) -> None:
         raise UsageError(f"--image-size must be a positive multiple of 8 (the VAE's factor), got {args.image_size}")
     if args.num_classes <= 0:
         raise UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.pretrained_num_classes is not None and args.pretrained_num_classes <= 0:
+        raise UsageError(f"--pretrained-num-classes must be >= 1, got {args.pretrained_num_classes}")
     if not 0 <= args.global_seed < 2 ** 31:
         raise UsageError(f"--global-seed must be in [0, 2**31), got {args.global_seed}")
     if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
@@ -216,24 +225,24 @@ def arch_name(arch) -> str:
     return arch if isinstance(arch, str) else f"--model-config {json.dumps(arch)}"
 
 
-def load_dit(flag: str, path: str, arch, image_size: int, num_classes: int, device, backend: str):
+def load_dit(flag: str, path: str, arch, image_size: int, num_classes: int | None, device, backend: str,
+             *, classes_flag: str = "--num-classes", trusted: bool = False):
     """DiT `arch` (a DiT_models name or a config dict) with the weights at `path`, strictly.
 
     A label table of num_classes+1 rows (trained with label dropout) and one of num_classes
     rows (DogFit, dropout 0) both load: the dropout setting only decides the table size.
+    num_classes None: the table's rows minus a null row (a guiding model needs one).
+    classes_flag names the flag num_classes came from, for the error.
     """
-    from dgfast.checkpoint import load_checkpoint
     from dgfast.models import DiT, build_model
 
-    try:
-        state = load_checkpoint(path)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UsageError(f"{flag} {path}: cannot load it: {err}") from None
+    state = read_checkpoint(flag, path, trusted)
     table = state.get("y_embedder.embedding_table.weight")
+    if num_classes is None:
+        num_classes = table.shape[0] - 1 if table is not None and table.shape[0] > 1 else 1000
     rows = table.shape[0] if table is not None else num_classes + 1
     if rows not in (num_classes, num_classes + 1):
-        what = "--num-classes" if flag == "--ckpt" else "1000 classes (an ImageNet DiT)"
-        raise UsageError(f"{flag} {path} has a label table of {rows} rows; {what} {num_classes} needs "
+        raise UsageError(f"{flag} {path} has a label table of {rows} rows; {classes_flag} {num_classes} needs "
                          f"{num_classes} or {num_classes + 1}")
     kwargs = dict(input_size=image_size // 8, num_classes=num_classes,
                   class_dropout_prob=0.1 if rows == num_classes + 1 else 0.0)
@@ -246,6 +255,18 @@ def load_dit(flag: str, path: str, arch, image_size: int, num_classes: int, devi
         raise UsageError(f"{flag} {path} does not fit {arch_name(arch)} at --image-size {image_size}: {problems}")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval().set_backend(backend)
+
+
+def read_checkpoint(flag: str, path: str, trusted: bool) -> dict:
+    """load_checkpoint, its errors (corrupt, truncated, refused pickle) as one line naming the flag."""
+    from dgfast.checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(path, trusted=trusted)
+    except (OSError, ValueError, RuntimeError) as err:  # CheckpointError is a ValueError
+        msg = str(err).replace("trusted=True (dgfast sample: --trust-checkpoint)", "--trust-checkpoint")
+        msg = msg[len(path) + 2:] if msg.startswith(f"{path}: ") else msg  # the path is named once, below
+        raise UsageError(f"{flag} {path}: cannot load it: {msg}") from None
 
 
 def state_dict_mismatch(expected: dict, got: dict, show: int = 3) -> str:
@@ -275,16 +296,20 @@ def load_vae(path: str, device):
 def load_models(args, device):
     """(finetuned, pretrained or None, null_label) as the flags describe."""
     arch = args.model_config if args.model_config is not None else args.model
-    ft = load_dit("--ckpt", args.ckpt, arch, args.image_size, args.num_classes, device, args.backend)
+    ft = load_dit("--ckpt", args.ckpt, arch, args.image_size, args.num_classes, device, args.backend,
+                  trusted=args.trust_checkpoint)
     if args.guidance_channels != "all" and args.guidance_channels > ft.in_channels:
         raise UsageError(f"--guidance-channels {args.guidance_channels}: the model has {ft.in_channels} channels")
     if args.cfg_scale == 1:
         return ft, None, args.null_label if args.null_label is not None else 1000
     if args.pretrained_ckpt:
         pre_arch = args.pretrained_model or arch
-        pre = load_dit("--pretrained-ckpt", args.pretrained_ckpt, pre_arch, args.image_size, 1000, device,
-                       args.backend)
-        null, owner = (args.null_label if args.null_label is not None else 1000), "--pretrained-ckpt"
+        # any label set: the pre-trained model need not be an ImageNet DiT (e.g. the zoo pair)
+        pre = load_dit("--pretrained-ckpt", args.pretrained_ckpt, pre_arch, args.image_size,
+                       args.pretrained_num_classes, device, args.backend, classes_flag="--pretrained-num-classes",
+                       trusted=args.trust_checkpoint)
+        null = args.null_label if args.null_label is not None else pre.num_classes  # its null row
+        owner = "--pretrained-ckpt"
     else:  # DiT's classic CFG: the fine-tuned model guides itself with its own null row
         pre = ft
         null, owner = (args.null_label if args.null_label is not None else args.num_classes), "--ckpt"

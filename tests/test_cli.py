@@ -466,3 +466,102 @@ def test_sample_is_a_registered_subcommand(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--help"])
     assert exc.value.code == 0 and "sample" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files: corrupt ones fail in one line, pickles run only with --trust-checkpoint
+# ----------------------------------------------------------------------------------------------
+
+def _corrupt(kind: str, ckpts, folder) -> str:
+    if kind == "garbage.pt":
+        data = b"not a checkpoint at all" * 10
+    elif kind == "empty.pt":
+        data = b""
+    else:  # a cut-short .safetensors
+        data = open(ckpts.ft, "rb").read()[:3000]
+    path = folder / kind
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("flag", ["--ckpt", "--pretrained-ckpt"])
+@pytest.mark.parametrize("kind", ["garbage.pt", "empty.pt", "truncated.safetensors"])
+def test_corrupt_checkpoint_is_a_one_line_error(kind, flag, ckpts, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    path = _corrupt(kind, ckpts, tmp_path / "in")
+    out = tmp_path / "out"
+    assert cli.main(_with(sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", "2"), [flag, path])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dgfast sample: error: {flag} {path}: cannot load it: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and not out.exists()
+
+
+class _Hostile:
+    """Unpickles as a call of os.getpid: harmless here, but a global weights_only refuses."""
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+def test_checkpoint_pickling_code_needs_trust_checkpoint(ckpts, tmp_path, capsys):
+    sd = torch.load(ckpts.pre, weights_only=True)["ema"]
+    path = tmp_path / "hostile.pt"
+    torch.save({"ema": sd, "args": _Hostile()}, path)
+    args = _with(sample_args(ckpts, tmp_path / "out", "--vae", "none", "--num-fid-samples", "1",
+                             "--per-proc-batch-size", "1"), ["--pretrained-ckpt", str(path)])
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "refused to unpickle posix.getpid" in err and "--trust-checkpoint" in err, err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(args + ["--trust-checkpoint"]) == 0
+    assert files(tmp_path / "out", "npy") == ["000000.npy"]
+
+
+def test_upstream_train_checkpoint_needs_no_trust(ckpts, tmp_path):
+    import argparse
+    sd = torch.load(ckpts.pre, weights_only=True)["ema"]
+    path = tmp_path / "0400000.pt"  # train.py's layout, args pickled as an argparse.Namespace
+    torch.save({"model": sd, "ema": sd, "opt": {"state": {}, "param_groups": []},
+                "args": argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=1000)}, path)
+    args = _with(sample_args(ckpts, tmp_path / "out", "--vae", "none", "--num-fid-samples", "1",
+                             "--per-proc-batch-size", "1"), ["--pretrained-ckpt", str(path)])
+    with pytest.warns(UserWarning, match="'ema'"):
+        assert cli.main(args) == 0
+    assert files(tmp_path / "out", "npy") == ["000000.npy"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A pre-trained model that is not an ImageNet DiT: the shipped zoo pair
+# ----------------------------------------------------------------------------------------------
+
+ZOO = os.path.join(ROOT, "dgfast", "zoo")
+
+
+def _zoo_args(out, *extra):
+    arch = dict(patch_size=2, in_channels=3, hidden_size=96, depth=6, num_heads=4, learn_sigma=True)
+    return ["sample", "--model-config", json.dumps(arch), "--image-size", "64", "--vae", "none",
+            "--num-classes", "5", "--ckpt", os.path.join(ZOO, "finetuned.safetensors"),
+            "--pretrained-ckpt", os.path.join(ZOO, "pretrained.safetensors"), "--num-sampling-steps", "3",
+            "--num-fid-samples", "2", "--per-proc-batch-size", "2", "--sample-dir", str(out), "--no-progress",
+            *extra]
+
+
+def test_zoo_pair_domain_guidance_infers_the_pretrained_label_table(tmp_path, capsys, one_thread):
+    import dgfast.zoo
+    with one_thread():
+        assert cli.main(_zoo_args(tmp_path / "dog")) == 0
+        assert "Domain Guidance, w=1.5, null label 10" in capsys.readouterr().err  # 11 rows: 10 classes + null
+        ft, pre, _ = dgfast.zoo.load_pair()
+        y = torch.tensor([sample_label(0, i, 5) for i in range(2)])
+        want = dgfast.sample(ft, pre, None, y, guidance_scale=1.5, steps="3", null_label=10, noise="per-sample",
+                             seeds=[0, 1])
+    got = torch.stack([torch.from_numpy(np.load(tmp_path / "dog" / f"{i:06d}.npy")) for i in range(2)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_pretrained_num_classes_is_checked_against_the_table(tmp_path, capsys):
+    assert cli.main(_zoo_args(tmp_path / "dog", "--pretrained-num-classes", "1000")) == 2
+    err = capsys.readouterr().err
+    assert "label table of 11 rows; --pretrained-num-classes 1000 needs 1000 or 1001" in err, err
+    assert cli.main(_zoo_args(tmp_path / "dog", "--pretrained-num-classes", "0")) == 2
+    assert "--pretrained-num-classes must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "dog").exists()
