@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,6 +168,8 @@ def native_plan(sampler: str, steps, eta: float = 0.0) -> Plan:
 
 
 def int_steps(steps, name: str) -> int:
+    if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
+        steps = int(steps)  # numpy integers too
     if isinstance(steps, bool) or not isinstance(steps, (int, str)) or (
             isinstance(steps, str) and not steps.strip().isdigit()):
         raise ValueError(f"{name} must be an int (or a string of digits) here, got {steps!r}")

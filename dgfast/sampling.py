@@ -127,7 +127,7 @@ def check_seeds(seeds) -> list:
 
 
 def check_scale(guidance_scale) -> float:
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):  # numpy scalars too
         raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
     s = float(guidance_scale)
     if not math.isfinite(s) or s < 0:
@@ -237,7 +237,7 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     scale = check_scale(guidance_scale)
     if isinstance(paired, str) or not isinstance(paired, bool) and not hasattr(paired, "forward_pair"):
         raise TypeError(f"paired must be True, False or a paired model from dgfast.pair(...), got {paired!r}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     guided = scale != 1.0
     check_eval(finetuned, "finetuned")

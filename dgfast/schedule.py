@@ -7,6 +7,7 @@ different bits and breaks bit-faithfulness of the sampler step.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,8 @@ class Schedule:
 
     @classmethod
     def from_steps(cls, steps, num_timesteps: int = NUM_TRAIN_STEPS) -> "Schedule":
+        if isinstance(steps, numbers.Integral) and not isinstance(steps, bool):
+            steps = int(steps)  # numpy integers too
         if isinstance(steps, bool) or not isinstance(steps, (int, str, list, tuple)):
             raise TypeError(f"steps must be an int or a respacing string, got {type(steps).__name__}")
         if isinstance(steps, int) and steps < 1:

@@ -488,7 +488,7 @@ def test_sample_rejects_bad_input(models, name, over):
 
 
 def test_sample_accepts_numpy_labels_and_seeds(models):
-    np_null = _call(models, null_label=np.int64(NULL), steps="ddim3")
+    np_null = _call(models, null_label=np.int64(NULL), steps=np.int64(3), guidance_scale=np.float32(1.5))
     a = _call(models, noise="per-sample", seeds=np.array([3, 4]), steps="ddim3")
     b = _call(models, noise="per-sample", seeds=[3, 4], steps="ddim3")
     assert torch.equal(a, b) and np_null.shape == (2, 4, 8, 8)
