@@ -361,9 +361,14 @@ def run_sample(args) -> int:
 
 def run_config(args) -> dict:
     """What, besides sample_to_dir's own settings, decides the files (checked on --resume)."""
-    return dict(model=args.model if args.model_config is None else args.model_config, ckpt=args.ckpt,
-                pretrained_ckpt=args.pretrained_ckpt, pretrained_model=args.pretrained_model,
-                image_size=args.image_size, vae=args.vae)
+    return dict(model=args.model if args.model_config is None else args.model_config, ckpt=real_path(args.ckpt),
+                pretrained_ckpt=real_path(args.pretrained_ckpt), pretrained_model=args.pretrained_model,
+                image_size=args.image_size, vae=args.vae if args.vae == "none" else real_path(args.vae))
+
+
+def real_path(path: str | None) -> str | None:
+    """One spelling per file, so that a resume from another directory or through a symlink matches."""
+    return os.path.realpath(path) if path else path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,11 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from dgfast.distributed import SamplingDiverged
+
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (UsageError, OSError, ValueError) as err:
-        # OSError/ValueError: also raised by sample_to_dir's checks, e.g. a --resume with other settings
+    except (UsageError, OSError, ValueError, SamplingDiverged) as err:
+        # OSError/ValueError: also raised by sample_to_dir's checks, e.g. a --resume with other settings;
+        # SamplingDiverged: a NaN batch (the files written so far are kept)
         if getattr(args, "verbose", False):
             traceback.print_exc()
         rank = os.environ.get("RANK")

@@ -257,10 +257,20 @@ def write_manifest(sample_dir: str, settings: dict, info: dict) -> None:
 
 
 def _read_manifest(path: str) -> dict | None:
+    """The manifest, or None if there is none; a damaged one is an error naming the file (resuming
+    without knowing the settings could mix runs)."""
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not valid JSON ({err}): the run's settings are unknown, so it cannot be "
+                         f"resumed; use a new directory") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
+        raise ValueError(f"{path} has no 'settings' object: not a dgfast manifest, so the run cannot be "
+                         f"resumed; use a new directory")
+    return manifest
 
 
 def check_resume(sample_dir: str, settings: dict) -> None:
@@ -272,11 +282,29 @@ def check_resume(sample_dir: str, settings: dict) -> None:
         raise FileExistsError(f"cannot resume {sample_dir}: it has no {MANIFEST}, so it was not written by dgfast")
     # through JSON so that tuples/lists and the like compare as they were stored
     new = json.loads(json.dumps(settings, default=str))
-    diffs = [f"{k}: {old['settings'].get(k)!r} -> {new.get(k)!r}"
-             for k in sorted(set(new) | set(old["settings"])) if old["settings"].get(k) != new.get(k)]
+    diffs = _setting_diffs(old["settings"], new)
     if diffs:
         raise ValueError(f"cannot resume {sample_dir}: it was started with other settings ({'; '.join(diffs)}); "
                          f"mixing them would corrupt the sample set, use a new directory")
+
+
+def _setting_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for each differing setting; nested dicts (run_config) name the inner key,
+    so the message shows the one flag that changed, not the whole dict."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _setting_diffs(a, b, f"{prefix}{k}.")
+        elif a != b and not _same_file(a, b):
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def _same_file(a, b) -> bool:
+    """Two spellings of one existing file (relative vs absolute, symlinks): the same checkpoint."""
+    return (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
+            and os.path.realpath(a) == os.path.realpath(b))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +324,10 @@ class SampleDirResult:
     @property
     def images_per_second(self) -> float:
         return self.num_written / self.seconds if self.seconds > 0 else float("nan")
+
+
+class SamplingDiverged(RuntimeError):
+    """A batch came out NaN/inf; files already written are kept."""
 
 
 def _check_int(value, name: str, low: int, high: int | None = None) -> int:
@@ -351,6 +383,11 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
         check_resume(sample_dir, settings)
 
     info = model_info(finetuned)
+    if info["table_rows"] is not None and num_classes > info["table_rows"]:
+        # checked here, before the folder and manifest exist, not by sample() halfway through
+        raise ValueError(f"num_classes {num_classes} (dgfast sample: --num-classes) is more than the finetuned "
+                         f"model's label table holds ({info['table_rows']} rows): labels are drawn from "
+                         f"[0, num_classes)")
     device = model_device(finetuned) or torch.device("cpu")
     if seed_mode == "reference" and (info["in_channels"] is None or info["input_size"] is None):
         raise ValueError("seed_mode='reference' needs a model whose in_channels and input_size are known")
@@ -440,7 +477,7 @@ def _replay_step_noise(z: torch.Tensor, guided: bool, num_steps: int) -> None:
 def _write_batch(x: torch.Tensor, indices: list[int], num_samples: int, sample_dir: str, vae) -> int:
     """Decode (whole batch, so its numerics never depend on num_samples) and write indices < N."""
     if not torch.isfinite(x).all():
-        raise RuntimeError(f"samples {indices[0]}..{indices[-1]} contain NaN/inf: the sampler diverged "
+        raise SamplingDiverged(f"samples {indices[0]}..{indices[-1]} contain NaN/inf: the sampler diverged "
                            f"(check the checkpoints, guidance scale and backend)")
     if vae is None:
         arrays, ext = x.float().cpu().numpy(), "npy"

@@ -565,3 +565,63 @@ def test_pretrained_num_classes_is_checked_against_the_table(tmp_path, capsys):
     assert cli.main(_zoo_args(tmp_path / "dog", "--pretrained-num-classes", "0")) == 2
     assert "--pretrained-num-classes must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "dog").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume and run-time errors
+# ----------------------------------------------------------------------------------------------
+
+def _small(ckpts, out, *extra):
+    return sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", "2", "--per-proc-batch-size", "1", *extra)
+
+
+def test_resume_accepts_the_same_checkpoint_spelled_differently(ckpts, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(_with(_small(ckpts, out), ["--ckpt", os.path.relpath(ckpts.ft)])) == 0
+    os.remove(out / "000001.npy")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(ckpts.ft)
+    assert cli.main(_with(_small(ckpts, out, "--resume"), ["--ckpt", str(link)])) == 0
+    assert files(out, "npy") == ["000000.npy", "000001.npy"]
+    # another file: the message names the one setting that differs, not the whole run dict
+    other = tmp_path / "other.pt"
+    torch.save(torch.load(ckpts.pre, weights_only=True), other)
+    capsys.readouterr()
+    assert cli.main(_with(_small(ckpts, out, "--resume"), ["--pretrained-ckpt", str(other)])) == 2
+    err = capsys.readouterr().err
+    assert f"run.pretrained_ckpt: {os.path.realpath(ckpts.pre)!r} -> {str(other)!r}" in err, err
+    assert "image_size" not in err
+
+
+@pytest.mark.parametrize("text", ["{", "{}", "[1, 2]"])
+def test_damaged_manifest_is_a_one_line_error_naming_it(text, ckpts, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(_small(ckpts, out)) == 0
+    (out / "manifest.json").write_text(text)
+    capsys.readouterr()
+    assert cli.main(_small(ckpts, out, "--resume")) == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # after the setup line: the error comes once the models are loaded
+    assert last.startswith("dgfast sample: error: ") and str(out / "manifest.json") in last, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.filterwarnings("ignore:dgfast.sample")
+def test_nan_batch_is_a_one_line_error(ckpts, tmp_path, capsys):
+    sd = tiny_dit(NUM_CLASSES, 1).state_dict()
+    sd["final_layer.linear.bias"] = torch.full_like(sd["final_layer.linear.bias"], float("nan"))
+    bad = tmp_path / "nan.safetensors"
+    dgfast.save_safetensors(sd, bad)
+    out = tmp_path / "out"
+    assert cli.main(_with(_small(ckpts, out), ["--ckpt", str(bad)])) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("dgfast sample: error: samples 0..0 contain NaN/inf"), err
+    assert "Traceback" not in err
+
+
+def test_sample_to_dir_checks_num_classes_against_the_table_before_writing(ckpts, tmp_path):
+    ft = cli.load_dit("--ckpt", ckpts.ft, ARCH, IMAGE_SIZE, NUM_CLASSES, "cpu", "auto")  # 11 rows
+    with pytest.raises(ValueError, match=r"num_classes 99 \(dgfast sample: --num-classes\).*11 rows"):
+        sample_to_dir(ft, None, tmp_path / "out", num_samples=2, batch_size=2, num_classes=99, guidance_scale=1,
+                      steps=STEPS, progress=False)
+    assert not (tmp_path / "out").exists()
