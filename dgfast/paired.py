@@ -366,7 +366,8 @@ class PairedDiT:
         self._null_rows: dict = {}  # the pre-trained model's null-label embedding, per (label, device)
         self._buffers: dict = {}    # reused sub-layer outputs, per (role, shape) (forward_pair)
         self.fingerprint = fingerprint(ft, pre)
-        self.weight_sample = weight_sample(ft, pre)
+        self.sample_views = sample_views(ft, pre)
+        self.weight_sample = read_sample(self.sample_views)
         self.num_heads, self.patch_size, self.out_channels = ft.num_heads, ft.patch_size, ft.out_channels
         self.norm_eps, self.mlp_norm_eps = ft.norm_eps, ft.mlp_norm_eps
         self.backend, self.attn_impl = ft.backend, ft.blocks[0].attn.impl if len(ft.blocks) else "sdpa"
@@ -694,26 +695,37 @@ def fingerprint(ft: nn.Module, pre: nn.Module) -> tuple:
     return tuple(items)
 
 
-def weight_sample(ft: nn.Module, pre: nn.Module, per_tensor: int = 64) -> torch.Tensor:
-    """Bit patterns of up to `per_tensor` evenly spaced values of every floating parameter and buffer.
+def sample_views(ft: nn.Module, pre: nn.Module, per_tensor: int = 16) -> list:
+    """Views of up to `per_tensor` evenly spaced values of every floating parameter and buffer,
+    grouped by (device, dtype): read_sample(views) reads their current values.
 
     The pair holds copies (stacked or prepacked weights) and reads one tensor for layers whose
     values were equal. Edits through `p.data` (`p.data.mul_`, `p.data.copy_`: EMA updates, weight
     loading into existing tensors) and in-place edits of inference tensors change no version
-    counter, so `fingerprint` alone misses them; these samples catch any edit that touches a
-    sampled value (every whole-tensor edit does). Edits of a few values elsewhere need
-    get_pair(..., rebuild=True). Cost: one gather per tensor and one device-to-host copy.
+    counter, so `fingerprint` alone misses them; the sampled values catch any edit that touches
+    one (every whole-tensor edit does). Edits of a few values elsewhere need
+    get_pair(..., rebuild=True). The views alias the weights, so building them once per pair and
+    reading them costs one gather per group (~1 ms for two DiT-XL/2 on a CPU).
     """
-    picks: dict = {}  # (device, dtype) -> strided views: one cat per group, no kernel per tensor
+    groups: dict = {}
     for m in (ft, pre):
         for t in list(m.parameters()) + list(m.buffers()):
             if not t.is_floating_point() or t.numel() == 0:
                 continue
             flat = t.detach().reshape(-1)
-            picks.setdefault((t.device, t.dtype), []).append(flat[::max(1, flat.numel() // per_tensor)][:per_tensor])
-    parts = [torch.cat(views).to("cpu", torch.float64) for views in picks.values()]  # exact for float dtypes
-    sample = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-    return sample.view(torch.int64)  # compared bit for bit: NaN weights compare equal to themselves
+            groups.setdefault((t.device, t.dtype), []).append(flat[::max(1, flat.numel() // per_tensor)][:per_tensor])
+    return list(groups.values())
+
+
+def read_sample(views: list) -> torch.Tensor:
+    """The sampled values' bit patterns (int64), compared bit for bit (NaN weights equal themselves)."""
+    parts = [torch.cat(group).to("cpu", torch.float64) for group in views]  # exact for every float dtype
+    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)).view(torch.int64)
+
+
+def weights_changed(p: "PairedDiT", ft: nn.Module, pre: nn.Module) -> bool:
+    """Whether the models' weights differ from those p was built from (see sample_views)."""
+    return p.fingerprint != fingerprint(ft, pre) or not torch.equal(p.weight_sample, read_sample(p.sample_views))
 
 
 def pair(finetuned: DiT, pretrained: DiT, *, gemm: str = "auto") -> PairedDiT:
@@ -731,13 +743,12 @@ _PAIRS: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary]" = weak
 
 def get_pair(finetuned: DiT, pretrained: DiT, *, rebuild: bool = False) -> PairedDiT:
     """The cached pair for these two model objects, rebuilt when their weights changed (new
-    tensors, in-place edits, or edits through .data that touch the sampled values: weight_sample)."""
+    tensors, in-place edits, or edits through .data that touch the sampled values: sample_views)."""
     inner = _PAIRS.get(finetuned)
     if inner is None:
         inner = _PAIRS[finetuned] = weakref.WeakKeyDictionary()
     cached = inner.get(pretrained)
-    if (cached is None or rebuild or cached.fingerprint != fingerprint(finetuned, pretrained)
-            or not torch.equal(cached.weight_sample, weight_sample(finetuned, pretrained))):
+    if cached is None or rebuild or weights_changed(cached, finetuned, pretrained):
         cached = inner[pretrained] = PairedDiT(finetuned, pretrained)
     return cached
 

@@ -349,15 +349,20 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
             raise TypeError(f"guidance_channels must be an int or 'all', got {guidance_channels!r}")
         if guidance_channels < 0:
             raise ValueError(f"guidance_channels must be >= 0 or 'all', got {guidance_channels}")
-    make_pair_forward(finetuned, pretrained, paired)  # build (and check) the pair now, not at step 1
+    state = {"forward": make_pair_forward(finetuned, pretrained, paired), "t": None}  # built now, not at step 1
 
     @torch.no_grad()
     def forward_with_cfg(x, t, y, cfg_scale):
-        # Per call, as sample() does per call: the models may have been edited or put in train
-        # mode since; get_pair's check is cheap and rebuilds the pair only when they were.
-        check_eval(finetuned, "finetuned")
+        check_eval(finetuned, "finetuned")  # every call: a model put in train mode since
         check_eval(pretrained, "pretrained")
-        pair_forward = make_pair_forward(finetuned, pretrained, paired)
+        # The weights are re-checked (and the pair rebuilt if they changed) where a sampling loop
+        # starts -- t not below the last call's -- as sample() checks them once per call: a full
+        # check costs a few ms for DiT-XL, too much for every step.
+        t0 = float(t[0]) if len(t) else 0.0
+        if state["t"] is None or t0 >= state["t"]:
+            state["forward"] = make_pair_forward(finetuned, pretrained, paired)
+        state["t"] = t0
+        pair_forward = state["forward"]
         if len(x) % 2 or len(y) != len(x) or len(t) != len(x):
             raise ValueError(f"x, t and y must hold the doubled batch (2n rows each, as the DoG script builds "
                              f"it), got {len(x)}, {len(t)} and {len(y)} rows")
