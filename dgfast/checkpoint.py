@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import pickle
 import re
@@ -119,3 +120,17 @@ def _first_line(err: BaseException) -> str:
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     from safetensors.torch import save_file
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, os.fspath(path))
+
+
+def weights_digest(model: torch.nn.Module, per_tensor: int = 64) -> str:
+    """A short content digest of a model's weights: names, shapes, dtypes and up to `per_tensor`
+    evenly spaced values of each tensor. `dgfast sample --resume` compares it, so a checkpoint
+    file replaced by another one (same path, other weights) is refused instead of mixing two
+    models' samples in one folder. Reads ~64 values per tensor, not the whole file."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        picked = flat[::max(1, flat.numel() // per_tensor)][:per_tensor]
+        h.update(f"{name}{tuple(t.shape)}{t.dtype};".encode())
+        h.update(picked.to("cpu", torch.float64 if t.is_floating_point() else torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -347,7 +347,7 @@ def run_sample(args) -> int:
             resume=args.resume, guidance_scale=args.cfg_scale, steps=steps,
             guidance_channels=args.guidance_channels, null_label=null, sampler=args.sampler, eta=args.eta,
             backend=args.backend, npz_resize=args.npz_resize, progress=args.progress,
-            run_config=run_config(args))
+            run_config=run_config(args, ft, pre))
         say(f"dgfast sample: {result.num_written} images in {result.seconds:.1f} s "
             f"({result.images_per_second:.2f} images/s, {result.world_size} process(es)), "
             f"{result.num_skipped} already present; {result.sample_dir}, {result.npz}")
@@ -359,11 +359,18 @@ def run_sample(args) -> int:
     return 0
 
 
-def run_config(args) -> dict:
-    """What, besides sample_to_dir's own settings, decides the files (checked on --resume)."""
-    return dict(model=args.model if args.model_config is None else args.model_config, ckpt=real_path(args.ckpt),
-                pretrained_ckpt=real_path(args.pretrained_ckpt), pretrained_model=args.pretrained_model,
-                image_size=args.image_size, vae=args.vae if args.vae == "none" else real_path(args.vae))
+def run_config(args, ft=None, pre=None) -> dict:
+    """What, besides sample_to_dir's own settings, decides the files (checked on --resume). The
+    weights' digests catch a checkpoint replaced at the same path."""
+    from dgfast.checkpoint import weights_digest
+    cfg = dict(model=args.model if args.model_config is None else args.model_config, ckpt=real_path(args.ckpt),
+               pretrained_ckpt=real_path(args.pretrained_ckpt), pretrained_model=args.pretrained_model,
+               image_size=args.image_size, vae=args.vae if args.vae == "none" else real_path(args.vae))
+    if ft is not None:
+        cfg["ckpt_weights"] = weights_digest(ft)
+    if pre is not None and pre is not ft:
+        cfg["pretrained_weights"] = weights_digest(pre)
+    return cfg
 
 
 def real_path(path: str | None) -> str | None:

@@ -288,11 +288,16 @@ def check_resume(sample_dir: str, settings: dict) -> None:
                          f"mixing them would corrupt the sample set, use a new directory")
 
 
+ADDED_LATER = {"ckpt_weights", "pretrained_weights"}  # settings older manifests lack
+
+
 def _setting_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:
     """'key: old -> new' for each differing setting; nested dicts (run_config) name the inner key,
     so the message shows the one flag that changed, not the whole dict."""
     out = []
     for k in sorted(set(old) | set(new)):
+        if k in ADDED_LATER and k not in old:  # a folder started before dgfast recorded it: unknown
+            continue
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _setting_diffs(a, b, f"{prefix}{k}.")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -591,6 +592,28 @@ def test_resume_accepts_the_same_checkpoint_spelled_differently(ckpts, tmp_path,
     err = capsys.readouterr().err
     assert f"run.pretrained_ckpt: {os.path.realpath(ckpts.pre)!r} -> {str(other)!r}" in err, err
     assert "image_size" not in err
+
+
+def test_resume_refuses_a_checkpoint_replaced_at_the_same_path(ckpts, tmp_path, capsys):
+    """Same path, other weights (a newer fine-tune saved over the old file): the folder would mix
+    two models' samples. The manifest keeps a digest of the loaded weights."""
+    ft = tmp_path / "ft.safetensors"
+    shutil.copy(ckpts.ft, ft)
+    out = tmp_path / "out"
+    assert cli.main(_with(_small(ckpts, out), ["--ckpt", str(ft)])) == 0
+    os.remove(out / "000001.npy")
+    dgfast.save_safetensors(tiny_dit(NUM_CLASSES, 7).state_dict(), ft)
+    capsys.readouterr()
+    assert cli.main(_with(_small(ckpts, out, "--resume"), ["--ckpt", str(ft)])) == 2
+    assert "run.ckpt_weights" in capsys.readouterr().err
+    # a folder from before the digests were recorded still resumes (nothing to compare against)
+    shutil.copy(ckpts.ft, ft)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("ckpt_weights", "pretrained_weights"):
+        del manifest["settings"]["run"][key]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert cli.main(_with(_small(ckpts, out, "--resume"), ["--ckpt", str(ft)])) == 0
+    assert files(out, "npy") == ["000000.npy", "000001.npy"]
 
 
 @pytest.mark.parametrize("text", ["{", "{}", "[1, 2]"])
