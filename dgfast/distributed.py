@@ -217,9 +217,15 @@ def make_npz(sample_dir, num: int, resize: int | None = None, path: str | None =
         f = sample_path(sample_dir, i, ext)
         if not os.path.exists(f):
             raise FileNotFoundError(f"{f} is missing: cannot build the .npz from {num} samples")
-        arr = _read_sample(f, resize)
+        try:
+            arr = _read_sample(f, resize)
+        except (OSError, ValueError) as err:  # a damaged file (e.g. a disk filled up while it was written)
+            raise ValueError(f"{f}: cannot read this sample ({err}); delete it and rerun with --resume "
+                             f"(resume=True) to draw it again") from err
         if out is None:  # preallocate: a list plus np.stack would hold the data twice
             out = np.empty((num, *arr.shape), dtype=arr.dtype)
+        if arr.shape != out.shape[1:]:
+            raise ValueError(f"{f} holds shape {arr.shape}, sample 0 {out.shape[1:]}: the folder mixes runs")
         out[i] = arr
     path = path or npz_path(sample_dir)
     write_atomic(path, lambda f: np.savez(f, arr_0=out))  # a file object: savez appends no suffix

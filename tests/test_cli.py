@@ -146,6 +146,12 @@ def test_make_npz_stacks_pngs_in_index_order(tmp_path):
     np.testing.assert_array_equal(arr[1], want)
     with pytest.raises(FileNotFoundError, match="000004.png is missing"):
         make_npz(tmp_path, 6)
+    (tmp_path / "000001.png").write_bytes(b"garbage")  # damaged: named, with the way out
+    with pytest.raises(ValueError, match=r"000001.png: cannot read this sample.*--resume"):
+        make_npz(tmp_path, 3)
+    Image.fromarray(imgs[0][:4]).save(tmp_path / "000001.png")  # another run's size
+    with pytest.raises(ValueError, match=r"000001.png holds shape \(4, 6, 3\)"):
+        make_npz(tmp_path, 3)
 
 
 def test_per_sample_seeds_and_labels_are_functions_of_the_index():
