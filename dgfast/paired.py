@@ -34,6 +34,7 @@ version counter: call `get_pair(ft, pre, rebuild=True)` after those.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -53,6 +54,8 @@ _ARCH_KEYS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth",
 # ----------------------------------------------------------------------------------------------
 
 def _is_lora(mod) -> bool:
+    if "peft" not in sys.modules:  # no peft layer can exist; importing peft (and transformers) costs seconds
+        return False
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -211,7 +214,9 @@ class PairLinear:
         workspace(shape) -> a reusable buffer for the output of a baddbmm or a concatenation
         (the caller guarantees the previous contents are dead)."""
         kind, n_in = self.kind, self.in_features
-        fuse = gelu and self.gemm == "onednn" and not self.loras
+        # GELU in oneDNN's epilogue only where a oneDNN GEMM makes the whole output: not after a LoRA
+        # delta, not for "separate" layers (plain module calls, e.g. DoRA or a hooked fc1)
+        fuse = gelu and self.gemm == "onednn" and not self.loras and kind != "separate"
         if kind == "shared" or kind == "lora":
             x = _whole(x)
             if x.shape[-1] != n_in:
@@ -690,7 +695,8 @@ def fingerprint(ft: nn.Module, pre: nn.Module) -> tuple:
             items.append((id(t), t.data_ptr(), v))
         for mod in m.modules():
             if _is_lora(mod):
-                items.append((id(mod), tuple(mod.active_adapters), bool(mod.disable_adapters), bool(mod.merged)))
+                items.append((id(mod), tuple(mod.active_adapters), bool(mod.disable_adapters), bool(mod.merged),
+                              tuple(sorted(getattr(mod, "scaling", {}).items()))))  # set_scale / scale_layer
         items.append(m.training)
     return tuple(items)
 

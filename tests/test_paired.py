@@ -163,6 +163,46 @@ def test_lora_finetune(pre, gemm):
     assert unique_bytes(model_params) == unique_bytes(pre.parameters()) + lora_bytes + table.numel() * 4
 
 
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_separate_fc1_keeps_its_gelu(pre, gemm):
+    """A hooked fc1 runs as plain module calls ("separate"): its GELU must still be applied (with
+    oneDNN it was meant for the GEMM's epilogue and got lost)."""
+    ft = finetune_of(pre)
+    ft.blocks[1].mlp.fc1.register_forward_hook(lambda mod, inp, out: out)
+    p = check_pair_matches(ft, pre, gemm)
+    assert p.kinds()["blocks.1.mlp.fc1"] == "separate"
+
+
+@pytest.mark.parametrize("change", ["scale_layer", "set_scale"])
+def test_lora_scale_change_rebuilds_the_pair(pre, change):
+    """peft's set_scale / scale_layer change no tensor; the pair copied the old scaling."""
+    ft = lora_finetune(pre)
+    p1 = get_pair(ft, pre)
+    from peft.tuners.lora import LoraLayer
+    for mod in ft.modules():
+        if isinstance(mod, LoraLayer):
+            mod.scale_layer(2.0) if change == "scale_layer" else mod.set_scale("default", 0.5)
+    p2 = get_pair(ft, pre)
+    assert p2 is not p1
+    x, t, y = inputs()
+    with torch.no_grad():
+        assert rel(p2.forward_pair(x, t, y)[0], ft(x, t, y)) <= TOL
+
+
+def test_pairing_without_peft_does_not_import_it():
+    """peft (and transformers with it) take seconds to import: a pair of plain DiTs must not."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, dgfast\n"
+            "from dgfast.models import DiT\n"
+            "cfg = dict(input_size=8, patch_size=2, hidden_size=48, depth=1, num_heads=3)\n"
+            "a, b = DiT(**cfg, num_classes=10).eval(), DiT(**cfg, num_classes=1000).eval()\n"
+            "dgfast.pair(a, b).forward_pair(torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.tensor([1]), 1000)\n"
+            "print('peft' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr[-2000:]
+
+
 def test_lora_over_finetuned_base(pre):
     """LoRA on top of a base that itself differs from pre: stacked GEMM + delta."""
     peft = pytest.importorskip("peft")
