@@ -131,6 +131,8 @@ def check_sample_args(args) -> None:
                          f"got {args.cfg_scale}")
     if not math.isfinite(args.eta) or args.eta < 0:
         raise UsageError(f"--eta must be finite and >= 0, got {args.eta}")
+    if args.sampler == "ddim" and args.eta > 1:
+        raise UsageError(f"--eta must be in [0, 1] with --sampler ddim (above 1 DDIM's step is NaN), got {args.eta}")
     try:
         Schedule.from_steps(int(args.num_sampling_steps) if args.num_sampling_steps.isdigit()
                             else args.num_sampling_steps)

@@ -239,6 +239,9 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
         raise TypeError(f"paired must be True, False or a paired model from dgfast.pair(...), got {paired!r}")
     if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if sampler == "ddim" and scheduler is None and eta > 1:  # sigma would exceed sqrt(1 - abar_prev): NaN
+        raise ValueError(f"eta must be in [0, 1] for DDIM (above 1 the step takes the square root of a "
+                         f"negative number), got {eta}")
     guided = scale != 1.0
     check_eval(finetuned, "finetuned")
     ft_info = model_info(finetuned)

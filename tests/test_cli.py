@@ -429,6 +429,7 @@ BAD = {
     "null label outside table": (lambda c, t: ["--null-label", "1001"], "--null-label 1001"),
     "unwritable dir": (lambda c, t: ["--sample-dir", str(t / "a_file" / "out")], "--sample-dir .*not a directory"),
     "reference below 1": (lambda c, t: ["--seed-mode", "reference", "--cfg-scale", "0.5"], "--cfg-scale"),
+    "ddim eta above 1": (lambda c, t: ["--sampler", "ddim", "--eta", "2"], "--eta must be in \\[0, 1\\]"),
 }
 
 
