@@ -478,7 +478,7 @@ ERROR_CASES = [
     ("paired", dict(paired="yes")),
     ("paired", dict(paired=None)),
     ("eta", dict(eta=True)),
-X
+    ("eta", dict(eta=1.5, sampler="ddim")),                 # DDIM's step would be NaN
 ]
 
 
