@@ -435,6 +435,12 @@ def main(argv=None) -> int:
         where = f" [rank {rank}]" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
         print(f"dgfast {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every finished sample is a complete file (written atomically)
+        if os.environ.get("RANK", "0") == "0":
+            hint = (f": finished samples are kept in {args.sample_dir}; run the same command with --resume "
+                    f"to continue" if getattr(args, "sample_dir", None) else "")
+            print(f"\ndgfast {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -326,6 +326,23 @@ def test_sigkill_then_resume_gives_the_uninterrupted_files(ckpts, tmp_path, one_
     assert [run["resume"] for run in runs] == [False, True]
 
 
+def test_ctrl_c_says_how_to_continue(ckpts, tmp_path):
+    out = tmp_path / "run"
+    args = sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", "12", "--per-proc-batch-size", "1",
+                       "--num-sampling-steps", "30")
+    proc = subprocess.Popen([sys.executable, "-m", "dgfast", *args], env=env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.is_dir() and len(finished_indices(str(out), "npy")) >= 1:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err, err
+
+
 def _reference_run(ckpts, out, *extra):
     return cli.main(sample_args(ckpts, out, "--vae", "none", "--seed-mode", "reference", "--num-fid-samples", "7",
                                 "--per-proc-batch-size", "2", *extra))
