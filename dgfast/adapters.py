@@ -60,8 +60,10 @@ def to_dgfast(model_or_state_dict, **config) -> DiT:
     unknown = set(config) - set(_DIT_KEYS)
     if unknown:
         raise TypeError(f"to_dgfast: unknown config keys {sorted(unknown)}; DiT takes {list(_DIT_KEYS)}")
-    src = model_or_state_dict
+    src = _unwrap_module(model_or_state_dict)
     if isinstance(src, DiT):
+        if config:  # a dgfast DiT is returned as it is: a config could only be ignored
+            raise TypeError(f"to_dgfast: the model is already a dgfast DiT; config {sorted(config)} cannot apply")
         return src
     if _is_diffusers_dit(src):
         sd, cfg = from_diffusers(src.state_dict(), dict(src.config), pos_embed=src.pos_embed.pos_embed)
@@ -107,10 +109,24 @@ def _key_diff(model, sd):
     return sorted(want - set(sd)), sorted(set(sd) - want)
 
 
+def _unwrap_module(obj):
+    """The model inside torch.compile's wrapper (_orig_mod) and DataParallel / DDP (.module)."""
+    while isinstance(obj, nn.Module):
+        inner = getattr(obj, "_orig_mod", None) or (
+            obj.module if isinstance(obj, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None)
+        if inner is None:
+            return obj
+        obj = inner
+    return obj
+
+
 def _unwrap_checkpoint(ckpt: Mapping) -> Mapping:
     for key in ("ema", "model"):  # train.py: {"model", "ema", "opt", "args"}; find_model prefers ema
         if key in ckpt and isinstance(ckpt[key], Mapping):
-            return ckpt[key]
+            ckpt = ckpt[key]
+            break
+    if ckpt and all(isinstance(k, str) and k.startswith("module.") for k in ckpt):  # saved from DDP
+        ckpt = {k[len("module."):]: v for k, v in ckpt.items()}
     return ckpt
 
 

@@ -98,6 +98,21 @@ def test_conversion_leaves_rng_alone():
 def test_dgfast_dit_passes_through():
     m = DiT(**UP, num_classes=10)
     assert to_dgfast(m) is m
+    with pytest.raises(TypeError, match="already a dgfast DiT"):  # a config it would silently ignore
+        to_dgfast(m, num_classes=3)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import of torch.jit
+def test_wrapped_models_and_ddp_state_dicts_unwrap():
+    """torch.compile's wrapper, DataParallel, and a state_dict saved from DDP ("module." keys)."""
+    src = reference(seed=4)
+    x, t, y = inputs()
+    with torch.no_grad():
+        want = src(x, t, y)
+        for wrapped in (torch.nn.DataParallel(src), torch.compile(src)):
+            assert rel(to_dgfast(wrapped)(x, t, y), want) <= TOL
+        ddp_sd = {f"module.{k}": v for k, v in src.state_dict().items()}
+        assert rel(to_dgfast({"ema": ddp_sd}, num_heads=3)(x, t, y), want) <= TOL
 
 
 def test_unsupported_inputs():
