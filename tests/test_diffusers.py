@@ -242,3 +242,140 @@ def _batches(guider, c, u):
     guider.set_state(step=0, num_inference_steps=1, timestep=torch.tensor(0))
     batches = guider.prepare_inputs({"noise_pred": (c, u)})
     return batches
+
+
+def _one_step(guider, denoiser, call, y, null_ft):
+    """One guided step of the guider protocol; call(denoiser, labels) runs the denoiser."""
+    guider.set_state(step=0, num_inference_steps=1, timestep=torch.tensor(500))
+    batches = guider.prepare_inputs({"class_labels": (y, torch.full_like(y, null_ft))})
+    for batch in batches:
+        guider.prepare_models(denoiser)
+        batch.noise_pred = call(denoiser, batch.class_labels)
+        guider.cleanup_models(denoiser)
+    return guider(batches).pred
+
+
+def _hooked(model):
+    return hasattr(model, "_diffusers_hook") and model._diffusers_hook.get_hook("dgfast_domain_guidance") is not None
+
+
+def test_domain_guidance_restores_the_denoiser_when_the_forward_raises(parts):
+    ft, pre = parts["ft"], parts["pre"]
+    x, t, y = torch.randn(2, C, L, L, generator=gen(4)), torch.full((2,), 500), torch.tensor([1, 2])
+
+    class Boom(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    call = lambda m, labels: m(x, timestep=t, class_labels=labels).sample  # noqa: E731
+    with torch.no_grad():
+        want = ft(x, timestep=t, class_labels=y).sample
+        with pytest.raises(KeyboardInterrupt):  # the step is interrupted before cleanup_models
+            _one_step(DomainGuidance(guidance_scale=2.0, null_class=7).set_pretrained_model(Boom()), ft, call, y, 10)
+        assert not _hooked(ft)
+        assert torch.equal(ft(x, timestep=t, class_labels=y).sample, want)  # the fine-tuned model again
+        g = DomainGuidance(guidance_scale=2.0, null_class=1000).set_pretrained_model(pre)
+        u = pre(x, timestep=t, class_labels=torch.full_like(y, 1000)).sample
+        assert torch.allclose(_one_step(g, ft, call, y, 10), u + 2.0 * (want - u), atol=1e-6)
+
+
+def test_domain_guidance_replaces_a_stale_hook(parts):
+    ft, pre = parts["ft"], parts["pre"]
+    g = DomainGuidance(guidance_scale=2.0, null_class=1000).set_pretrained_model(pre)
+    g.set_state(step=0, num_inference_steps=1, timestep=torch.tensor(500))
+    g.prepare_inputs({"class_labels": (torch.tensor([1]), torch.tensor([10]))})
+    g.prepare_models(ft)
+    g.prepare_models(ft)  # unconditional batch, cleanup never ran (interrupted between calls)
+    h = g.new()
+    h.set_state(step=0, num_inference_steps=1, timestep=torch.tensor(500))
+    h.prepare_models(ft)
+    h.prepare_models(ft)  # was "Hook with name dgfast_domain_guidance already exists"
+    h.cleanup_models(ft)
+    assert not _hooked(ft)
+
+
+@pytest.mark.parametrize("how", ["positional", "class_labels", "y"])
+def test_domain_guidance_null_class_reaches_the_pretrained_model(how):
+    """Labels passed positionally, as class_labels= (diffusers) or y= (upstream DiT) all become
+    the pre-trained model's null class."""
+    from dgfast import zoo
+    ft, pre, info = zoo.load_pair()
+    x, t, y = torch.randn(3, 3, 8, 8, generator=gen(6)), torch.full((3,), 500), torch.tensor([0, 3, 4])
+    call = {"positional": lambda m, labels: m(x, t, labels), "class_labels": None,
+            "y": lambda m, labels: m(x, t, y=labels)}[how]
+    if call is None:
+        from dgfast.adapters import to_diffusers
+        ft, pre = to_diffusers(ft), to_diffusers(pre)
+        call = lambda m, labels: m(x, timestep=t, class_labels=labels).sample  # noqa: E731
+    with torch.no_grad():
+        c, u = call(ft, y), call(pre, torch.full_like(y, 10))
+        for null_class in (10, None):  # None: the pre-trained model's own null row (10), not the fine-tuned 5
+            g = DomainGuidance(guidance_scale=2.0, null_class=null_class).set_pretrained_model(pre)
+            assert torch.allclose(_one_step(g, ft, call, y, 5), u + 2.0 * (c - u), atol=1e-5)
+
+
+def test_domain_guidance_refuses_labels_it_cannot_replace(parts):
+    ft, pre = parts["ft"], parts["pre"]
+    x, t, y = torch.randn(2, C, L, L, generator=gen(4)), torch.full((2,), 500), torch.tensor([1, 2])
+
+    class Wrapped(torch.nn.Module):  # takes its labels under a keyword the guider cannot know
+        def __init__(self):
+            super().__init__()
+            self.inner = ft
+
+        def forward(self, x, t, labels=None):
+            return self.inner(x, timestep=t, class_labels=labels).sample
+
+    denoiser = Wrapped()
+    g = DomainGuidance(guidance_scale=2.0, null_class=1000).set_pretrained_model(pre)
+    with torch.no_grad(), pytest.raises(TypeError, match="class_labels= or y="):
+        _one_step(g, denoiser, lambda m, labels: m(x, t, labels=labels), y, 10)
+    assert not _hooked(denoiser)
+
+
+def test_domain_guidance_default_null_class(parts):
+    ft, pre = parts["ft"], parts["pre"]  # fine-tuned null 10, pre-trained null 1000
+    seen = []
+    handle = pre.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("class_labels")), with_kwargs=True)
+    x, t, y = torch.randn(2, C, L, L, generator=gen(4)), torch.full((2,), 500), torch.tensor([1, 2])
+    try:
+        with torch.no_grad():
+            _one_step(DomainGuidance(guidance_scale=2.0).set_pretrained_model(pre), ft,
+                      lambda m, labels: m(x, timestep=t, class_labels=labels).sample, y, 10)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and seen[0].tolist() == [1000, 1000]
+    with pytest.raises(ValueError, match="null_class"):  # a plain callable does not say what its null is
+        DomainGuidance(guidance_scale=2.0).set_pretrained_model(lambda *a, **k: None)
+    DomainGuidance(guidance_scale=2.0, null_class=3).set_pretrained_model(lambda *a, **k: None)
+    with pytest.raises(ValueError, match="null_class 1001 is outside"):
+        DomainGuidance(guidance_scale=2.0, null_class=1001).set_pretrained_model(pre)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(guidance_scale=None), "guidance_scale"), (dict(guidance_scale="2"), "guidance_scale"),
+    (dict(guidance_scale=float("nan")), "guidance_scale"), (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(guidance_channels=-1), "guidance_channels"), (dict(guidance_channels=3.7), "guidance_channels"),
+    (dict(guidance_channels="some"), "guidance_channels"), (dict(null_class=9.7), "null_class"),
+    (dict(null_class=-1), "null_class"), (dict(guidance_rescale=-1), "guidance_rescale"),
+    (dict(start=-0.1), "start"), (dict(stop=1.5), "stop"), (dict(start=0.6, stop=0.5), "start must be below stop"),
+])
+def test_domain_guidance_validates_its_settings(kwargs, pattern):
+    with pytest.raises((TypeError, ValueError), match=pattern):
+        DomainGuidance(**kwargs)
+
+
+def test_domain_guidance_channels_all_new_and_self_guidance(parts):
+    ft, pre = parts["ft"], parts["pre"]
+    x, t, y = torch.randn(2, C, L, L, generator=gen(4)), torch.full((2,), 500), torch.tensor([1, 2])
+    call = lambda m, labels: m(x, timestep=t, class_labels=labels).sample  # noqa: E731
+    with torch.no_grad():
+        g = DomainGuidance(guidance_scale=2.0, guidance_channels="all", null_class=1000).set_pretrained_model(pre)
+        everything = _one_step(g, ft, call, y, 10)
+        h = g.new(guidance_channels=None)  # new() keeps the pre-trained model
+        assert h.pretrained_model is pre and torch.equal(_one_step(h, ft, call, y, 10), everything)
+        with pytest.raises(ValueError, match="guidance_channels"):  # more channels than the prediction has
+            _one_step(g.new(guidance_channels=2 * C + 1), ft, call, y, 10)
+        with pytest.raises(ValueError, match="denoiser itself"):
+            _one_step(DomainGuidance(guidance_scale=2.0).set_pretrained_model(ft), ft, call, y, 10)
+        assert not _hooked(ft)
