@@ -145,3 +145,68 @@ def test_finetune_starts_from_the_pretrained_rows():
         if not name.startswith("y_embedder"):
             assert torch.equal(a, b), name
     assert ft.y_embedder.num_classes == len(data.TARGET_DIGITS)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--per-class", "0"], "--per-class"), (["--per-class", "-2"], "--per-class"),
+    (["--quality-samples", "1"], "--quality-samples"), (["--seed", "-5"], "--seed"),
+    (["--quick", "--steps", "abc"], "--steps"), (["--zoo-dir", "/nonexistent"], "--zoo-dir"),
+])
+def test_demo_bad_arguments_are_one_line_errors(argv, flag, capsys):
+    from dgfast.zoo import demo
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(argv + ["--out", "/nonexistent/never-written"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m dgfast.zoo.demo: error: " + flag), err
+
+
+def test_demo_quick_keeps_an_explicit_steps():
+    import argparse
+    from dgfast.zoo import demo
+    parse = demo.add_arguments(argparse.ArgumentParser()).parse_args
+    args = parse(["--quick", "--steps", "7"])
+    demo.check_args(args)
+    assert args.steps == "7" and args.per_class == 2
+    args = parse(["--quick"])
+    demo.check_args(args)
+    assert args.steps == "5"
+    args = parse([])
+    demo.check_args(args)
+    assert args.steps == "50" and args.per_class == 8
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--samples", "0"], "--samples"), (["--samples", "1"], "--samples"), (["--steps", "0"], "--steps"),
+    (["--zoo-dir", "/nonexistent"], "--zoo-dir"), (["--threads", "0"], "--threads"),
+    (["--seeds", "-1"], "--seeds"), (["--out", "x", "--update-shipped"], "--out and --update-shipped"),
+])
+def test_evaluate_bad_arguments_are_one_line_errors(argv, flag, capsys):
+    from dgfast.zoo import evaluate
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m dgfast.zoo.evaluate: error: " + flag), err
+
+
+def test_evaluate_writes_outside_the_package_unless_asked(tmp_path, monkeypatch):
+    from dgfast.zoo import evaluate
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.output_dir(None, False) == "zoo-eval"
+    assert evaluate.output_dir(str(tmp_path / "o"), False) == str(tmp_path / "o")
+    assert evaluate.output_dir(None, True) == zoo.ZOO_DIR
+    # --markdown-only rewrites RESULTS.md next to the results.json it reads, here a copy
+    out = tmp_path / "copy"
+    out.mkdir()
+    (out / "results.json").write_text(open(os.path.join(zoo.ZOO_DIR, "results.json")).read())
+    shipped = open(os.path.join(zoo.ZOO_DIR, "RESULTS.md")).read()
+    assert evaluate.main(["--markdown-only", "--out", str(out)]) == 0
+    assert (out / "RESULTS.md").read_text().startswith("# Embedded pair")
+    assert open(os.path.join(zoo.ZOO_DIR, "RESULTS.md")).read() == shipped
+
+
+def test_evaluate_fd_change_says_higher_when_worse():
+    from dgfast.zoo.evaluate import fd_change
+    assert fd_change(57.792, 36.887) == "56.7% higher"
+    assert fd_change(30.0, 40.0) == "25.0% lower"

@@ -46,7 +46,7 @@ def best_scales(zoo_dir: str | None = None) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default="./dgfast-demo", help="output folder (default ./dgfast-demo)")
     parser.add_argument("--per-class", type=int, default=8, help="grid samples per class and mode (default 8)")
-    parser.add_argument("--steps", default="50", help="sampling steps, DiT respacing string (default 50)")
+    parser.add_argument("--steps", default=None, help="sampling steps, DiT respacing string (default 50; 5 with --quick)")
     parser.add_argument("--scale", type=float, default=None,
                         help="DoG guidance scale (default: the best in RESULTS.md's sweep)")
     parser.add_argument("--cfg-scale", type=float, default=None,
@@ -57,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="auto", choices=("auto", "cpp", "triton", "torch"),
                         help="dgfast's op backend (default auto)")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-loop timing")
-    parser.add_argument("--quick", action="store_true", help="tiny settings, seconds (for tests)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings, seconds (for tests): 5 steps unless --steps is given, at most 2 per "
+                             "class, at most 40 quality samples")
     parser.add_argument("--zoo-dir", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -178,14 +180,32 @@ def make_grid(panels: list[tuple[str, np.ndarray]], row_labels: list[str], per_c
 # run
 # ----------------------------------------------------------------------------------------------
 
+def check_args(args) -> None:
+    """One-line errors naming the flag (ValueError: `dgfast demo` prints it as its usage error);
+    fills in --steps, and applies --quick, which never overrides an explicit --steps."""
+    from dgfast.zoo.evaluate import MIN_FD_SAMPLES, check_steps, check_zoo_dir
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+    if args.quality_samples != 0 and args.quality_samples < MIN_FD_SAMPLES:
+        raise ValueError(f"--quality-samples must be 0 (skip) or >= {MIN_FD_SAMPLES} (the FD needs a "
+                         f"covariance), got {args.quality_samples}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.steps is None:
+        args.steps = "5" if args.quick else "50"
+    check_steps(args.steps)
+    check_zoo_dir(args.zoo_dir)
+    if args.quick:
+        args.per_class = min(args.per_class, 2)
+        args.quality_samples = min(args.quality_samples, 40)
+
+
 def run(args) -> int:
     from dgfast.zoo import data
     from dgfast.zoo.evaluate import balanced_labels, sample_mode
     from dgfast.zoo.metrics import load_metric
 
-    if args.quick:
-        args.per_class, args.steps = min(args.per_class, 2), "5"
-        args.quality_samples = min(args.quality_samples, 40)
+    check_args(args)
     t_start = time.time()
     finetuned, pretrained, info = load_pair(args.zoo_dir)
     best = best_scales(args.zoo_dir)
@@ -274,7 +294,12 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="python -m dgfast.zoo.demo", description=__doc__.splitlines()[0]))
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        parser.error(str(err))  # usage line and exit 2, as argparse's own errors
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Measure the embedded pair: target FD and class accuracy of fine-tuned-only, CFG and DoG sampling.
 
-    python -m dgfast.zoo.evaluate            # 3 seeds x 1000 samples per mode, writes RESULTS.md + results.json
+    python -m dgfast.zoo.evaluate            # 3 seeds x 1000 samples per mode, writes ./zoo-eval/RESULTS.md + results.json
+    python -m dgfast.zoo.evaluate --update-shipped   # the same, into the package (the shipped model card)
 
 Every mode samples the same labels (balanced over the five target classes) from the same noise
 (noise="per-sample": sample i of seed s uses generator s * 10**6 + i in every mode), so the
@@ -31,6 +32,36 @@ from dgfast.zoo import ZOO_DIR, load_info, load_pair
 
 DEFAULT_STEPS = "50"
 SCALES = (1.1, 1.25, 1.5, 2.0, 2.5, 3.0)
+DEFAULT_OUT = "zoo-eval"  # under the current directory: a run never rewrites the shipped files by accident
+MIN_FD_SAMPLES = 2        # the FD needs a covariance (FD from so few samples is noisy, but defined)
+
+
+def check_steps(steps) -> None:
+    """A DiT respacing string dgfast.sample accepts, else a ValueError naming --steps."""
+    try:
+        dgfast.Schedule.from_steps(steps)
+    except (TypeError, ValueError) as err:
+        msg = str(err)  # dgfast's messages start "steps: ..."; name the flag
+        raise ValueError("--" + msg if msg.startswith("steps") else f"--steps: {msg}") from None
+
+
+def check_zoo_dir(zoo_dir) -> None:
+    if zoo_dir is not None and not os.path.isfile(os.path.join(zoo_dir, "zoo.json")):
+        raise ValueError(f"--zoo-dir {zoo_dir!r} holds no embedded pair (no zoo.json there)")
+
+
+def output_dir(out, update_shipped: bool) -> str:
+    """--out, or the package folder with --update-shipped (the two exclude each other)."""
+    if update_shipped and out is not None:
+        raise ValueError("--out and --update-shipped exclude each other (--update-shipped writes into the package)")
+    return ZOO_DIR if update_shipped else (out or DEFAULT_OUT)
+
+
+def fd_change(fd: float, baseline: float) -> str:
+    """'12.3% lower' / '4.5% higher': the FD against the fine-tuned-only baseline, in words that
+    match its sign."""
+    change = 100 * (fd / baseline - 1)
+    return f"{abs(change):.1f}% {'lower' if change < 0 else 'higher'}"
 
 
 def mode_args(mode: str, scale: float, info: dict) -> dict:
@@ -69,13 +100,15 @@ def summarize(values):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dgfast.zoo.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=1000, help="samples per mode and seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", default=DEFAULT_STEPS, help="sampling steps (DiT respacing string)")
     p.add_argument("--scales", type=float, nargs="+", default=list(SCALES))
     p.add_argument("--zoo-dir", default=None, help="where the .safetensors are (default: the package's)")
-    p.add_argument("--out", default=ZOO_DIR, help="where RESULTS.md and results.json go")
+    p.add_argument("--out", default=None, help=f"where RESULTS.md and results.json go (default ./{DEFAULT_OUT})")
+    p.add_argument("--update-shipped", action="store_true",
+                   help="write the package's own RESULTS.md and results.json (the shipped model card)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--interval", type=float, nargs=2, default=[0.0, 0.5],
                    help="guidance_interval of the extra DoG rows (default 0 0.5: the first half of the steps)")
@@ -87,6 +120,10 @@ def main(argv=None) -> int:
     p.add_argument("--markdown-only", action="store_true",
                    help="rewrite RESULTS.md from results.json (and finetune_sweep.json) without sampling")
     args = p.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        p.error(str(err))  # usage line and exit 2, as argparse's own errors
     if args.markdown_only:
         return write_markdown(args.out, load_info(args.zoo_dir))
     if args.threads:
@@ -156,7 +193,7 @@ def main(argv=None) -> int:
     best = {m: min(keys, key=lambda k: summary[k]["fd"]["mean"]) for m, keys in groups.items()}
     for m, k in best.items():
         print(f"best {m}: {k}: FD {summary[k]['fd']['mean']:.3f} +- {summary[k]['fd']['std']:.3f} vs fine-tuned "
-              f"{ft['mean']:.3f} +- {ft['std']:.3f} ({100 * (1 - summary[k]['fd']['mean'] / ft['mean']):.1f}% lower)")
+              f"{ft['mean']:.3f} +- {ft['std']:.3f} ({fd_change(summary[k]['fd']['mean'], ft['mean'])})")
     # pre-trained-branch reuse at the best DoG scale: quality and time against evaluating it every step
     w_best = float(best["dog"].split()[1])
     for k in args.every:
@@ -179,6 +216,21 @@ def main(argv=None) -> int:
     write_markdown(args.out, info)
     print(f"sampling and scoring took {time.time() - t_start:.0f}s")
     return 0
+
+
+def check_args(args) -> None:
+    """One-line errors naming the flag; resolves args.out."""
+    if args.samples < MIN_FD_SAMPLES:
+        raise ValueError(f"--samples must be >= {MIN_FD_SAMPLES} (the FD needs a covariance), got {args.samples}")
+    if any(s < 0 for s in args.seeds):
+        raise ValueError(f"--seeds must be >= 0, got {args.seeds}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_steps(args.steps)
+    check_zoo_dir(args.zoo_dir)
+    args.out = output_dir(args.out, args.update_shipped)
+    if args.markdown_only and not os.path.isfile(os.path.join(args.out, "results.json")):
+        raise ValueError(f"--markdown-only: no results.json in {args.out}")
 
 
 def write_markdown(out_dir: str, info: dict) -> int:

@@ -1,6 +1,7 @@
 """How DoG's gain depends on the length of the fine-tune: one fresh fine-tune per length, each scored.
 
-    python -m dgfast.zoo.finetune_sweep          # ~10 min on 2 cores; prints a table, writes finetune_sweep.json
+    python -m dgfast.zoo.finetune_sweep          # ~10 min on 2 cores; prints a table, writes ./zoo-eval/finetune_sweep.json
+    python -m dgfast.zoo.finetune_sweep --update-shipped   # the same, into the package (RESULTS.md's table)
 
 Every row fine-tunes the shipped pre-trained model exactly as `dgfast.zoo.train` does (same seed,
 batch, learning rate and warm-up; only FINETUNE["steps"] changes, so the cosine schedule is the one
@@ -18,6 +19,7 @@ import time
 import torch
 
 from dgfast.zoo import ZOO_DIR, load_info, load_model
+from dgfast.zoo.evaluate import output_dir
 
 LENGTHS = (50, 100, 150, 300, 600, 1200)
 SCALES = (1.25, 1.5, 2.0)
@@ -26,7 +28,7 @@ INTERVAL_SCALES = (2.0,)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dgfast.zoo.finetune_sweep", description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="fine-tune steps per row")
     p.add_argument("--scales", type=float, nargs="+", default=list(SCALES), help="DoG scales per row")
     p.add_argument("--interval", type=float, nargs=2, default=list(INTERVAL),
@@ -37,13 +39,21 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (noise of sample i: seed * 10**6 + i)")
     p.add_argument("--steps", default="50", help="sampling steps (DiT respacing string)")
     p.add_argument("--zoo-dir", default=None)
-    p.add_argument("--out", default=None, help="json path (default ZOO_DIR/finetune_sweep.json)")
+    p.add_argument("--out", default=None, help="json path (default ./zoo-eval/finetune_sweep.json, where "
+                   "python -m dgfast.zoo.evaluate's RESULTS.md picks it up)")
+    p.add_argument("--update-shipped", action="store_true", help="write the package's own finetune_sweep.json")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if any(n <= 0 for n in args.lengths):
-        raise SystemExit(f"--lengths must be positive step counts, got {args.lengths}")
+        p.error(f"--lengths must be positive step counts, got {args.lengths}")
+    try:
+        output_dir(args.out, args.update_shipped)  # the two flags exclude each other
+    except ValueError as err:
+        p.error(str(err))
+    # never the package's own file unless asked: a trial run would replace the shipped table
+    out = args.out or os.path.join(output_dir(None, args.update_shipped), "finetune_sweep.json")
     from dgfast.zoo import data, train
     from dgfast.zoo.evaluate import balanced_labels, sample_mode
     from dgfast.zoo.metrics import load_metric
@@ -73,7 +83,7 @@ def main(argv=None) -> int:
             rows.append({"finetune_steps": n, "mode": name, "scale": w, "guidance_interval": list(interval),
                          "fd": r["fd"], "accuracy": r["accuracy"], "finetune_seconds": log["seconds"]})
             print(f"{n:8d} {name:10s} {w:5g} {r['fd']:10.3f} {r['accuracy']:9.3f}", flush=True)
-    out = args.out or os.path.join(zoo_dir, "finetune_sweep.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"setup": {"finetune": dict(train.FINETUNE), "samples": args.samples, "seed": args.seed,
                              "steps": args.steps, "torch": torch.__version__, "threads": torch.get_num_threads(),
