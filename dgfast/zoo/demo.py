@@ -46,7 +46,8 @@ def best_scales(zoo_dir: str | None = None) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default="./dgfast-demo", help="output folder (default ./dgfast-demo)")
     parser.add_argument("--per-class", type=int, default=8, help="grid samples per class and mode (default 8)")
-    parser.add_argument("--steps", default=None, help="sampling steps, DiT respacing string (default 50; 5 with --quick)")
+    parser.add_argument("--steps", default=None,
+                        help="sampling steps, DiT respacing string (default 50; 5 with --quick)")
     parser.add_argument("--scale", type=float, default=None,
                         help="DoG guidance scale (default: the best in RESULTS.md's sweep)")
     parser.add_argument("--cfg-scale", type=float, default=None,

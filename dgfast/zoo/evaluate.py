@@ -1,6 +1,6 @@
 """Measure the embedded pair: target FD and class accuracy of fine-tuned-only, CFG and DoG sampling.
 
-    python -m dgfast.zoo.evaluate            # 3 seeds x 1000 samples per mode, writes ./zoo-eval/RESULTS.md + results.json
+    python -m dgfast.zoo.evaluate            # 3 seeds x 1000 samples per mode -> ./zoo-eval/RESULTS.md, results.json
     python -m dgfast.zoo.evaluate --update-shipped   # the same, into the package (the shipped model card)
 
 Every mode samples the same labels (balanced over the five target classes) from the same noise

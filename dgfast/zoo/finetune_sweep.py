@@ -1,6 +1,6 @@
 """How DoG's gain depends on the length of the fine-tune: one fresh fine-tune per length, each scored.
 
-    python -m dgfast.zoo.finetune_sweep          # ~10 min on 2 cores; prints a table, writes ./zoo-eval/finetune_sweep.json
+    python -m dgfast.zoo.finetune_sweep          # ~10 min on 2 cores; a table, ./zoo-eval/finetune_sweep.json
     python -m dgfast.zoo.finetune_sweep --update-shipped   # the same, into the package (RESULTS.md's table)
 
 Every row fine-tunes the shipped pre-trained model exactly as `dgfast.zoo.train` does (same seed,
