@@ -241,7 +241,11 @@ def load_dit(flag: str, path: str, arch, image_size: int, num_classes: int | Non
     state = read_checkpoint(flag, path, trusted)
     table = state.get("y_embedder.embedding_table.weight")
     if num_classes is None:
-        num_classes = table.shape[0] - 1 if table is not None and table.shape[0] > 1 else 1000
+        # rows - 1 (the last row taken as the null row), except that 1000 rows keep ImageNet's 1000
+        # classes: a 1000-row table is an ImageNet DiT trained without label dropout (no null row),
+        # which must stay an error below rather than guide with class 999 as its "null"
+        rows = table.shape[0] if table is not None else 1001
+        num_classes = 1000 if rows in (1000, 1001) or rows < 2 else rows - 1
     rows = table.shape[0] if table is not None else num_classes + 1
     if rows not in (num_classes, num_classes + 1):
         raise UsageError(f"{flag} {path} has a label table of {rows} rows; {classes_flag} {num_classes} needs "
@@ -340,6 +344,9 @@ def run_sample(args) -> int:
         mode = ("no guidance" if pre is None else "classic CFG" if pre is ft else "Domain Guidance")
         say(f"dgfast sample: {mode}, w={args.cfg_scale}, null label {null}, {args.seed_mode} seeds, "
             f"{d.world_size} process(es) on {device.type}", file=sys.stderr)
+        if pre is not None and pre is not ft and args.null_label is None and args.pretrained_num_classes is None:
+            say(f"dgfast sample: null label {null} is the last row of --pretrained-ckpt's label table, taken as "
+                f"its null row (pass --pretrained-num-classes or --null-label if it has none)", file=sys.stderr)
         if args.verbose:
             say(f"dgfast sample: {dict((k, v) for k, v in vars(args).items() if k != 'run')}", file=sys.stderr)
         steps = int(args.num_sampling_steps) if args.num_sampling_steps.isdigit() else args.num_sampling_steps

@@ -422,6 +422,15 @@ def test_without_pretrained_ckpt_guidance_is_classic_cfg(ckpts, tmp_path, capsys
 # Bad arguments: a clear message naming the flag, exit code 2, nothing written
 # ----------------------------------------------------------------------------------------------
 
+def _no_null_pretrained(folder) -> str:
+    """An ImageNet-size pre-trained model trained without label dropout: 1000 rows, no null row. Its
+    last row is class 999, which must not be taken for a null row."""
+    m = dgfast.DiT(input_size=IMAGE_SIZE // 8, num_classes=1000, class_dropout_prob=0.0, **ARCH)
+    path = str(folder / "pre_no_null.safetensors")
+    dgfast.save_safetensors(m.state_dict(), path)
+    return path
+
+
 BAD = {
     "missing checkpoint": (lambda c, t: ["--ckpt", str(t / "nope.pt")], "--ckpt"),
     "no checkpoint": (lambda c, t: ["--ckpt", ""], "--ckpt is required"),
@@ -446,6 +455,9 @@ BAD = {
     "null label outside table": (lambda c, t: ["--null-label", "1001"], "--null-label 1001"),
     "unwritable dir": (lambda c, t: ["--sample-dir", str(t / "a_file" / "out")], "--sample-dir .*not a directory"),
     "reference below 1": (lambda c, t: ["--seed-mode", "reference", "--cfg-scale", "0.5"], "--cfg-scale"),
+    "pre-trained table without a null row": (lambda c, t: ["--pretrained-ckpt", _no_null_pretrained(c.dir)],
+                                              "--null-label 1000 is outside --pretrained-ckpt's label table "
+                                              "\\(1000 rows\\)"),
     "ddim eta above 1": (lambda c, t: ["--sampler", "ddim", "--eta", "2"], "--eta must be in \\[0, 1\\]"),
 }
 
