@@ -76,7 +76,9 @@ setup(
     packages=find_packages(include=["dgfast", "dgfast.*"]) + ["dgfast.kernels"],
     package_dir={"dgfast.kernels": "kernels"},
     package_data={"dgfast.zoo": ["*.safetensors", "*.json", "*.md"]},
-    install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors", "pillow"],
+    # torch 2.4: torch.load's allow-list (safe_globals), which loads upstream train.py checkpoints
+    # (an argparse.Namespace inside) without an unsafe full-pickle load
+    install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors", "pillow"],
     extras_require={
         # triton: the kernels' tests run under its interpreter (TRITON_INTERPRET=1) without a GPU
         "dev": ["pytest", "pytest-benchmark", "pybind11", "ninja", "numpy", "pillow", "tqdm", "safetensors",
