@@ -31,7 +31,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from dgfast import samplers
-from dgfast.sampling import check_eval, check_scale, make_pair_forward, resolve_channels
+from dgfast.sampling import check_eval, check_scale, make_pair_forward, resolve_channels, scalar
 
 
 def label_rows(transformer) -> int:
@@ -45,8 +45,9 @@ def label_rows(transformer) -> int:
 
 def check_labels(class_labels, num_classes: int) -> list[int]:
     """class_labels as DiTPipeline takes them (a list of class ids; a 1-D tensor works too)."""
-    if isinstance(class_labels, torch.Tensor):
-        class_labels = class_labels.reshape(-1).tolist() if class_labels.dim() <= 1 else class_labels
+    if hasattr(class_labels, "tolist") and getattr(class_labels, "ndim", 2) <= 1:  # a tensor or numpy array
+        class_labels = class_labels.tolist()
+        class_labels = class_labels if isinstance(class_labels, list) else [class_labels]  # 0-dim: one label
     if not isinstance(class_labels, (list, tuple)):
         raise TypeError(f"class_labels must be a list of class ids, got {type(class_labels).__name__}")
     if not class_labels:
@@ -134,6 +135,7 @@ class DoGDiTPipeline(DiTPipeline):
         if null_class is None:
             null_class = guide.config.num_embeds_ada_norm
         rows = label_rows(guide)
+        null_class = scalar(null_class)
         if isinstance(null_class, bool) or not isinstance(null_class, numbers.Integral) or not 0 <= null_class < rows:
             raise ValueError(f"null_class {null_class!r} is outside the guiding model's label table [0, {rows})")
         pair_forward = None

@@ -105,8 +105,14 @@ def resolve_channels(guidance_channels, C: int) -> int:
     return guidance_channels
 
 
+def scalar(value):
+    """A 0-dim tensor or numpy array as the Python number it holds; anything else unchanged."""
+    return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
+
+
 def check_label(value, name: str, table_rows) -> int:
-    """An int label (numpy integers too) inside a label table of table_rows rows (None: unknown)."""
+    """An int label (numpy integers, 0-dim tensors too) inside a label table of table_rows rows (None: unknown)."""
+    value = scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     value = int(value)
@@ -121,12 +127,14 @@ def check_seeds(seeds) -> list:
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
         raise TypeError(f"seeds must be a sequence of ints (one per sample), got {type(seeds).__name__}")
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= int(s) < 2 ** 63:
-            raise ValueError(f"seeds must hold ints in [0, 2**63), got {s!r}")
+        # torch.Generator.manual_seed's range (negative seeds wrap around, as there)
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not -2 ** 63 <= int(s) < 2 ** 64:
+            raise ValueError(f"seeds must hold ints in [-2**63, 2**64), got {s!r}")
     return [int(s) for s in seeds]
 
 
 def check_scale(guidance_scale) -> float:
+    guidance_scale = scalar(guidance_scale)
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):  # numpy scalars too
         raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
     s = float(guidance_scale)

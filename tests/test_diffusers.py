@@ -95,6 +95,18 @@ def test_pipeline_rejects_bad_input(parts, pattern, over):
         pipe(**{**kw, **over})
 
 
+def test_pipeline_takes_arrays_and_tensors_for_numbers(parts):
+    import numpy as np
+    pipe = DoGDiTPipeline(parts["ft"], parts["pre"], None, DDPMScheduler(clip_sample=False))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, output_type="latent")
+    want = pipe([1, 7], guidance_scale=1.5, generator=gen(), null_class=1000, **kw).images
+    for labels, scale, null in [(np.array([1, 7]), np.float32(1.5), np.int64(1000)),
+                                (torch.tensor([1, 7]), torch.tensor(1.5), torch.tensor(1000))]:
+        got = pipe(labels, guidance_scale=scale, generator=gen(), null_class=null, **kw).images
+        assert torch.equal(got, want)
+
+
 def test_pipeline_rejects_train_mode_and_mismatched_models(parts):
     import copy
     ft = copy.deepcopy(parts["ft"]).train()

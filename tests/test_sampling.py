@@ -490,6 +490,11 @@ def test_sample_rejects_bad_input(models, name, over):
 
 def test_sample_accepts_numpy_labels_and_seeds(models):
     np_null = _call(models, null_label=np.int64(NULL), steps=np.int64(3), guidance_scale=np.float32(1.5))
+    torch.manual_seed(0)
+    t_null = _call(models, null_label=torch.tensor(NULL), steps="ddim3", guidance_scale=torch.tensor(1.5))
+    torch.manual_seed(0)
+    assert torch.equal(t_null, _call(models, steps="ddim3"))  # 0-dim tensors are their numbers
+    _call(models, noise="per-sample", seeds=[-1, 2 ** 64 - 1], steps="ddim3")  # manual_seed's whole range
     a = _call(models, noise="per-sample", seeds=np.array([3, 4]), steps="ddim3")
     b = _call(models, noise="per-sample", seeds=[3, 4], steps="ddim3")
     assert torch.equal(a, b) and np_null.shape == (2, 4, 8, 8)
