@@ -360,29 +360,44 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
             raise TypeError(f"guidance_channels must be an int or 'all', got {guidance_channels!r}")
         if guidance_channels < 0:
             raise ValueError(f"guidance_channels must be >= 0 or 'all', got {guidance_channels}")
-    state = {"forward": make_pair_forward(finetuned, pretrained, paired), "t": None}  # built now, not at step 1
+    state = {"forward": make_pair_forward(finetuned, pretrained, paired), "t": None, "dir": 0}  # built now
+
+    def loop_starts(t0: float) -> bool:
+        """Whether this call starts a sampling loop: the first call, or t turning back against the
+        direction it has been moving in (DiT's loops count t down, SiT's flow loops count it up; a
+        repeated t, as Heun's second stage, continues the loop)."""
+        last, direction = state["t"], state["dir"]
+        state["t"] = t0
+        if last is None or (direction == 0 and t0 == last) or (t0 - last) * direction < 0:
+            state["dir"] = 0
+            return True
+        if direction == 0:
+            state["dir"] = 1 if t0 > last else -1
+        return False
 
     @torch.no_grad()
     def forward_with_cfg(x, t, y, cfg_scale):
-        check_eval(finetuned, "finetuned")  # every call: a model put in train mode since
-        check_eval(pretrained, "pretrained")
-        # The weights are re-checked (and the pair rebuilt if they changed) where a sampling loop
-        # starts -- t not below the last call's -- as sample() checks them once per call: a full
-        # check costs a few ms for DiT-XL, too much for every step.
-        t0 = float(t[0]) if len(t) else 0.0
-        if state["t"] is None or t0 >= state["t"]:
-            state["forward"] = make_pair_forward(finetuned, pretrained, paired)
-        state["t"] = t0
-        pair_forward = state["forward"]
+        if finetuned.training if isinstance(finetuned, nn.Module) else False:
+            check_eval(finetuned, "finetuned")  # a model put in train mode since (its top module: cheap)
+        if pretrained.training if isinstance(pretrained, nn.Module) else False:
+            check_eval(pretrained, "pretrained")
         if len(x) % 2 or len(y) != len(x) or len(t) != len(x):
             raise ValueError(f"x, t and y must hold the doubled batch (2n rows each, as the DoG script builds "
                              f"it), got {len(x)}, {len(t)} and {len(y)} rows")
         if isinstance(cfg_scale, (int, float)):
             check_scale(cfg_scale)
         n = len(x) // 2
-        rows = ft_info["table_rows"]
-        if n and rows is not None and (int(y[:n].min()) < 0 or int(y[:n].max()) >= rows):
-            raise ValueError(f"y[:n] holds labels outside [0, {rows}) of the finetuned model's label table")
+        if loop_starts(float(t[0]) if len(t) else 0.0):
+            # Once per sampling loop, as sample() checks once per call (a full check costs a few ms
+            # for DiT-XL and syncs a GPU): every submodule's mode, the labels, and the weights --
+            # the pair is rebuilt if they changed since the last loop.
+            check_eval(finetuned, "finetuned")
+            check_eval(pretrained, "pretrained")
+            rows = ft_info["table_rows"]
+            if n and rows is not None and (int(y[:n].min()) < 0 or int(y[:n].max()) >= rows):
+                raise ValueError(f"y[:n] holds labels outside [0, {rows}) of the finetuned model's label table")
+            state["forward"] = make_pair_forward(finetuned, pretrained, paired)
+        pair_forward = state["forward"]
         C = x.shape[1]
         k = resolve_channels(guidance_channels, C)
         if torch.equal(t[:n], t[n:]):  # always so inside p_sample_loop: one paired forward

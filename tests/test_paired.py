@@ -335,6 +335,33 @@ def test_dog_forward_follows_model_edits():
         fn(x2, t2, y2, 1.5)
 
 
+@pytest.mark.parametrize("loop", [(999, 500, 500, 0), (0.0, 0.5, 0.5, 1.0)], ids=["dit-t-down", "sit-t-up-heun"])
+def test_dog_forward_checks_weights_once_per_loop(loop, monkeypatch):
+    """The full check (weights, labels, every submodule's mode) runs where a loop starts, in either
+    direction of t, and nowhere else (a repeated t is Heun's second stage, not a new loop)."""
+    import dgfast
+    from dgfast import sampling
+    pre = rand_dit(seed=17)
+    ft = finetune_of(pre, seed=18)
+    fn = dgfast.dog_forward(ft, pre, null_label=1000, guidance_channels="all")
+    checks = []
+    real = sampling.make_pair_forward
+    monkeypatch.setattr(sampling, "make_pair_forward", lambda *a: (checks.append(1), real(*a))[1])
+    x, _, y = inputs()
+    x2, y2 = torch.cat([x, x]), torch.cat([y, torch.full_like(y, 1000)])
+    for t in loop:
+        fn(x2, torch.full((len(x2),), t), y2, 1.5)
+    assert len(checks) == 1
+    with torch.no_grad():  # an EMA-style edit between two loops: caught at the next loop's first step
+        for q in ft.parameters():
+            q.data.mul_(1.5)
+    got = fn(x2, torch.full((len(x2),), loop[0]), y2, 1.5)
+    assert len(checks) == 2
+    want = dgfast.dog_forward(ft, pre, null_label=1000, guidance_channels="all", paired=False)(
+        x2, torch.full((len(x2),), loop[0]), y2, 1.5)
+    assert rel(got, want) <= TOL
+
+
 def test_get_pair_does_not_keep_models_alive():
     from dgfast import paired
     pre = rand_dit(seed=21)
