@@ -716,16 +716,22 @@ def sample_views(ft: nn.Module, pre: nn.Module, per_tensor: int = 16) -> list:
     groups: dict = {}
     for m in (ft, pre):
         for t in list(m.parameters()) + list(m.buffers()):
-            if not t.is_floating_point() or t.numel() == 0:
+            if not t.is_floating_point() or t.numel() == 0 or t.device.type == "meta":  # meta: no values
                 continue
-            flat = t.detach().reshape(-1)
-            groups.setdefault((t.device, t.dtype), []).append(flat[::max(1, flat.numel() // per_tensor)][:per_tensor])
+            t = t.detach()
+            if t.is_contiguous():  # a strided 1-D view of the whole tensor
+                view = t.view(-1)[::max(1, t.numel() // per_tensor)][:per_tensor]
+            else:  # reshape would copy (and miss later edits): rows of the tensor itself, flattened when read
+                view = t[::max(1, t.shape[0] // per_tensor)]
+            groups.setdefault((t.device, t.dtype), []).append(view)
     return list(groups.values())
 
 
-def read_sample(views: list) -> torch.Tensor:
+def read_sample(views: list, per_tensor: int = 16) -> torch.Tensor:
     """The sampled values' bit patterns (int64), compared bit for bit (NaN weights equal themselves)."""
-    parts = [torch.cat(group).to("cpu", torch.float64) for group in views]  # exact for every float dtype
+    parts = [torch.cat([v if v.dim() == 1 else v.reshape(-1)[:per_tensor] for v in group])
+             .cpu().to(torch.float64)  # exact for every float dtype; cast on the CPU (MPS has no float64)
+             for group in views]
     return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)).view(torch.int64)
 
 

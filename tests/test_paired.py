@@ -286,7 +286,8 @@ def test_get_pair_cache_and_rebuild():
     assert get_pair(ft, pre, rebuild=True) is not p3
 
 
-@pytest.mark.parametrize("edit", ["data.mul_", "data.copy_", "equal-then-edited", "inference-tensors"])
+@pytest.mark.parametrize("edit", ["data.mul_", "data.copy_", "equal-then-edited", "inference-tensors",
+                                  "non-contiguous"])
 def test_get_pair_sees_edits_that_bump_no_version(edit):
     """p.data edits and inference tensors change no version counter; the pair holds copies (stacked
     or prepacked) and reads one tensor of equal-valued layers: the weight sample must catch them."""
@@ -298,6 +299,10 @@ def test_get_pair_sees_edits_that_bump_no_version(edit):
     else:
         ft = copy.deepcopy(pre) if edit == "equal-then-edited" else finetune_of(pre, seed=14)
         ft.y_embedder = finetune_of(pre, seed=14).y_embedder  # own label table: ft(x, t, y) is a fine-tune's
+    if edit == "non-contiguous":  # e.g. a weight loaded as a transpose: sampled through a view, not a copy
+        lin = ft.blocks[1].mlp.fc1
+        lin.weight = torch.nn.Parameter(lin.weight.detach().t().contiguous().t())
+        assert not lin.weight.is_contiguous()
     x, t, y = inputs()
     p1 = get_pair(ft, pre)
     if edit == "equal-then-edited":
@@ -360,6 +365,13 @@ def test_dog_forward_checks_weights_once_per_loop(loop, monkeypatch):
     want = dgfast.dog_forward(ft, pre, null_label=1000, guidance_channels="all", paired=False)(
         x2, torch.full((len(x2),), loop[0]), y2, 1.5)
     assert rel(got, want) <= TOL
+
+
+def test_pair_of_meta_models_builds():
+    """Shapes only (no values to sample for the cache check): building must still work."""
+    with torch.device("meta"):
+        ft, pre = DiT(**CFG, num_classes=10).eval(), DiT(**CFG, num_classes=1000).eval()
+    assert "blocks.0.attn.qkv" in pair(ft, pre, gemm="bmm").kinds()
 
 
 def test_get_pair_does_not_keep_models_alive():
