@@ -37,7 +37,10 @@ _LABEL_KWARGS = ("class_labels", "y")
 
 def _null_labels(args, kwargs, null):
     """args, kwargs with the class labels replaced by `null`; an error when they cannot be found
-    (guessing would hand the pre-trained model the fine-tuned model's null label, a real class)."""
+    (guessing would hand the pre-trained model the fine-tuned model's null label, a real class).
+    null None: a pre-trained model without class labels, called as the denoiser was."""
+    if null is None:
+        return args, kwargs
     for name in _LABEL_KWARGS:
         if name in kwargs:
             return args, {**kwargs, name: _full(kwargs[name], null, name)}
@@ -84,9 +87,10 @@ def _remove_hook(denoiser) -> None:
         registry.remove_hook(_HOOK, recurse=False)
 
 
-def pretrained_null_class(model) -> int:
+def pretrained_null_class(model) -> int | None:
     """The pre-trained model's null label: its class count (dgfast/upstream DiT `num_classes`,
-    diffusers `num_embeds_ada_norm`), else its label table's last row."""
+    diffusers `num_embeds_ada_norm`), else its label table's last row; None for a model without
+    class labels (it then receives the denoiser's call unchanged)."""
     classes = getattr(model, "num_classes", None)
     config = getattr(model, "config", None)
     if classes is None and config is not None:
@@ -99,6 +103,8 @@ def pretrained_null_class(model) -> int:
         return int(classes)
     if rows is not None:
         return rows - 1
+    if isinstance(model, torch.nn.Module):
+        return None  # a module with no label table (e.g. a text-conditioned denoiser): it gets the same call
     raise ValueError(f"DomainGuidance: cannot tell the null class of the pre-trained model "
                      f"({type(model).__name__}); pass null_class= (1000 for ImageNet DiTs)")
 

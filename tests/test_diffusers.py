@@ -360,6 +360,13 @@ def test_domain_guidance_default_null_class(parts):
     with pytest.raises(ValueError, match="null_class"):  # a plain callable does not say what its null is
         DomainGuidance(guidance_scale=2.0).set_pretrained_model(lambda *a, **k: None)
     DomainGuidance(guidance_scale=2.0, null_class=3).set_pretrained_model(lambda *a, **k: None)
+
+    class LabelFree(torch.nn.Module):  # e.g. a text-conditioned denoiser: no classes, no null to give
+        def forward(self, x, timestep=None, encoder_hidden_states=None):
+            return x
+    g = DomainGuidance(guidance_scale=2.0).set_pretrained_model(LabelFree())
+    from dgfast.guiders import _null_labels
+    assert _null_labels((x,), {"timestep": t}, g._null_for(g.pretrained_model)) == ((x,), {"timestep": t})
     with pytest.raises(ValueError, match="null_class 1001 is outside"):
         DomainGuidance(guidance_scale=2.0, null_class=1001).set_pretrained_model(pre)
 
