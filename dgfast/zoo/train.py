@@ -3,9 +3,10 @@
 Reproduce the shipped files (overwrites dgfast/zoo/*.safetensors and zoo.json):
 
     nice -n 5 python -m dgfast.zoo.train --threads 2      # ~18 min on 2 idle cores
-    python -m dgfast.zoo.evaluate                         # RESULTS.md / results.json (~23 min)
-    python -m dgfast.zoo.finetune_sweep                   # DoG's gain vs fine-tune length (~13 min)
-    python -m dgfast.zoo.evaluate --markdown-only         # RESULTS.md with both tables
+    python -m dgfast.zoo.evaluate --update-shipped        # RESULTS.md / results.json (~23 min)
+    python -m dgfast.zoo.finetune_sweep --update-shipped  # DoG's gain vs fine-tune length (~13 min)
+    python -m dgfast.zoo.evaluate --markdown-only --update-shipped   # RESULTS.md with both tables
+(without --update-shipped, evaluate and finetune_sweep write to ./zoo-eval instead)
 
 `--out DIR` writes elsewhere; `--quick` is a seconds-long smoke run (useless weights).
 Bit-identical weights need the same torch build and thread count (2); the quality does not.
