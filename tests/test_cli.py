@@ -290,21 +290,28 @@ def test_torchrun_reference_mode_is_the_scripts_stream(ckpts, tmp_path, one_thre
 # Resume
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_sigkill_then_resume_gives_the_uninterrupted_files(ckpts, tmp_path, one_thread):
-    out = tmp_path / "run"
+def _run_until(ckpts, out, done: int):
+    """(args, process): a 12-sample `dgfast sample` run in a subprocess, returned once `done`
+    samples are finished (or it ended, or 120 s passed), for the interruption tests."""
     args = sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", "12", "--per-proc-batch-size", "1",
                        "--num-sampling-steps", "30")
     proc = subprocess.Popen([sys.executable, "-m", "dgfast", *args], env=env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if out.is_dir() and len(finished_indices(str(out), "npy")) >= 3:
+        if out.is_dir() and len(finished_indices(str(out), "npy")) >= done:
             break
         time.sleep(0.01)
+    return args, proc
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_uninterrupted_files(ckpts, tmp_path, one_thread):
+    out = tmp_path / "run"
+    args, proc = _run_until(ckpts, out, done=3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
     killed_at = len(files(out, "npy"))
     assert 3 <= killed_at < 12
     assert not os.path.exists(str(out) + ".npz")
@@ -327,16 +334,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_files(ckpts, tmp_path, one_
 
 
 def test_ctrl_c_says_how_to_continue(ckpts, tmp_path):
-    out = tmp_path / "run"
-    args = sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", "12", "--per-proc-batch-size", "1",
-                       "--num-sampling-steps", "30")
-    proc = subprocess.Popen([sys.executable, "-m", "dgfast", *args], env=env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if out.is_dir() and len(finished_indices(str(out), "npy")) >= 1:
-            break
-        time.sleep(0.01)
+    args, proc = _run_until(ckpts, tmp_path / "run", done=1)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130, err
