@@ -31,16 +31,8 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from dgfast import samplers
-from dgfast.sampling import check_eval, check_scale, make_pair_forward, resolve_channels, scalar
-
-
-def label_rows(transformer) -> int:
-    """Rows of a diffusers DiT's label table (num_embeds_ada_norm, + 1 when it has a null row)."""
-    for m in transformer.modules():
-        table = getattr(m, "embedding_table", None)
-        if isinstance(table, torch.nn.Embedding):
-            return table.num_embeddings
-    return transformer.config.num_embeds_ada_norm + 1
+from dgfast.sampling import (check_eval, check_scale, label_table_rows, make_pair_forward,
+                             resolve_channels, scalar)
 
 
 def check_labels(class_labels, num_classes: int) -> list[int]:
@@ -134,7 +126,7 @@ class DoGDiTPipeline(DiTPipeline):
         guide = self.transformer_pre if self.transformer_pre is not None else self.transformer
         if null_class is None:
             null_class = guide.config.num_embeds_ada_norm
-        rows = label_rows(guide)
+        rows = label_table_rows(guide) or guide.config.num_embeds_ada_norm + 1  # + 1: the null row
         null_class = scalar(null_class)
         if isinstance(null_class, bool) or not isinstance(null_class, numbers.Integral) or not 0 <= null_class < rows:
             raise ValueError(f"null_class {null_class!r} is outside the guiding model's label table [0, {rows})")

@@ -25,7 +25,7 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_n
 from diffusers.hooks import HookRegistry, ModelHook
 
 from dgfast import ops
-from dgfast.sampling import check_label, check_scale, resolve_channels
+from dgfast.sampling import check_label, check_scale, label_table_rows, resolve_channels
 
 _HOOK = "dgfast_domain_guidance"
 
@@ -95,7 +95,7 @@ def pretrained_null_class(model) -> int | None:
     config = getattr(model, "config", None)
     if classes is None and config is not None:
         classes = config.get("num_embeds_ada_norm") if hasattr(config, "get") else None
-    rows = _label_rows(model)
+    rows = label_table_rows(model)
     if isinstance(classes, numbers.Integral) and not isinstance(classes, bool):
         if rows is not None and rows <= classes:
             raise ValueError(f"DomainGuidance: the pre-trained model's label table has {rows} rows for {classes} "
@@ -107,17 +107,6 @@ def pretrained_null_class(model) -> int | None:
         return None  # a module with no label table (e.g. a text-conditioned denoiser): it gets the same call
     raise ValueError(f"DomainGuidance: cannot tell the null class of the pre-trained model "
                      f"({type(model).__name__}); pass null_class= (1000 for ImageNet DiTs)")
-
-
-def _label_rows(model):
-    """Rows of the first label table (`embedding_table`) in the model, None when there is none."""
-    if not isinstance(model, torch.nn.Module):
-        return None
-    for m in model.modules():
-        table = getattr(m, "embedding_table", None)
-        if isinstance(table, torch.nn.Embedding):
-            return table.num_embeddings
-    return None
 
 
 def _check_config(guidance_scale, guidance_rescale, guidance_channels, null_class, start, stop) -> None:
@@ -181,7 +170,7 @@ class DomainGuidance(BaseGuidance):
     def _null_for(self, model) -> int:
         if self.null_class is None:
             return pretrained_null_class(model)
-        return check_label(self.null_class, "null_class", _label_rows(model))
+        return check_label(self.null_class, "null_class", label_table_rows(model))
 
     def new(self, **kwargs) -> "DomainGuidance":
         """A copy with some settings changed; the pre-trained model (not part of the config) comes along."""

@@ -45,6 +45,18 @@ def model_info(model) -> dict:
     return info
 
 
+def label_table_rows(model):
+    """Rows of the first label table (an nn.Embedding named `embedding_table`: upstream/dgfast DiT,
+    diffusers' LabelEmbedding) in the model, None when there is none."""
+    if not isinstance(model, nn.Module):
+        return None
+    for m in model.modules():
+        table = getattr(m, "embedding_table", None)
+        if isinstance(table, nn.Embedding):
+            return table.num_embeddings
+    return None
+
+
 def check_eval(model, name: str) -> None:
     if not callable(model):
         raise TypeError(f"{name} must be a callable model f(x, t, y), got {type(model).__name__}")
