@@ -281,9 +281,9 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
         if seeds is None:
             raise ValueError("noise='per-sample' needs seeds= (one int per sample)")
         seeds = check_seeds(seeds)
-        if z is None:
+        if z is None:  # latents from each sample's generator, which then goes on to the step noise
             if isinstance(y, torch.Tensor) and y.dim() == 1 and len(y) != len(seeds):
-                raise ValueError(f"seeds has {len(seeds)} entries but y has {len(y)} labels")  # latents from each sample's generator, which then goes on to the step noise
+                raise ValueError(f"seeds has {len(seeds)} entries but y has {len(y)} labels")
             if ft_info["in_channels"] is None or ft_info["input_size"] is None:
                 raise ValueError("z=None needs a model whose in_channels and input_size are known")
             size = ft_info["input_size"]
@@ -389,10 +389,9 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
 
     @torch.no_grad()
     def forward_with_cfg(x, t, y, cfg_scale):
-        if finetuned.training if isinstance(finetuned, nn.Module) else False:
-            check_eval(finetuned, "finetuned")  # a model put in train mode since (its top module: cheap)
-        if pretrained.training if isinstance(pretrained, nn.Module) else False:
-            check_eval(pretrained, "pretrained")
+        for model, name in ((finetuned, "finetuned"), (pretrained, "pretrained")):
+            if isinstance(model, nn.Module) and model.training:  # put in train mode since (top module: cheap)
+                check_eval(model, name)
         if len(x) % 2 or len(y) != len(x) or len(t) != len(x):
             raise ValueError(f"x, t and y must hold the doubled batch (2n rows each, as the DoG script builds "
                              f"it), got {len(x)}, {len(t)} and {len(y)} rows")
