@@ -240,13 +240,13 @@ def load_dit(flag: str, path: str, arch, image_size: int, num_classes: int | Non
 
     state = read_checkpoint(flag, path, trusted)
     table = state.get("y_embedder.embedding_table.weight")
+    file_rows = table.shape[0] if table is not None else None
     if num_classes is None:
         # rows - 1 (the last row taken as the null row), except that 1000 rows keep ImageNet's 1000
         # classes: a 1000-row table is an ImageNet DiT trained without label dropout (no null row),
         # which must stay an error below rather than guide with class 999 as its "null"
-        rows = table.shape[0] if table is not None else 1001
-        num_classes = 1000 if rows in (1000, 1001) or rows < 2 else rows - 1
-    rows = table.shape[0] if table is not None else num_classes + 1
+        num_classes = 1000 if file_rows is None or file_rows in (1000, 1001) or file_rows < 2 else file_rows - 1
+    rows = file_rows if file_rows is not None else num_classes + 1
     if rows not in (num_classes, num_classes + 1):
         raise UsageError(f"{flag} {path} has a label table of {rows} rows; {classes_flag} {num_classes} needs "
                          f"{num_classes} or {num_classes + 1}")
