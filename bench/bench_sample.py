@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dgfast
 from dgfast.adapters import to_dgfast
-from dgfast.paired import get_pair
+from dgfast.pair_cache import get_pair
 from dgfast.reference import ReferenceDiffusion, ReferenceDiT_models, dog_guidance_fn
 
 MODEL = "DiT-S/2"

@@ -9,7 +9,8 @@ from dgfast.adapters import to_dgfast  # noqa: F401
 from dgfast.checkpoint import load_checkpoint, save_safetensors  # noqa: F401
 from dgfast.distributed import make_npz, sample_to_dir  # noqa: F401
 from dgfast.models import DiT, DiT_models, build_model  # noqa: F401
-from dgfast.paired import get_pair, pair  # noqa: F401
+from dgfast.pair_cache import get_pair  # noqa: F401
+from dgfast.paired import pair  # noqa: F401
 from dgfast.sampling import dog_forward, sample  # noqa: F401
 from dgfast.schedule import Schedule, space_timesteps  # noqa: F401
 

@@ -134,6 +134,13 @@ def blocks_forward(h, mods, final, attn, mlp, *, eps: float, mlp_eps: float, bac
     return xm
 
 
+def unpatchify(x: torch.Tensor, p: int, c: int) -> torch.Tensor:
+    """(N, T, p*p*c) → (N, c, H, W), channel fastest within a token (upstream order)."""
+    g = int(x.shape[1] ** 0.5)
+    x = x.reshape(x.shape[0], g, g, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -262,11 +269,7 @@ class DiT(nn.Module):
         return self
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, T, p*p*C) → (N, C, H, W), channel fastest within a token (upstream order)."""
-        c, p = self.out_channels, self.patch_size
-        g = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+        return unpatchify(x, self.patch_size, self.out_channels)
 
     def embed(self, x, t, y):
         """Token embeddings h (N, T, D) and conditioning c (N, D)."""

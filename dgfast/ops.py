@@ -222,7 +222,7 @@ def guided_step_math(x, out_ft, out_pre, noise, c, *, scale, guidance_channels, 
                      return_state):
     """guided_step_torch's arithmetic with the coefficients `c` as float32 0-dim tensors: a list
     (the twin), or the rows of a (7,) device tensor, which a captured CUDA graph reads afresh on
-    every replay (paired.guided_step_graphable). One body, so both stay op for op the same."""
+    every replay (cuda_graph.guided_step_graphable). One body, so both stay op for op the same."""
     C = x.shape[1]
     eps = guide_eps(out_ft[:, :C], out_pre, scale, guidance_channels)
     if mode == "flow_euler":

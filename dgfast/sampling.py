@@ -199,7 +199,8 @@ def make_pair_forward(finetuned, pretrained, paired) -> Callable:
     if paired is not False and not isinstance(paired, bool):  # a prebuilt paired model
         return paired.forward_pair
     if paired and _is_dgfast_dit(finetuned) and _is_dgfast_dit(pretrained):
-        from dgfast.paired import get_pair, pair_mismatch
+        from dgfast.pair_cache import get_pair
+        from dgfast.paired import pair_mismatch
         why = pair_mismatch(finetuned, pretrained)
         if not why:
             return get_pair(finetuned, pretrained).forward_pair
@@ -243,7 +244,7 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     cuda_graph=True (CUDA, sampler "ddpm", "ddim" or "dpm2m"): the whole step (paired forward + step)
     is captured once per shape as a CUDA graph and replayed; the noise tensors are drawn up front in
     the loop's order (same RNG stream); dpm2m's multistep state (the previous x0) is kept in a static
-    buffer between replays. See dgfast.paired.run_cuda_graph.
+    buffer between replays. See dgfast.cuda_graph.run_cuda_graph.
     """
     if scheduler is None and sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -315,7 +316,7 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
         if scheduler is not None or interval != (0.0, 1.0) or pretrained_every != 1 or guidance_rescale:
             raise ValueError("cuda_graph=True runs the native ddpm/ddim/dpm2m loop; it does not combine with "
                              "scheduler=, guidance_interval, pretrained_every or guidance_rescale")
-        from dgfast.paired import run_cuda_graph
+        from dgfast.cuda_graph import run_cuda_graph
         forward = pair_forward if guided else (lambda x, t, labels, null: (finetuned(x, t, labels), None))
         cache = getattr(getattr(forward, "__self__", None), "_graphs", None)  # a PairedDiT keeps its graphs
         return warn_nonfinite(run_cuda_graph(forward, z, y, cfg_null_label if mode == "cfg" else null_label, plan,

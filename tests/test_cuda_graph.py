@@ -1,4 +1,4 @@
-"""sample(cuda_graph=True): the static-buffer loop of dgfast.paired (GraphedDoGStep / run_cuda_graph)
+"""sample(cuda_graph=True): the static-buffer loop of dgfast.cuda_graph (GraphedDoGStep / run_cuda_graph)
 equals the eager loop bit for bit, ddpm / ddim and the multistep dpm2m, whose state (the previous
 step's x0) must survive from one replay to the next.
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import dgfast
-from dgfast import ops, paired, samplers
+from dgfast import cuda_graph, ops, samplers
 from dgfast.models import DiT
-from dgfast.paired import GraphedDoGStep, get_pair, guided_step_graphable, run_cuda_graph
+from dgfast.cuda_graph import GraphedDoGStep, guided_step_graphable, run_cuda_graph
+from dgfast.pair_cache import get_pair
 from dgfast.sampling import ReferenceNoise
 
 CFG = dict(input_size=6, patch_size=2, hidden_size=36, depth=2, num_heads=3)  # 3x3 tokens
@@ -45,7 +46,7 @@ def models():
 @pytest.fixture
 def uncaptured(monkeypatch):
     """sample(cuda_graph=True) runs the static-buffer loop without capturing (so on CPU too)."""
-    monkeypatch.setattr(paired, "run_cuda_graph", functools.partial(run_cuda_graph, _capture=False))
+    monkeypatch.setattr(cuda_graph, "run_cuda_graph", functools.partial(run_cuda_graph, _capture=False))
 
 
 def eager_and_graphed(ft, pre, z, y, scale, sampler, eta, calls=2, **kw):

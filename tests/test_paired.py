@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dgfast.models import DiT
-from dgfast.paired import GEMMS, KINDS, PairedDiT, fingerprint, get_pair, pair
+from dgfast.pair_cache import cache_entry, fingerprint, get_pair
+from dgfast.paired import GEMMS, KINDS, PairedDiT, pair
 
 CFG = dict(input_size=8, patch_size=2, hidden_size=48, depth=3, num_heads=3)
 TOL = 1e-5
@@ -275,7 +276,7 @@ def test_get_pair_cache_and_rebuild():
     with torch.no_grad():  # an in-place edit bumps the version counter: the pair is rebuilt
         ft.blocks[1].mlp.fc1.weight.mul_(1.5)
     p2 = get_pair(ft, pre)
-    assert p2 is not p1 and p2.fingerprint == fingerprint(ft, pre)
+    assert p2 is not p1 and cache_entry(ft, pre).fingerprint == fingerprint(ft, pre)
     after = p2.forward_pair(x, t, y)[0]
     with torch.no_grad():
         assert rel(after, ft(x, t, y)) <= TOL
@@ -315,7 +316,7 @@ def test_get_pair_sees_edits_that_bump_no_version(edit):
             w.mul_(1.5)
     else:
         w.data.mul_(1.5)
-    assert p1.fingerprint == fingerprint(ft, pre)  # what the version counters alone would say
+    assert cache_entry(ft, pre).fingerprint == fingerprint(ft, pre)  # what the version counters alone would say
     p2 = get_pair(ft, pre)
     assert p2 is not p1
     out = p2.forward_pair(x, t, y)[0]
@@ -375,14 +376,14 @@ def test_pair_of_meta_models_builds():
 
 
 def test_get_pair_does_not_keep_models_alive():
-    from dgfast import paired
+    from dgfast import pair_cache
     pre = rand_dit(seed=21)
     ft = finetune_of(pre, seed=22)
     get_pair(ft, pre)
-    assert ft in paired._PAIRS
+    assert ft in pair_cache._PAIRS
     del ft
     gc.collect()
-    assert len([k for k in paired._PAIRS.keys() if k is not pre]) == 0
+    assert len([k for k in pair_cache._PAIRS.keys() if k is not pre]) == 0
 
 
 def test_sample_paired_equals_two_pass(pre):
@@ -411,7 +412,7 @@ def test_graphable_step_is_the_torch_step(mode):
     """The step replayed inside the CUDA graph reads its coefficients from a tensor; it must be
     ops.guided_step_torch bit for bit."""
     from dgfast import ops
-    from dgfast.paired import guided_step_graphable
+    from dgfast.cuda_graph import guided_step_graphable
     from dgfast.schedule import Schedule
     g = torch.Generator().manual_seed(0)
     x, noise = torch.randn(3, 4, 5, 7, generator=g), torch.randn(3, 4, 5, 7, generator=g)
@@ -472,7 +473,7 @@ def test_pair_matches_two_forwards_on_cuda(pre, dtype, tol, attention, gemm, fro
 @pytest.mark.cuda
 def test_cuda_graph_loop_matches_eager():
     from dgfast import ops
-    from dgfast.paired import run_cuda_graph
+    from dgfast.cuda_graph import run_cuda_graph
     dev = torch.device("cuda")
     pre = rand_dit().to(dev)
     ft = finetune_of(rand_dit()).to(dev)

@@ -710,7 +710,7 @@ def test_half_precision_models(models, dtype, tol):
     type's rounding of the float32 forward, and sample() returns float32 latents. (Before the
     inputs were cast to the weights' dtype this raised a dtype-mismatch RuntimeError.)"""
     import copy
-    from dgfast.paired import get_pair
+    from dgfast.pair_cache import get_pair
     ft, pre = models["ft"], models["pre"]
     ft_h, pre_h = copy.deepcopy(ft).to(dtype), copy.deepcopy(pre).to(dtype)
     x = latents(3, seed=5)
