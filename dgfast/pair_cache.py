@@ -70,22 +70,33 @@ def read_sample(views: list, per_tensor: int = 16) -> torch.Tensor:
     return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)).view(torch.int64)
 
 
+class WeightsIdentity:
+    """What identifies two models' weights now; `changed(ft, pre)` says whether they moved since.
+
+    Anything built from the weights and kept across calls (a pair, converted models) stores one
+    of these and is rebuilt when it reports a change."""
+
+    def __init__(self, ft: nn.Module, pre: nn.Module):
+        self.fingerprint = fingerprint(ft, pre)
+        self.views = sample_views(ft, pre)
+        self.sample = read_sample(self.views)
+
+    def changed(self, ft: nn.Module, pre: nn.Module) -> bool:
+        return self.fingerprint != fingerprint(ft, pre) or not torch.equal(self.sample, read_sample(self.views))
+
+
 @dataclass
 class CacheEntry:
     """A cached pair and the identity of the weights it was built from."""
     pair: PairedDiT
-    fingerprint: tuple
-    views: list
-    sample: torch.Tensor
+    identity: WeightsIdentity
 
     @classmethod
     def build(cls, ft: nn.Module, pre: nn.Module) -> "CacheEntry":
-        views = sample_views(ft, pre)
-        return cls(PairedDiT(ft, pre), fingerprint(ft, pre), views, read_sample(views))
+        return cls(PairedDiT(ft, pre), WeightsIdentity(ft, pre))
 
     def stale(self, ft: nn.Module, pre: nn.Module) -> bool:
-        """Whether the models' weights differ from those the pair was built from (see sample_views)."""
-        return self.fingerprint != fingerprint(ft, pre) or not torch.equal(self.sample, read_sample(self.views))
+        return self.identity.changed(ft, pre)
 
 
 _PAIRS: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()

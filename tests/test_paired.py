@@ -276,7 +276,7 @@ def test_get_pair_cache_and_rebuild():
     with torch.no_grad():  # an in-place edit bumps the version counter: the pair is rebuilt
         ft.blocks[1].mlp.fc1.weight.mul_(1.5)
     p2 = get_pair(ft, pre)
-    assert p2 is not p1 and cache_entry(ft, pre).fingerprint == fingerprint(ft, pre)
+    assert p2 is not p1 and cache_entry(ft, pre).identity.fingerprint == fingerprint(ft, pre)
     after = p2.forward_pair(x, t, y)[0]
     with torch.no_grad():
         assert rel(after, ft(x, t, y)) <= TOL
@@ -316,7 +316,7 @@ def test_get_pair_sees_edits_that_bump_no_version(edit):
             w.mul_(1.5)
     else:
         w.data.mul_(1.5)
-    assert cache_entry(ft, pre).fingerprint == fingerprint(ft, pre)  # what the version counters alone would say
+    assert cache_entry(ft, pre).identity.fingerprint == fingerprint(ft, pre)  # what the version counters alone would say
     p2 = get_pair(ft, pre)
     assert p2 is not p1
     out = p2.forward_pair(x, t, y)[0]
