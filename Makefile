@@ -24,8 +24,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests bench --benchmark-disable -q
 
+# One thread: two-thread timings on a 2-core VM swing. The ratio table follows the run.
 bench: $(STAMP)
-	$(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,max,rounds
+	mkdir -p .benchmarks
+	OMP_NUM_THREADS=1 $(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,max,rounds \
+		--benchmark-json=.benchmarks/latest.json
+	$(PY) bench/ratios.py .benchmarks/latest.json
 
 gpu-check:
 	bash bench/gpu_check.sh

@@ -1,17 +1,26 @@
-"""End-to-end DoG sampling on CPU: dgfast.sample vs the two-pass reference loop, side by side.
+"""End-to-end DoG sampling on CPU: dgfast against the upstream loop and its peers, side by side.
 
-Same DiT-S/2 pair (random weights in upstream layout; a full fine-tune: every layer differs
-from the pre-trained one, the hardest case for pairing), same latents, labels and seed, fp32,
-batch 8, latent 32 and 16, respacing STEPS. The reference is dgfast.reference: ReferenceDiT
-models with the same state_dicts + ReferenceDiffusion.p_sample_loop with the DoG script's
-closure (eager, two batch-n forwards per step). Each benchmark asserts that the samples agree
-within 1e-4 relative and records aten ops per step / per forward in extra_info.
+One run, one group per (pair, latent), four rows per group:
+  upstream eager      the DiT/DoG scripts' loop: ReferenceDiT models (upstream's module tree, as
+                      DiT's models.py on timm builds it) + ReferenceDiffusion.p_sample_loop with the
+                      DoG script's closure (two batch-n forwards per step)
+  upstream compile    the same loop with torch.compile'd models: the peer a user would reach for
+  dgfast              dgfast.sample given the *upstream modules* (the README's drop-in path: dgfast
+                      converts them, sharing their tensors, and runs its paired forward)
+  dgfast compile      dgfast.sample(..., compile=True)
+Pairs: DiT-S/2 full fine-tune (every tensor differs from the pre-trained one: the hardest case
+for pairing) and a LoRA fine-tune (peft, rank 16 on qkv/proj/fc1/fc2). Random weights in
+upstream layout, same latents, labels and seed, fp32, batch 8, latent 32 (4 steps) and 16 (10
+steps). Every row asserts its samples agree with the eager loop within 1e-4 relative; extra_info
+holds the CPU's model and ISA flags. `python bench/ratios.py <json>` prints the ratio table.
 
-    pytest bench/bench_sample.py --benchmark-only --benchmark-columns=min,median,max,rounds
+    make bench    # = pytest bench --benchmark-only ... --benchmark-json=.benchmarks/latest.json
     python bench/bench_sample.py --profile [--latent 32]   # torch.profiler tables (bench/RESULTS.md)
 
-Env: DGFAST_BENCH_STEPS (default "10"), DGFAST_BENCH_ROUNDS (default 3). With --benchmark-disable
-(make test) each body runs once with 2 steps and skips the op counts.
+Time with one thread (OMP_NUM_THREADS=1): two-thread runs on a 2-core VM swing. Env:
+DGFAST_BENCH_STEPS (overrides both latents' step counts), DGFAST_BENCH_ROUNDS (default 3). With
+--benchmark-disable (make test) each body runs once with 2 steps, at latent 16 only (compile rows:
+full pair only).
 """
 from __future__ import annotations
 
@@ -34,7 +43,7 @@ SCALE = 1.5
 NULL = 1000
 FT_CLASSES = 101
 SEED = 0
-STEPS = os.environ.get("DGFAST_BENCH_STEPS", "10")
+STEPS = {32: "4", 16: "10"}  # per latent: a few seconds per round on one thread
 ROUNDS = int(os.environ.get("DGFAST_BENCH_ROUNDS", "3"))
 TOLERANCE = 1e-4
 
@@ -73,6 +82,45 @@ def build_models(latent: int, model: str = MODEL):
     return ref_ft, ref_pre, dg_ft, dg_pre
 
 
+def build_lora_pair(latent: int, rank: int = 16):
+    """(LoRA fine-tune, pre-trained) in upstream layout: peft LoRA adapters (rank 16) on every
+    block's qkv/proj/fc1/fc2 over the pre-trained weights, lora_B random (peft starts it at zero,
+    which would make the fine-tune the pre-trained model), plus the new domain's label table."""
+    from peft import LoraConfig, inject_adapter_in_model
+    ref_ft0, ref_pre, _, _ = models_for("full", latent)
+    ref_ft = ReferenceDiT_models[MODEL](input_size=latent, num_classes=FT_CLASSES).eval()
+    sd = dict(ref_pre.state_dict())
+    sd["y_embedder.embedding_table.weight"] = ref_ft0.state_dict()["y_embedder.embedding_table.weight"]
+    ref_ft.load_state_dict(sd)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv", "proj", "fc1", "fc2"])
+    ref_ft = inject_adapter_in_model(config, ref_ft).eval()
+    gen = torch.Generator().manual_seed(SEED + 2)
+    with torch.no_grad():
+        for name, p in ref_ft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return ref_ft, ref_pre
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and the ISA flags that decide GEMM and SIMD speed (recorded with every figure)."""
+    info = {"cpu": "unknown", "isa": ""}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and info["cpu"] == "unknown":
+            info["cpu"] = value.strip()
+        if key.strip() == "flags":
+            flags = value.split()
+            info["isa"] = " ".join(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+            break
+    return info
+
+
 def inputs(latent: int):
     gen = torch.Generator().manual_seed(SEED + 1)
     z = torch.randn(N, 4, latent, latent, generator=gen)
@@ -80,7 +128,7 @@ def inputs(latent: int):
     return z, y
 
 
-def run_reference(ref_ft, ref_pre, z, y, steps=STEPS):
+def run_reference(ref_ft, ref_pre, z, y, steps="2"):
     """The DoG script's loop: doubled batch, closure with two separate forwards, p_sample_loop."""
     torch.manual_seed(SEED)
     diffusion = ReferenceDiffusion(steps)
@@ -91,13 +139,14 @@ def run_reference(ref_ft, ref_pre, z, y, steps=STEPS):
     return out[:n]
 
 
-def run_dgfast(dg_ft, dg_pre, z, y, steps=STEPS, paired=True):
+def run_dgfast(ft, pre, z, y, steps="2", paired=True, **kwargs):
+    """dgfast.sample as the README tells users to call it (ft, pre: upstream modules or dgfast DiTs)."""
     torch.manual_seed(SEED)
-    return dgfast.sample(dg_ft, dg_pre, z, y, guidance_scale=SCALE, steps=steps, guidance_channels=3,
-                         null_label=NULL, paired=paired)
+    return dgfast.sample(ft, pre, z, y, guidance_scale=SCALE, steps=steps, guidance_channels=3,
+                         null_label=NULL, paired=paired, **kwargs)
 
 
-def run_dgfast_two_pass(dg_ft, dg_pre, z, y, steps=STEPS):
+def run_dgfast_two_pass(dg_ft, dg_pre, z, y, steps="2"):
     """dgfast's DiT and fused step, but the two models as two separate forwards (paired=False)."""
     return run_dgfast(dg_ft, dg_pre, z, y, steps=steps, paired=False)
 
@@ -156,58 +205,65 @@ def op_counts(models, latent: int) -> dict:
 
 _MODELS: dict = {}
 _SAMPLES: dict = {}
+_COMPILED: dict = {}
+IMPLS = ("upstream eager", "upstream compile", "dgfast", "dgfast compile")
 
 
-def models_for(latent):
-    if latent not in _MODELS:
-        _MODELS[latent] = build_models(latent)
-    return _MODELS[latent]
+def models_for(pair: str, latent: int):
+    """"full": (ref ft, ref pre, dgfast ft, dgfast pre); "lora": (ref LoRA ft, ref pre)."""
+    if (pair, latent) not in _MODELS:
+        _MODELS[pair, latent] = build_models(latent) if pair == "full" else build_lora_pair(latent)
+    return _MODELS[pair, latent]
 
 
-def reference_samples(latent, steps):
-    if (latent, steps) not in _SAMPLES:
-        ref_ft, ref_pre, _, _ = models_for(latent)
-        _SAMPLES[latent, steps] = run_reference(ref_ft, ref_pre, *inputs(latent), steps=steps)
-    return _SAMPLES[latent, steps]
+def compiled(pair: str, latent: int):
+    """torch.compile of both upstream modules (default mode), built once per pair and latent."""
+    if (pair, latent) not in _COMPILED:
+        ft, pre = models_for(pair, latent)[:2]
+        _COMPILED[pair, latent] = (torch.compile(ft), torch.compile(pre))
+    return _COMPILED[pair, latent]
+
+
+def reference_samples(pair, latent, steps):
+    if (pair, latent, steps) not in _SAMPLES:
+        ref_ft, ref_pre = models_for(pair, latent)[:2]
+        _SAMPLES[pair, latent, steps] = run_reference(ref_ft, ref_pre, *inputs(latent), steps=steps)
+    return _SAMPLES[pair, latent, steps]
 
 
 def rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def _setup(benchmark, latent, impl):
-    """Group, extra_info; the step count (a short run when benchmarks are disabled: make test)."""
-    steps = "2" if benchmark.disabled else STEPS
-    benchmark.group = f"sample {MODEL} batch {N} latent {latent} steps {STEPS}"
+def runner(impl: str, pair: str, latent: int):
+    """(function, models) for one row of the table."""
+    if impl == "upstream eager":
+        return run_reference, models_for(pair, latent)[:2]
+    if impl == "upstream compile":
+        return run_reference, compiled(pair, latent)
+    extra = {"compile": True} if impl == "dgfast compile" else {}
+    return (lambda ft, pre, z, y, steps: run_dgfast(ft, pre, z, y, steps=steps, **extra)), models_for(pair, latent)[:2]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("latent", [32, 16])
+@pytest.mark.parametrize("pair", ["full", "lora"])
+def test_sample(benchmark, pair, latent, impl):
+    if pair == "lora":
+        pytest.importorskip("peft")
+    if benchmark.disabled and (latent != 16 or (pair == "lora" and "compile" in impl)):
+        pytest.skip("untimed run (make test): latent 16 only, the same code at a quarter of the cost; "
+                    "torch.compile (a minute of inductor build per row) on the full pair only")
+    steps = "2" if benchmark.disabled else os.environ.get("DGFAST_BENCH_STEPS", STEPS[latent])
+    benchmark.group = f"{pair} fine-tune pair, {MODEL} batch {N} latent {latent}, {steps} steps"
     benchmark.extra_info.update(device="cpu", torch=torch.__version__, threads=torch.get_num_threads(), batch=N,
-                                latent=latent, steps=steps, model=MODEL, impl=impl,
-                                ops_backend=dgfast.ops.resolve_backend("auto", torch.empty(0)))
-    if not benchmark.disabled:  # op counts do not depend on timing: skipped in untimed runs
-        benchmark.extra_info.update(op_counts(models_for(latent), latent))
-    return steps
-
-
-@pytest.mark.parametrize("latent", [32, 16])
-def test_sample_reference(benchmark, latent):
-    ref_ft, ref_pre, _, _ = models_for(latent)
-    steps = _setup(benchmark, latent, "reference two-pass loop (dgfast.reference)")
+                                latent=latent, steps=steps, model=MODEL, pair=pair, impl=impl, **cpu_info())
+    fn, models = runner(impl, pair, latent)
     z, y = inputs(latent)
-    out = benchmark.pedantic(run_reference, args=(ref_ft, ref_pre, z, y), kwargs=dict(steps=steps), rounds=ROUNDS,
-                             warmup_rounds=1)
-    _SAMPLES.setdefault((latent, steps), out)
-
-
-@pytest.mark.parametrize("latent", [32, 16])
-def test_sample_dgfast(benchmark, latent):
-    _, _, dg_ft, dg_pre = models_for(latent)
-    steps = _setup(benchmark, latent, "dgfast.sample (paired)")
-    z, y = inputs(latent)
-    out = benchmark.pedantic(run_dgfast, args=(dg_ft, dg_pre, z, y), kwargs=dict(steps=steps), rounds=ROUNDS,
-                             warmup_rounds=1)
-    err = rel_err(out, reference_samples(latent, steps))
-    benchmark.extra_info["max_rel_err_vs_reference"] = err
-    benchmark.extra_info["pair_gemm"] = get_pair(dg_ft, dg_pre).gemm
-    assert err <= TOLERANCE, f"dgfast samples differ from the reference loop by {err:.2e} relative"
+    out = benchmark.pedantic(fn, args=(*models, z, y), kwargs=dict(steps=steps), rounds=ROUNDS, warmup_rounds=1)
+    err = rel_err(out, reference_samples(pair, latent, steps))
+    benchmark.extra_info["max_rel_err_vs_upstream_eager"] = err
+    assert err <= TOLERANCE, f"{impl} samples differ from the upstream loop by {err:.2e} relative"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +299,7 @@ def profile(latent: int, steps: str = "2", rows: int = 12) -> dict:
     import time
 
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    models = models_for(latent)
+    models = models_for("full", latent)
     z, y = inputs(latent)
     shares = {}
     for name, fn, args in (("reference", run_reference, models[:2]), ("dgfast two-pass", run_dgfast_two_pass,
@@ -283,4 +339,4 @@ if __name__ == "__main__":
         if a.profile:
             profile(lat, a.steps)
         if a.counts:
-            print(lat, op_counts(models_for(lat), lat))
+            print(lat, op_counts(models_for("full", lat), lat))

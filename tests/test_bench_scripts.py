@@ -67,3 +67,18 @@ def test_gpu_summary_takes_the_e2e_rows(gpu_e2e, tmp_path):
     assert sum(r[0].startswith("batch ") for r in rows) == 2
     assert ("gpu_e2e: batch 2 cuda_graph", "FAIL", "boom") in rows
     assert gpu_summary.e2e_rows(str(tmp_path / "missing.json"))[0][1] == "SKIP"
+
+
+def test_ratios_table(monkeypatch):
+    """bench/ratios.py: each row's speedup over both peers, from pytest-benchmark's JSON."""
+    monkeypatch.syspath_prepend(BENCH)
+    import ratios
+    info = dict(cpu="Test CPU", isa="avx2 fma", threads=1, torch="x")
+    data = {"benchmarks": [
+        {"group": "g", "params": {"impl": impl}, "extra_info": dict(info, impl=impl), "stats": {"median": med}}
+        for impl, med in (("upstream eager", 4.0), ("upstream compile", 3.0), ("dgfast", 2.0))]}
+    rows = ratios.table(data)
+    dg = next(r for r in rows if r[1] == "dgfast")
+    assert dg[2:] == ["2.000", "2.000x", "1.500x"]
+    assert next(r for r in rows if r[1] == "upstream compile")[3] == "1.000x"
+    assert "avx2 fma" in rows[-1][0] and "Test CPU" in rows[-1][0]
