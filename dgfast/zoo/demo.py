@@ -126,16 +126,8 @@ def throughput(finetuned, pretrained, info, scale, steps, n, seed, backend, with
            "dgfast_ms_per_step": round(1000 * t_fast / num_steps, 3)}
     if not with_reference:
         return res
-    try:
-        ref = reference_sampler(finetuned, pretrained, info, scale, steps)
-        res["reference"] = "dgfast.reference (ReferenceDiT + ReferenceDiffusion.p_sample_loop + dog_guidance_fn)"
-    except ImportError:  # pragma: no cover - only without dgfast.reference
-        # TODO: dgfast.reference missing: two separate dgfast forwards with the torch ops as a stand-in
-        def ref(z, yy):
-            return dgfast.sample(finetuned, pretrained, z, yy, guidance_scale=scale, steps=steps,
-                                 guidance_channels="all", null_label=null, noise="reference", paired=False,
-                                 backend="torch")
-        res["reference"] = "stand-in: dgfast.sample(paired=False, backend='torch')"
+    ref = reference_sampler(finetuned, pretrained, info, scale, steps)
+    res["reference"] = "dgfast.reference (ReferenceDiT + ReferenceDiffusion.p_sample_loop + dog_guidance_fn)"
 
     def slow():
         torch.manual_seed(seed)
