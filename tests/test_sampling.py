@@ -120,7 +120,7 @@ def test_forward_with_cfg_matches_reference(models):
 
 
 def test_label_dropout_only_in_train_mode(models):
-    # eval mode: no RNG use (trap 13)
+    # eval mode: no RNG use (docs/upstream_sampling.md, trap 13)
     state = torch.get_rng_state()
     with torch.no_grad():
         models["ft_ref"](latents(2), torch.tensor([5, 5]), torch.tensor([1, 2]))
@@ -649,7 +649,7 @@ def test_upstream_state_dict_loads_strict():
     cfg = dict(input_size=8, patch_size=2, hidden_size=48, depth=2, num_heads=3, num_classes=10)
     ref = randomize(ReferenceDiT(**cfg), 21)
     sd = ref.state_dict()
-    # upstream keys from the reference doc §1.2, no LayerNorm or timm extras
+    # upstream keys from docs/upstream_sampling.md §1.2, no LayerNorm or timm extras
     assert "pos_embed" in sd and sd["pos_embed"].shape == (1, 16, 48)
     assert sd["blocks.1.attn.qkv.weight"].shape == (144, 48)
     assert sd["final_layer.linear.weight"].shape == (2 * 2 * 8, 48)

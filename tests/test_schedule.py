@@ -1,5 +1,5 @@
 """Respacing and per-step coefficients against the values worked out in
-shared/reference/dit_dog_sampling.md §2.2-2.4 (written here as literals, not recomputed)."""
+docs/upstream_sampling.md §2.2-2.4 (written here as literals, not recomputed)."""
 import numpy as np
 import pytest
 import torch
@@ -34,7 +34,7 @@ def test_respacing_250():
     assert len(got) == 250 and 999 in got and 996 not in got
     gaps = np.diff(got)
     assert (gaps == 4).sum() == 246 and (gaps == 5).sum() == 3
-    assert int(np.argmax(gaps == 5)) == 41  # the first 5-gap, as the reference doc states
+    assert int(np.argmax(gaps == 5)) == 41  # the first 5-gap, as docs/upstream_sampling.md §2.2 states
     assert got[-5:] == [983, 987, 991, 995, 999]
 
 
