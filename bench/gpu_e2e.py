@@ -5,13 +5,17 @@
                                                   # the same code on a CPU, seconds (a smoke run)
 
 Measures, with bench/bench_sample.py's random pair (upstream layout, a full fine-tune: every layer differs):
-- throughput: dgfast.sample (paired forward, fused step) vs the two-pass reference loop
-  (dgfast.reference: upstream DiT + GaussianDiffusion + the DoG script's closure), both with the
-  models' weights in --dtype and float32 latents/diffusion math (the reference's models get their
-  input cast to the weights' dtype and their output back to float32, as a user would wrap them);
+- throughput, side by side: the two-pass reference loop (dgfast.reference: upstream DiT +
+  GaussianDiffusion + the DoG script's closure) eager and with torch.compile'd models (the peer a
+  user would pick), and dgfast.sample given the *upstream modules* (the README's path) with default
+  settings and with compile=True; the models' weights in --dtype and float32 latents/diffusion math
+  (the reference's models get their input cast to the weights' dtype and their output back to
+  float32, as a user would wrap them);
 - model FLOP utilisation: analytic forward FLOPs (2 per multiply-add) of both models per step over
   dgfast's time per step, against the measured bf16 matmul peak (8192^3) of the same card;
-- latency of small batches (--latency-batches) with and without cuda_graph=True.
+- latency of small batches (--latency-batches): eager, cuda_graph=True (dgfast's hand-made CUDA-graph
+  runner) and, for --graph-compile-batches, compile="reduce-overhead" (torch's CUDA graphs), to keep one.
+--no-compile skips every torch.compile row (each costs an inductor build).
 Prints a table and writes --json. Timings: median of --rounds after a warm-up call, the device
 synchronised inside the timed region.
 """
@@ -88,6 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--latency-batches", type=int, nargs="*", default=[1, 2, 3, 4])
+    ap.add_argument("--graph-compile-batches", type=int, nargs="*", default=[1, 4],
+                    help="latency batches that also run compile='reduce-overhead' (one build each)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -103,13 +110,21 @@ def main(argv=None) -> int:
     y = torch.randint(0, FT_CLASSES, (args.batch,), generator=gen).to(device)
 
     def run_dgfast(zz, yy, **kw):
+        """The README's path: the upstream modules passed in (dgfast converts them)."""
         torch.manual_seed(0)
-        return dgfast.sample(dg_ft, dg_pre, zz, yy, guidance_scale=SCALE, steps=args.steps, null_label=NULL, **kw)
+        return dgfast.sample(ref_ft, ref_pre, zz, yy, guidance_scale=SCALE, steps=args.steps, null_label=NULL, **kw)
 
-    def run_reference():
+    compiled = {}
+
+    def run_reference(compile_models=False):
         torch.manual_seed(0)
         n = len(z)
-        fn = dog_guidance_fn(cast_io(ref_ft, dtype), cast_io(ref_pre, dtype), null=NULL, channels=3)
+        ft, pre = ref_ft, ref_pre
+        if compile_models:  # the peer: torch.compile on the upstream modules, built once
+            if not compiled:
+                compiled["ft"], compiled["pre"] = torch.compile(ref_ft), torch.compile(ref_pre)
+            ft, pre = compiled["ft"], compiled["pre"]
+        fn = dog_guidance_fn(cast_io(ft, dtype), cast_io(pre, dtype), null=NULL, channels=3)
         out = ReferenceDiffusion(args.steps).p_sample_loop(
             fn, (2 * n, *z.shape[1:]), torch.cat([z, z]), clip_denoised=False,
             model_kwargs=dict(y=torch.cat([y, torch.full((n,), FT_CLASSES, device=device)]), cfg_scale=SCALE),
@@ -145,13 +160,22 @@ def main(argv=None) -> int:
                 "agreement", lambda: ((run_dgfast(z, y) - ref).abs().max() / ref.abs().max()).item())
         t_fast = res["dgfast_s"] = stage("dgfast timing", lambda: timed(lambda: run_dgfast(z, y), device, args.rounds))
         t_ref = res["reference_s"] = stage("reference timing", lambda: timed(run_reference, device, args.rounds))
-        if t_fast:
-            print(f"  dgfast.sample      {t_fast:8.3f} s  ({t_fast / n_steps * 1e3:7.1f} ms/step)", flush=True)
-        if t_ref:
-            print(f"  reference two-pass {t_ref:8.3f} s  ({t_ref / n_steps * 1e3:7.1f} ms/step)", flush=True)
+        if not args.no_compile:
+            res["reference_compile_s"] = stage("reference compile timing", lambda: timed(
+                lambda: run_reference(compile_models=True), device, args.rounds))
+            res["dgfast_compile_s"] = stage("dgfast compile timing", lambda: timed(
+                lambda: run_dgfast(z, y, compile=True), device, args.rounds))
+        for key, label in (("dgfast_s", "dgfast.sample"), ("dgfast_compile_s", "dgfast compile=True"),
+                           ("reference_s", "upstream eager"), ("reference_compile_s", "upstream compile")):
+            if res.get(key):
+                print(f"  {label:<20} {res[key]:8.3f} s  ({res[key] / n_steps * 1e3:7.1f} ms/step)", flush=True)
         if t_fast and t_ref:
             res["speedup"] = t_ref / t_fast
             print(f"  speedup {res['speedup']:.2f}x, max rel diff {res.get('max_rel_err_vs_reference')}", flush=True)
+        for key in ("reference_s", "reference_compile_s"):
+            for mine in ("dgfast_s", "dgfast_compile_s"):
+                if res.get(key) and res.get(mine):
+                    res[f"{mine[:-2]}_vs_{key[:-2]}"] = res[key] / res[mine]
         if t_fast:
             res["achieved_tflops"] = flops_step * n_steps / t_fast / 1e12
             peak = stage("bf16 matmul peak", matmul_peak_tflops) if device.type == "cuda" else None
@@ -165,10 +189,14 @@ def main(argv=None) -> int:
                                                                                     device, args.rounds))}
             row["cuda_graph_s"] = stage(f"batch {b} cuda_graph", lambda: timed(
                 lambda: run_dgfast(zb, yb, cuda_graph=True), device, args.rounds)) if device.type == "cuda" else None
+            row["reduce_overhead_s"] = stage(f"batch {b} compile reduce-overhead", lambda: timed(
+                lambda: run_dgfast(zb, yb, compile="reduce-overhead"), device, args.rounds)) \
+                if b in args.graph_compile_batches and not args.no_compile else None
             res["latency"].append(row)
-            eager = f"{row['eager_s'] / n_steps * 1e3:7.2f} ms/step eager" if row["eager_s"] else "eager failed"
-            graph = f"{row['cuda_graph_s'] / n_steps * 1e3:7.2f} ms/step with cuda_graph" if row["cuda_graph_s"] else ""
-            print(f"  batch {b}: {eager}  {graph}", flush=True)
+            parts = [f"{row[k] / n_steps * 1e3:7.2f} ms/step {label}" for k, label in (
+                ("eager_s", "eager"), ("cuda_graph_s", "cuda_graph"), ("reduce_overhead_s", "reduce-overhead"))
+                if row[k]]
+            print(f"  batch {b}: " + "  ".join(parts), flush=True)
     finally:
         if args.json:
             with open(args.json, "w") as f:

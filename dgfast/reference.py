@@ -119,7 +119,8 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t, dim, max_period=10000):
-        # freqs on the CPU in float32, in this op order, then moved (docs/upstream_sampling.md, trap 11); cos before sin.
+        # freqs on the CPU in float32, in this op order, then moved; cos before sin
+        # (docs/upstream_sampling.md, trap 11).
         half = dim // 2
         freqs = torch.exp(
             -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half
@@ -256,7 +257,8 @@ class ReferenceDiT(nn.Module):
         return self.unpatchify(x)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Upstream CFG forward: second half of x ignored, guidance on 3 channels (docs/upstream_sampling.md §1.5, trap 4)."""
+        """Upstream CFG forward: second half of x ignored, guidance on 3 channels
+        (docs/upstream_sampling.md §1.5, trap 4)."""
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         model_out = self.forward(combined, t, y)
@@ -307,7 +309,8 @@ ReferenceDiT_models = {
 # ==============================================================================================
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
-    """float64 numpy table -> index -> .float() -> broadcast by adding float32 zeros (docs/upstream_sampling.md §2.4, trap 2)."""
+    """float64 numpy table -> index -> .float() -> broadcast by adding float32 zeros
+    (docs/upstream_sampling.md §2.4, trap 2)."""
     res = torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
     while len(res.shape) < len(broadcast_shape):
         res = res[..., None]
@@ -459,7 +462,8 @@ class ReferenceDiffusion:
     def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None):
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                    model_kwargs=model_kwargs)
-        noise = torch.randn_like(x)  # one full-batch draw per step, also at t == 0 (docs/upstream_sampling.md, traps 1 and 8)
+        # one full-batch draw per step, also at t == 0 (docs/upstream_sampling.md, traps 1 and 8)
+        noise = torch.randn_like(x)
         nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)

@@ -314,7 +314,8 @@ def results_markdown(result: dict, info: dict) -> str:
               "steps a to b\": guidance_interval=(a, b), the fraction of the sampling steps (first = noisiest) "
               "where DoG is applied; the pre-trained model is not run on the others. \"pre-trained branch "
               "every k steps\": pretrained_every=k at the best DoG scale, its output reused in between. "
-              "s per 1000: wall seconds to sample 1000 images in that mode, measured in this run; compare within the table only.", ""]
+              "s per 1000: wall seconds to sample 1000 images in that mode, measured in this run; compare within "
+              "the table only.", ""]
     return "\n".join(lines) + "\n"
 
 
