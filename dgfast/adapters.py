@@ -73,7 +73,8 @@ class ConversionReport:
                  f"({sum(self.copied.values()) / mib:.2f} MiB)"]
         if self.copied:
             keys = list(self.copied)
-            lines.append("  copied: " + ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else ""))
+            more = f", ... ({len(keys) - 8} more)" if len(keys) > 8 else ""
+            lines.append("  copied: " + ", ".join(keys[:8]) + more)
         if self.note:
             lines.append(f"  {self.note}")
         return "\n".join(lines)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dgfast.adapters import _is_diffusers_dit, _unwrap_module, _UPSTREAM_MARKERS, to_dgfast
+from dgfast.adapters import _UPSTREAM_MARKERS, _is_diffusers_dit, _unwrap_module, to_dgfast
 from dgfast.models import DiT
 
 logger = logging.getLogger("dgfast")
@@ -50,9 +50,9 @@ class _Entry:
     hooks: tuple      # _not_shareable of each source when built (hooks come and go without a weight change)
 
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
-_OWNED: "weakref.WeakSet[DiT]" = weakref.WeakSet()  # DiTs this module made (their compiled forwards live on them)
-_SAID: "weakref.WeakSet" = weakref.WeakSet()        # models whose "runs as given" line was logged
+_CACHE: weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+_OWNED: weakref.WeakSet[DiT] = weakref.WeakSet()  # DiTs this module made (their compiled forwards live on them)
+_SAID: weakref.WeakSet = weakref.WeakSet()        # models whose "runs as given" line was logged
 
 
 def dgfast_models(finetuned, pretrained=None) -> tuple:
@@ -270,5 +270,22 @@ def compiled(fn, mode: str | None):
     cache = vars(owner).setdefault("_dgfast_compiled", {})  # vars(): not registered as a submodule
     key = (getattr(fn, "__name__", "__call__"), mode)
     if key not in cache:
-        cache[key] = torch.compile(fn, mode=mode, dynamic=False)
+        cache[key] = _compile_method(fn, mode) if isinstance(owner, PairedDiT) else \
+            torch.compile(fn, mode=mode, dynamic=False)
     return cache[key]
+
+
+def _compile_method(fn, mode: str):
+    """A bound method under torch.compile. A method decorated with torch.inference_mode (as
+    forward_pair is) is compiled undecorated and called inside inference mode: dynamo traced
+    through the decorator fails on the tensors it makes ("Cannot set version_counter for inference
+    tensor", torch 2.13), while the same graph compiled inside the mode runs."""
+    inner = getattr(fn.__func__, "__wrapped__", None)
+    if inner is None:
+        return torch.compile(fn, mode=mode, dynamic=False)
+    graph = torch.compile(inner.__get__(fn.__self__), mode=mode, dynamic=False)
+
+    def run(*args, **kwargs):
+        with torch.inference_mode():
+            return graph(*args, **kwargs)
+    return run
