@@ -85,7 +85,7 @@ def _entry(ft: nn.Module, pre: nn.Module | None) -> _Entry:
     if entry is None or entry.hooks != hooks or entry.identity.changed(ft, pre_key):
         models, why = [], []
         for role, s in (("finetuned", ft), ("pretrained", pre)):
-            if s is pre and s is ft:  # one model guiding itself: one conversion
+            if role == "pretrained" and s is ft:  # one model guiding itself: one conversion
                 conv, reason = models[0], why[0]
             elif _convertible_kind(s):
                 conv, reason = _convert(s)

@@ -125,6 +125,17 @@ def test_conversion_is_cached_and_rebuilt_when_a_weight_changes():
     assert rel(got, want) <= TOL
 
 
+def test_a_model_guiding_itself_is_converted_once():
+    """DiT's classic CFG through the DoG path (what `dgfast sample` does without --pretrained-ckpt)."""
+    _, pre = upstream_pair(25)
+    z, y = latents(seed=2), torch.tensor([5, 999, 2])
+    cft, cpre = convert.dgfast_models(pre, pre)
+    assert cft is cpre and cft is not None
+    want, _ = seeded(lambda: dgfast.sample(pre, pre, z, y, guidance_scale=2.0, steps="5", exact=True))
+    got, _ = seeded(lambda: dgfast.sample(pre, pre, z, y, guidance_scale=2.0, steps="5"))
+    assert rel(got, want) <= TOL and pair_cache.cache_entry(cft, cft) is not None
+
+
 def test_unguided_and_cfg_run_the_converted_model():
     """guidance_scale 1 and mode='cfg' (no cfg_null_label: upstream keeps num_classes on y_embedder)."""
     ft, _ = upstream_pair(30)
