@@ -25,9 +25,11 @@ upstream DiT numerics from the same weights instead (the hub's DiT weights are u
 Conversion does not touch the global RNG (the model is built on the meta device).
 
 share=True uses the source's own tensors instead of copies: the DiT's parameters alias them (an
-edit of either is an edit of both). The upstream layout shares every tensor; a diffusers model
-needs a copy of each block's q/k/v (concatenated into qkv) and of any bias diffusers leaves out
-(zeros). `dit.conversion` (a ConversionReport; print it) says what was shared and what copied.
+edit of either is an edit of both). An upstream-layout module shares its layer modules themselves
+(Linears, patch Conv2d, label Embedding, with any peft LoRA adapter on them: its LoRA fine-tune then
+pairs as one); a state_dict shares every tensor; a diffusers model needs a copy of each block's
+q/k/v (concatenated into qkv) and of any bias diffusers leaves out (zeros). `dit.conversion` (a
+ConversionReport; print it) says what was shared and what copied.
 
 to_diffusers is the inverse mapping (see its docstring): the diffusers model it gives runs
 diffusers' numerics, and to_dgfast of it gives back the same tensors, with those numerics.
@@ -102,9 +104,11 @@ def to_dgfast(model_or_state_dict, *, share: bool = False, **config) -> DiT:
         return _build(sd, {**cfg, **config}, src.training, source)
     if isinstance(src, nn.Module):
         sd = src.state_dict()
-        if not all(k in sd for k in _UPSTREAM_MARKERS):
+        base = _without_adapters(sd) if share else sd
+        if not all(k in base for k in _UPSTREAM_MARKERS):
             raise _unsupported(src)
-        return _build(sd, {**upstream_config(sd, _module_hints(src)), **config}, src.training, source)
+        cfg = {**upstream_config(base, _module_hints(src)), **config}
+        return _share_modules(src, base, cfg, source) if share else _build(sd, cfg, src.training, source)
     if isinstance(src, Mapping):
         sd = _unwrap_checkpoint(src)
         if all(k in sd for k in _UPSTREAM_MARKERS):
@@ -149,8 +153,10 @@ def _storage(t: torch.Tensor):
     return (t.device, t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
 
 
-def _build(sd: dict, cfg: dict, training: bool, source: _Source) -> DiT:
-    with torch.device("meta"):  # no init compute, no RNG use; the weights come from sd
+def _meta_dit(sd: dict, cfg: dict) -> DiT:
+    """DiT(**cfg) on the meta device (no init compute, no RNG use), after checking that sd's keys
+    and shapes are exactly its own."""
+    with torch.device("meta"):
         model = DiT(**cfg)
     missing, unexpected = _key_diff(model, sd)
     if missing or unexpected:
@@ -161,11 +167,55 @@ def _build(sd: dict, cfg: dict, training: bool, source: _Source) -> DiT:
         want = shapes[k]
         if v.shape != want:
             raise ValueError(f"to_dgfast: {k} has shape {tuple(v.shape)}, DiT({cfg}) needs {tuple(want)}")
+    return model
+
+
+def _build(sd: dict, cfg: dict, training: bool, source: _Source) -> DiT:
+    model = _meta_dit(sd, cfg)
     # assign=True keeps the given tensors (wrapped as Parameters aliasing them); clone() copies them
     model.load_state_dict({k: v.detach() if source.share else v.detach().clone() for k, v in sd.items()},
                           strict=True, assign=True)
     model.conversion = source.report(sd, cfg)
     return model.train(training)
+
+
+# Upstream's layer modules, which a shared conversion takes over as they are (with any peft adapter)
+_LAYERS = ("x_embedder.proj", "t_embedder.mlp", "y_embedder.embedding_table", "final_layer.linear",
+           "final_layer.adaLN_modulation")
+_BLOCK_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation")
+
+
+def _without_adapters(sd: dict) -> dict:
+    """sd as the base model's keys: peft's wrapped layers (`.base_layer.`) under their own names,
+    adapter tensors (`lora_*`) left out."""
+    return {k.replace(".base_layer.", "."): v for k, v in sd.items()
+            if not any(part.startswith("lora_") for part in k.split("."))}
+
+
+def _share_modules(src: nn.Module, sd: dict, cfg: dict, source: _Source) -> DiT:
+    """share=True for an upstream-layout module: dgfast's DiT around src's own layer modules (the
+    Linears, the patch Conv2d, the label Embedding and the Sequentials holding them) and its
+    pos_embed Parameter. Adapters on those layers (peft LoRA) and their hooks come along, and the
+    pair sees them (a LoRA fine-tune shares its base GEMM); only the containers between are new."""
+    model = _meta_dit(sd, cfg)
+    paths = list(_LAYERS) + [f"blocks.{i}.{p}" for i in range(cfg["depth"]) for p in _BLOCK_LAYERS]
+    try:
+        layers = {p: src.get_submodule(p) for p in paths}
+    except AttributeError as err:
+        raise ValueError(f"to_dgfast: {type(src).__name__} has upstream DiT's keys but not its modules: {err}") from None
+    for p, layer in layers.items():
+        model.set_submodule(p, layer)
+    pe = src.pos_embed
+    model.pos_embed = pe if isinstance(pe, nn.Parameter) else nn.Parameter(pe.detach(), requires_grad=False)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left and not pe.is_meta:
+        raise ValueError(f"to_dgfast: {type(src).__name__}'s modules leave {left[:4]} unset")
+    shared = {id(m) for layer in layers.values() for m in layer.modules()}
+    for m in model.modules():  # the new containers take the source's mode; its own layers keep theirs
+        if id(m) not in shared:
+            m.training = src.training
+    model.conversion = source.report(model.state_dict(), cfg)
+    return model
 
 
 def _key_diff(model, sd):

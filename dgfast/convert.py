@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dgfast.adapters import _UPSTREAM_MARKERS, _is_diffusers_dit, _unwrap_module, to_dgfast
+from dgfast.adapters import _UPSTREAM_MARKERS, _is_diffusers_dit, _unwrap_module, _without_adapters, to_dgfast
 from dgfast.models import DiT
 
 logger = logging.getLogger("dgfast")
@@ -104,7 +104,7 @@ def _convert(src: nn.Module) -> tuple[DiT | None, str]:
     why = _not_shareable(src)
     if why:
         return None, why
-    if not _is_diffusers_dit(src) and not all(k in src.state_dict() for k in _UPSTREAM_MARKERS):
+    if not _is_diffusers_dit(src) and not all(k in _without_adapters(src.state_dict()) for k in _UPSTREAM_MARKERS):
         return None, "not a DiT: its state_dict has neither upstream DiT's nor diffusers' DiT keys"
     try:
         dit = to_dgfast(src, share=True)

@@ -394,3 +394,48 @@ def test_cli_bad_compile_is_a_usage_error(ckpts, tmp_path, capsys, extra, messag
     assert cli.main(cli_args(ckpts, tmp_path / "out", *extra)) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_peft_lora_fine_tune_of_upstream_modules_pairs_as_lora():
+    """peft LoRA on an upstream module: the converted DiT takes the LoRA layers over as they are, and the
+    pair runs each base GEMM once for both models (the base is the pre-trained weights)."""
+    peft = pytest.importorskip("peft")
+    _, pre = upstream_pair(100)
+    ft = ReferenceDiT(**CFG, num_classes=10)
+    ft.load_state_dict({k: v for k, v in pre.state_dict().items() if "y_embedder" not in k}, strict=False)
+    randomize(ft.y_embedder, 101)
+    ft = peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=["qkv", "proj", "fc1", "fc2"]), ft).eval()
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(102))
+    z, y = latents(seed=10), torch.tensor([9, 0, 5])
+    want, _ = seeded(lambda: dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps="5", exact=True))
+    got, _ = seeded(lambda: dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps="5"))
+    assert rel(got, want) <= TOL
+    cft, cpre = convert.dgfast_models(ft, pre)
+    assert cft.blocks[0].attn.qkv is ft.blocks[0].attn.qkv  # the peft layer itself
+    kinds = pair_cache.get_pair(cft, cpre).kinds()
+    assert kinds["blocks.1.mlp.fc1"] == "lora" and kinds["x_embedder.proj"] == "lora"
+    assert not cft.conversion.copied and any("lora_A" in k for k in cft.conversion.shared)
+
+
+def test_to_dgfast_share_uses_the_given_tensors():
+    from dgfast.adapters import to_dgfast
+    src, _ = upstream_pair(110)
+    x, t, y = latents(2, 11), torch.tensor([3, 999]), torch.tensor([1, 10])
+    copy, shared_sd, shared = to_dgfast(src), to_dgfast(src.state_dict(), share=True, num_heads=3), \
+        to_dgfast(src, share=True)
+    assert not copy.conversion.shared and "32 copied" in str(copy.conversion)
+    for m in (shared_sd, shared):
+        assert not m.conversion.copied
+        assert m.blocks[1].mlp.fc2.weight.data_ptr() == src.blocks[1].mlp.fc2.weight.data_ptr()
+    assert shared.blocks[1].mlp.fc2 is src.blocks[1].mlp.fc2 and shared.pos_embed is src.pos_embed
+    with torch.no_grad():
+        want = src(x, t, y)
+        for m in (copy, shared_sd, shared):
+            assert rel(m(x, t, y), want) <= 1e-5
+        src.blocks[0].attn.proj.weight.mul_(3.0)  # the shared conversions follow, the copy does not
+        want = src(x, t, y)
+        assert rel(shared(x, t, y), want) <= 1e-5 and rel(shared_sd(x, t, y), want) <= 1e-5
+        assert rel(copy(x, t, y), want) > 1e-3
