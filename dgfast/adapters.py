@@ -202,7 +202,8 @@ def _share_modules(src: nn.Module, sd: dict, cfg: dict, source: _Source) -> DiT:
     try:
         layers = {p: src.get_submodule(p) for p in paths}
     except AttributeError as err:
-        raise ValueError(f"to_dgfast: {type(src).__name__} has upstream DiT's keys but not its modules: {err}") from None
+        raise ValueError(f"to_dgfast: {type(src).__name__} has upstream DiT's keys but not its modules: {err}") \
+            from None
     for p, layer in layers.items():
         model.set_submodule(p, layer)
     pe = src.pos_embed

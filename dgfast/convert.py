@@ -108,8 +108,8 @@ def _convert(src: nn.Module) -> tuple[DiT | None, str]:
         return None, "not a DiT: its state_dict has neither upstream DiT's nor diffusers' DiT keys"
     try:
         dit = to_dgfast(src, share=True)
-    except (TypeError, ValueError) as err:
-        return None, str(err)
+    except Exception as err:  # noqa: BLE001 - whatever stops a conversion, the model still runs as given
+        return None, f"{type(err).__name__}: {err}" if not isinstance(err, (TypeError, ValueError)) else str(err)
     why = _probe(src, dit)
     if why:
         return None, why
