@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from dgfast import ops  # noqa: F401
 from dgfast.adapters import to_dgfast  # noqa: F401
+from dgfast.convert import report as conversion_report  # noqa: F401
 from dgfast.checkpoint import load_checkpoint, save_safetensors  # noqa: F401
 from dgfast.distributed import make_npz, sample_to_dir  # noqa: F401
 from dgfast.models import DiT, DiT_models, build_model  # noqa: F401

@@ -1,6 +1,7 @@
 """Model adapters: bring other DiT implementations into dgfast's DiT, and dgfast's DiT into diffusers.
 
-    to_dgfast(model_or_state_dict, **config) -> dgfast.DiT (same device and dtype, weights copied)
+    to_dgfast(model_or_state_dict, share=False, **config) -> dgfast.DiT (same device and dtype;
+        weights copied, or with share=True the given tensors themselves where the layout allows)
     to_diffusers(dit) -> diffusers DiTTransformer2DModel (same device and dtype, weights copied)
 
 Supported inputs:
@@ -23,6 +24,13 @@ pos_embed is diffusers' recomputed buffer. Pass freq_divisor=None, mlp_norm_eps=
 upstream DiT numerics from the same weights instead (the hub's DiT weights are upstream's).
 Conversion does not touch the global RNG (the model is built on the meta device).
 
+share=True uses the source's own tensors instead of copies: the DiT's parameters alias them (an
+edit of either is an edit of both). An upstream-layout module shares its layer modules themselves
+(Linears, patch Conv2d, label Embedding, with any peft LoRA adapter on them: its LoRA fine-tune then
+pairs as one); a state_dict shares every tensor; a diffusers model needs a copy of each block's
+q/k/v (concatenated into qkv) and of any bias diffusers leaves out (zeros). `dit.conversion` (a
+ConversionReport; print it) says what was shared and what copied.
+
 to_diffusers is the inverse mapping (see its docstring): the diffusers model it gives runs
 diffusers' numerics, and to_dgfast of it gives back the same tensors, with those numerics.
 """
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -50,13 +59,37 @@ _DIT_KEYS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", 
              "class_dropout_prob", "num_classes", "learn_sigma", "norm_eps", "mlp_norm_eps", "freq_divisor")
 
 
+@dataclass
+class ConversionReport:
+    """What to_dgfast made of its source: the state_dict keys whose tensors the DiT shares with the
+    source, and those it holds as copies (key -> bytes), plus notes on numerics."""
+    source: str
+    shared: dict = field(default_factory=dict)
+    copied: dict = field(default_factory=dict)
+    note: str = ""
+
+    def __str__(self) -> str:
+        mib = 1 << 20
+        lines = [f"converted from {self.source}: {len(self.shared)} tensors shared with it "
+                 f"({sum(self.shared.values()) / mib:.2f} MiB), {len(self.copied)} copied "
+                 f"({sum(self.copied.values()) / mib:.2f} MiB)"]
+        if self.copied:
+            keys = list(self.copied)
+            more = f", ... ({len(keys) - 8} more)" if len(keys) > 8 else ""
+            lines.append("  copied: " + ", ".join(keys[:8]) + more)
+        if self.note:
+            lines.append(f"  {self.note}")
+        return "\n".join(lines)
+
+
 def _unsupported(obj) -> TypeError:
     return TypeError(f"to_dgfast: cannot convert {type(obj).__module__}.{type(obj).__name__}; supported: "
                      + "; ".join(SUPPORTED))
 
 
-def to_dgfast(model_or_state_dict, **config) -> DiT:
-    """A dgfast DiT holding the weights of `model_or_state_dict` (see the module docstring)."""
+def to_dgfast(model_or_state_dict, *, share: bool = False, **config) -> DiT:
+    """A dgfast DiT holding the weights of `model_or_state_dict` (see the module docstring);
+    share=True: the given tensors themselves where the layout allows, copies elsewhere."""
     unknown = set(config) - set(_DIT_KEYS)
     if unknown:
         raise TypeError(f"to_dgfast: unknown config keys {sorted(unknown)}; DiT takes {list(_DIT_KEYS)}")
@@ -65,31 +98,65 @@ def to_dgfast(model_or_state_dict, **config) -> DiT:
         if config:  # a dgfast DiT is returned as it is: a config could only be ignored
             raise TypeError(f"to_dgfast: the model is already a dgfast DiT; config {sorted(config)} cannot apply")
         return src
+    source = _Source(src, share)
     if _is_diffusers_dit(src):
         sd, cfg = from_diffusers(src.state_dict(), dict(src.config), pos_embed=src.pos_embed.pos_embed)
-        return _build(sd, {**cfg, **config}, src.training)
+        return _build(sd, {**cfg, **config}, src.training, source)
     if isinstance(src, nn.Module):
         sd = src.state_dict()
-        if not all(k in sd for k in _UPSTREAM_MARKERS):
+        base = _without_adapters(sd) if share else sd
+        if not all(k in base for k in _UPSTREAM_MARKERS):
             raise _unsupported(src)
-        return _build(sd, {**upstream_config(sd, _module_hints(src)), **config}, src.training)
+        cfg = {**upstream_config(base, _module_hints(src)), **config}
+        return _share_modules(src, base, cfg, source) if share else _build(sd, cfg, src.training, source)
     if isinstance(src, Mapping):
         sd = _unwrap_checkpoint(src)
         if all(k in sd for k in _UPSTREAM_MARKERS):
-            return _build(sd, {**upstream_config(sd, config), **config}, False)
+            return _build(sd, {**upstream_config(sd, config), **config}, False, source)
         if all(k in sd for k in _DIFFUSERS_MARKERS):
             if "input_size" not in config:
                 raise ValueError("to_dgfast: a diffusers state_dict has no pos_embed (diffusers recomputes it); "
                                  "pass input_size= (the latent size, diffusers' sample_size)")
             sd, cfg = from_diffusers(sd, _diffusers_config_from(sd, config))
-            return _build(sd, {**cfg, **config}, False)
+            return _build(sd, {**cfg, **config}, False, source)
         raise ValueError(f"to_dgfast: a state_dict with neither upstream DiT keys {list(_UPSTREAM_MARKERS)} nor "
                          f"diffusers DiT keys {list(_DIFFUSERS_MARKERS)}; first keys: {list(sd)[:5]}")
     raise _unsupported(src)
 
 
-def _build(sd: dict, cfg: dict, training: bool) -> DiT:
-    with torch.device("meta"):  # no init compute, no RNG use; the weights come from sd
+class _Source:
+    """The conversion's source: its name for the report and, with share=True, the storages of the
+    tensors it holds (a converted tensor on one of them is shared, anything else a copy)."""
+
+    def __init__(self, src, share: bool):
+        self.share = share
+        if isinstance(src, nn.Module):
+            self.name = f"{type(src).__module__}.{type(src).__name__}"
+            tensors = list(src.parameters()) + list(src.buffers())
+        elif isinstance(src, Mapping):
+            self.name = "a state_dict"
+            tensors = [v for v in _unwrap_checkpoint(src).values() if isinstance(v, torch.Tensor)]
+        else:  # not convertible: to_dgfast raises before it builds anything
+            self.name, tensors = type(src).__name__, []
+        self.storages = {_storage(t) for t in tensors} if share else set()
+
+    def report(self, sd: dict, cfg: dict) -> ConversionReport:
+        shared, copied = {}, {}
+        for k, v in sd.items():
+            (shared if _storage(v) in self.storages else copied)[k] = v.numel() * v.element_size()
+        note = ("diffusers' numerics kept (freq_divisor=127, mlp_norm_eps=norm_eps)"
+                if cfg.get("freq_divisor") == 127 else "")
+        return ConversionReport(self.name, shared, copied, note)
+
+
+def _storage(t: torch.Tensor):
+    return (t.device, t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+
+
+def _meta_dit(sd: dict, cfg: dict) -> DiT:
+    """DiT(**cfg) on the meta device (no init compute, no RNG use), after checking that sd's keys
+    and shapes are exactly its own."""
+    with torch.device("meta"):
         model = DiT(**cfg)
     missing, unexpected = _key_diff(model, sd)
     if missing or unexpected:
@@ -100,8 +167,56 @@ def _build(sd: dict, cfg: dict, training: bool) -> DiT:
         want = shapes[k]
         if v.shape != want:
             raise ValueError(f"to_dgfast: {k} has shape {tuple(v.shape)}, DiT({cfg}) needs {tuple(want)}")
-    model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True, assign=True)
+    return model
+
+
+def _build(sd: dict, cfg: dict, training: bool, source: _Source) -> DiT:
+    model = _meta_dit(sd, cfg)
+    # assign=True keeps the given tensors (wrapped as Parameters aliasing them); clone() copies them
+    model.load_state_dict({k: v.detach() if source.share else v.detach().clone() for k, v in sd.items()},
+                          strict=True, assign=True)
+    model.conversion = source.report(sd, cfg)
     return model.train(training)
+
+
+# Upstream's layer modules, which a shared conversion takes over as they are (with any peft adapter)
+_LAYERS = ("x_embedder.proj", "t_embedder.mlp", "y_embedder.embedding_table", "final_layer.linear",
+           "final_layer.adaLN_modulation")
+_BLOCK_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation")
+
+
+def _without_adapters(sd: dict) -> dict:
+    """sd as the base model's keys: peft's wrapped layers (`.base_layer.`) under their own names,
+    adapter tensors (`lora_*`) left out."""
+    return {k.replace(".base_layer.", "."): v for k, v in sd.items()
+            if not any(part.startswith("lora_") for part in k.split("."))}
+
+
+def _share_modules(src: nn.Module, sd: dict, cfg: dict, source: _Source) -> DiT:
+    """share=True for an upstream-layout module: dgfast's DiT around src's own layer modules (the
+    Linears, the patch Conv2d, the label Embedding and the Sequentials holding them) and its
+    pos_embed Parameter. Adapters on those layers (peft LoRA) and their hooks come along, and the
+    pair sees them (a LoRA fine-tune shares its base GEMM); only the containers between are new."""
+    model = _meta_dit(sd, cfg)
+    paths = list(_LAYERS) + [f"blocks.{i}.{p}" for i in range(cfg["depth"]) for p in _BLOCK_LAYERS]
+    try:
+        layers = {p: src.get_submodule(p) for p in paths}
+    except AttributeError as err:
+        raise ValueError(f"to_dgfast: {type(src).__name__} has upstream DiT's keys but not its modules: {err}") \
+            from None
+    for p, layer in layers.items():
+        model.set_submodule(p, layer)
+    pe = src.pos_embed
+    model.pos_embed = pe if isinstance(pe, nn.Parameter) else nn.Parameter(pe.detach(), requires_grad=False)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left and not pe.is_meta:
+        raise ValueError(f"to_dgfast: {type(src).__name__}'s modules leave {left[:4]} unset")
+    shared = {id(m) for layer in layers.values() for m in layer.modules()}
+    for m in model.modules():  # the new containers take the source's mode; its own layers keep theirs
+        if id(m) not in shared:
+            m.training = src.training
+    model.conversion = source.report(model.state_dict(), cfg)
+    return model
 
 
 def _key_diff(model, sd):
@@ -291,6 +406,30 @@ def from_diffusers(sd: Mapping, config: Mapping, pos_embed: torch.Tensor | None 
     if out_ch not in (C, 2 * C):
         raise ValueError(f"to_dgfast: out_channels {out_ch} is neither in_channels nor 2*in_channels")
     return dst, cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# dgfast DiT -> upstream's own module
+# ----------------------------------------------------------------------------------------------
+
+def to_upstream(dit: DiT) -> nn.Module:
+    """dgfast.reference.ReferenceDiT (upstream DiT's module tree and forward, op for op) on dit's own
+    tensors (no copy; same device, dtype and mode): what `dgfast sample --exact` runs, so a run
+    gives the upstream scripts' bits. Only upstream numerics can be expressed there."""
+    from dgfast.reference import ReferenceDiT
+
+    if not isinstance(dit, DiT):
+        raise ValueError(f"to_upstream: dit must be a dgfast.models.DiT, got {type(dit).__name__}")
+    cfg = dit.config
+    if (cfg["freq_divisor"], cfg["norm_eps"], cfg["mlp_norm_eps"]) != (None, 1e-6, 1e-6):
+        raise ValueError("to_upstream: dit runs diffusers' numerics (freq_divisor / LayerNorm eps), which "
+                         "upstream's module cannot express")
+    with torch.device("meta"):  # no init compute, no RNG use; the weights come from dit
+        model = ReferenceDiT(**{k: cfg[k] for k in ("input_size", "patch_size", "in_channels", "hidden_size", "depth",
+                                                    "num_heads", "mlp_ratio", "class_dropout_prob", "num_classes",
+                                                    "learn_sigma")})
+    model.load_state_dict({k: v.detach() for k, v in dit.state_dict().items()}, strict=True, assign=True)
+    return model.train(dit.training)
 
 
 # ----------------------------------------------------------------------------------------------

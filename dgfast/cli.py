@@ -86,6 +86,12 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="fused-op implementation")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on CUDA, as DiT's sample_ddp.py (default on)")
+    g.add_argument("--exact", action="store_true",
+                   help="run the checkpoints in upstream DiT's own module (dgfast.reference.ReferenceDiT), each "
+                        "model its own forward: the scripts' bits (with --seed-mode reference), at their speed")
+    g.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the paired forward (MODE: default, reduce-overhead, max-autotune, "
+                        "max-autotune-no-cudagraphs; bare --compile: default)")
 
     g = p.add_argument_group("output")
     g.add_argument("--sample-dir", default="samples", help="output folder; the .npz goes to {sample-dir}.npz")
@@ -141,6 +147,15 @@ def check_sample_args(args) -> None:
     args.guidance_channels = parse_guidance_channels(args.guidance_channels)
     if args.null_label is not None and args.null_label < 0:
         raise UsageError(f"--null-label must be >= 0, got {args.null_label}")
+    if args.compile is not None:
+        from dgfast.convert import compile_mode
+        try:
+            compile_mode(args.compile)
+        except ValueError:
+            raise UsageError(f"--compile {args.compile!r}: choose a torch.compile mode, one of "
+                             f"default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs") from None
+        if args.exact:
+            raise UsageError("--exact runs upstream's module as it is; it does not combine with --compile")
     if args.npz_resize is not None and args.npz_resize <= 0:
         raise UsageError(f"--npz-resize must be >= 1, got {args.npz_resize}")
     if args.model_config is not None:
@@ -339,6 +354,10 @@ def run_sample(args) -> int:
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = args.tf32  # as sample_ddp.py; cudnn keeps its default
         ft, pre, null = load_models(args, device)
+        if args.exact:  # upstream's module on the same tensors: the scripts' forward, op for op
+            from dgfast.adapters import to_upstream
+            up = {id(m): to_upstream(m) for m in (ft, pre) if m is not None}  # classic CFG: pre is ft
+            ft, pre = up[id(ft)], None if pre is None else up[id(pre)]
         vae = load_vae(args.vae, device)
         say = print if d.is_main else (lambda *a, **k: None)
         mode = ("no guidance" if pre is None else "classic CFG" if pre is ft else "Domain Guidance")
@@ -356,7 +375,7 @@ def run_sample(args) -> int:
             resume=args.resume, guidance_scale=args.cfg_scale, steps=steps,
             guidance_channels=args.guidance_channels, null_label=null, sampler=args.sampler, eta=args.eta,
             backend=args.backend, npz_resize=args.npz_resize, progress=args.progress,
-            run_config=run_config(args, ft, pre))
+            run_config=run_config(args, ft, pre), exact=args.exact, compile=args.compile or False)
         say(f"dgfast sample: {result.num_written} images in {result.seconds:.1f} s "
             f"({result.images_per_second:.2f} images/s, {result.world_size} process(es)), "
             f"{result.num_skipped} already present; {result.sample_dir}, {result.npz}")

@@ -15,7 +15,9 @@ default, latents decoded with the VAE), fixing its known gaps:
   variance channels instead of crashing;
 - only the B kept rows are stepped (DiTPipeline steps the doubled batch and discards half).
 The scheduler's config drives dgfast's fused guidance + step (dgfast.samplers); schedulers it does
-not cover run their own step() on the guided prediction.
+not cover run their own step() on the guided prediction. The transformers run as dgfast's fused
+DiT on their own weights (dgfast.convert; with diffusers' numerics), paired into one batch;
+exact=True runs them as given.
 
 vae=None means pixel-space models (e.g. dgfast.zoo's pair through adapters.to_diffusers, which
 samples 3-channel 8x8 images directly): nothing is decoded, the samples are mapped from [-1, 1]
@@ -30,7 +32,7 @@ from diffusers import DiTPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from dgfast import samplers
+from dgfast import convert, samplers
 from dgfast.sampling import (check_eval, check_scale, label_table_rows, make_pair_forward,
                              resolve_channels, scalar)
 
@@ -84,7 +86,8 @@ class DoGDiTPipeline(DiTPipeline):
                  generator: torch.Generator | list[torch.Generator] | None = None, num_inference_steps: int = 50,
                  output_type: str | None = "pil", return_dict: bool = True, *, latents: torch.Tensor | None = None,
                  guidance_interval=(0.0, 1.0), guidance_rescale: float = 0.0, guidance_channels="all",
-                 pretrained_every: int = 1, null_class: int | None = None, backend: str = "auto"):
+                 pretrained_every: int = 1, null_class: int | None = None, backend: str = "auto",
+                 exact: bool = False):
         """Generate images of `class_labels` (ids of the fine-tuned model's classes).
 
         guidance_scale: w in  eps = u + w (c - u); guidance is on iff w > 1 (as DiTPipeline).
@@ -96,6 +99,8 @@ class DoGDiTPipeline(DiTPipeline):
         guidance_channels: "all" (diffusers) or 3 (the DiT/DoG scripts' quirk).
         pretrained_every: run the guiding model every k-th guided step and reuse its output in between.
         null_class: the guiding model's label (default: its num_embeds_ada_norm, the null row).
+        backend: the fused ops' implementation, for the step and (not "auto") the converted forwards.
+        exact: run the transformers as given (diffusers' own forward) instead of dgfast's fused DiT.
         output_type: "pil", "np", "pt" or "latent" (with vae=None: the undecoded samples in [-1, 1] space).
         """
         if output_type not in ("pil", "np", "pt", "latent"):
@@ -122,7 +127,11 @@ class DoGDiTPipeline(DiTPipeline):
         latents = latents.to(device)
         y = torch.tensor(class_labels, device=device)
 
-        finetuned = transformer_fn(self.transformer)
+        guided = guidance_scale > 1
+        ft_dit, pre_dit = (None, None) if exact else convert.dgfast_models(
+            self.transformer, self.transformer_pre if guided else None)
+        fb = None if backend == "auto" else backend
+        finetuned = transformer_fn(self.transformer) if ft_dit is None else convert.runner(ft_dit, fb, None)
         guide = self.transformer_pre if self.transformer_pre is not None else self.transformer
         if null_class is None:
             null_class = guide.config.num_embeds_ada_norm
@@ -131,9 +140,13 @@ class DoGDiTPipeline(DiTPipeline):
         if isinstance(null_class, bool) or not isinstance(null_class, numbers.Integral) or not 0 <= null_class < rows:
             raise ValueError(f"null_class {null_class!r} is outside the guiding model's label table [0, {rows})")
         pair_forward = None
-        if guidance_scale > 1:
-            pair_forward = (make_pair_forward(finetuned, transformer_fn(self.transformer_pre), False)
-                            if self.transformer_pre is not None else samplers.cfg_pair_forward(finetuned))
+        if guided and self.transformer_pre is None:
+            pair_forward = samplers.cfg_pair_forward(finetuned)
+        elif guided:  # one paired batch when both run as dgfast DiTs
+            pair_forward = (make_pair_forward(ft_dit, pre_dit, True, backend=fb) if ft_dit is not None and
+                            pre_dit is not None else
+                            make_pair_forward(finetuned, transformer_fn(self.transformer_pre) if pre_dit is None
+                                              else convert.runner(pre_dit, fb, None), False))
 
         plan = samplers.scheduler_plan(self.scheduler, num_inference_steps, device)
         branches = samplers.Branches(finetuned, y, pair_forward, null_class,

@@ -294,7 +294,7 @@ def check_resume(sample_dir: str, settings: dict) -> None:
                          f"mixing them would corrupt the sample set, use a new directory")
 
 
-ADDED_LATER = {"ckpt_weights", "pretrained_weights"}  # settings older manifests lack
+ADDED_LATER = {"ckpt_weights", "pretrained_weights", "exact", "compile"}  # settings older manifests lack
 
 
 def _setting_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -355,11 +355,12 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
                   guidance_scale: float = 1.5, steps="250", guidance_channels=3, null_label: int = 1000,
                   sampler: str = "ddpm", eta: float = 0.0, backend: str = "auto", paired=True,
                   npz: bool = True, npz_resize: int | None = None, progress: bool = True,
-                  run_config: dict | None = None) -> SampleDirResult:
+                  run_config: dict | None = None, exact: bool = False, compile=False) -> SampleDirResult:
     """Sample `num_samples` images (indices 0..num_samples-1) into `sample_dir`; see the module doc.
 
     finetuned / pretrained / guidance_scale / steps / guidance_channels / null_label / sampler /
-    eta / backend / paired are passed to `dgfast.sample` (guidance_scale 1: `pretrained` unused).
+    eta / backend / paired / exact / compile are passed to `dgfast.sample` (guidance_scale 1:
+    `pretrained` unused).
     Models must be in eval mode on this rank's device. batch_size is per process.
     vae: None saves latents as `.npy` (float32 (C, L, L)) and the .npz holds float32 (N, C, L, L);
     otherwise an object with `decode(latents).sample` (diffusers AutoencoderKL), decoded as
@@ -375,6 +376,10 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     global_seed = _check_int(global_seed, "global_seed", 0, 1 << 31)
     if seed_mode not in SEED_MODES:
         raise ValueError(f"seed_mode must be one of {SEED_MODES}, got {seed_mode!r}")
+    from dgfast.convert import compile_mode
+    cmode = compile_mode(compile)  # before any folder exists
+    if exact and cmode:
+        raise ValueError("exact=True runs the models as given; it does not combine with compile=")
     if seed_mode == "reference" and guidance_scale < 1:
         raise ValueError(f"seed_mode='reference' reproduces sample_ddp.py, which needs guidance_scale >= 1, "
                          f"got {guidance_scale}")
@@ -386,7 +391,8 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     ext = "npy" if vae is None else "png"
     settings = dict(num_classes=num_classes, global_seed=global_seed, seed_mode=seed_mode,
                     guidance_scale=float(guidance_scale), steps=str(steps), guidance_channels=guidance_channels,
-                    null_label=null_label, sampler=sampler, eta=float(eta), output=ext, run=run_config)
+                    null_label=null_label, sampler=sampler, eta=float(eta), output=ext, run=run_config,
+                    exact=bool(exact), compile=cmode)
     d = init_distributed()
     if seed_mode == "reference":  # the script's stream depends on both
         settings.update(world_size=d.world_size, batch_size=batch_size)
@@ -419,7 +425,8 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     d.barrier()
 
     call = dict(guidance_scale=guidance_scale, steps=steps, guidance_channels=guidance_channels,
-                null_label=null_label, sampler=sampler, eta=eta, backend=backend, paired=paired)
+                null_label=null_label, sampler=sampler, eta=eta, backend=backend, paired=paired, exact=exact,
+                compile=compile)
     from tqdm.auto import tqdm
     bar = tqdm(total=pending, unit="img", desc="dgfast sample", disable=not (progress and d.is_main),
                dynamic_ncols=True)

@@ -488,17 +488,19 @@ class PairedDiT:
 
     # -- forward ----------------------------------------------------------------------------------
 
-    def __call__(self, x, t, y, null_label=1000):
-        return self.forward_pair(x, t, y, null_label)
+    def __call__(self, x, t, y, null_label=1000, backend=None):
+        return self.forward_pair(x, t, y, null_label, backend=backend)
 
     @torch.inference_mode()
-    def forward_pair(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null_label=1000):
+    def forward_pair(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null_label=1000, backend=None):
         """(out_ft, out_pre): finetuned(x, t, y) and pretrained(x, t, null_label), one 2n batch.
 
         x (n, C, H, W), t (n,), y (n,) int64; null_label an int or an (n,) tensor.
+        backend: the fused ops' implementation for this call (None: the fine-tuned model's setting).
         Outputs are inference tensors (computed under torch.inference_mode).
         """
-        backend, impl = self._settings()
+        own, impl = self._settings()
+        backend = own if backend is None else backend
         n = x.shape[0]
         h = self._embed_tokens(x)                         # (2n, T, D): fine-tuned rows first
         c = self._embed_cond(t, y, null_label, n)         # (2n, D)

@@ -8,6 +8,7 @@ the models to float tolerance), including the default generator's consumption.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -16,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from dgfast import ops, samplers
+from dgfast import convert, ops, samplers
 
 SAMPLERS = samplers.NATIVE_SAMPLERS
 NOISE_MODES = ("reference", "per-sample")
@@ -194,21 +195,27 @@ def _is_dgfast_dit(m) -> bool:
     return isinstance(m, DiT)
 
 
-def make_pair_forward(finetuned, pretrained, paired) -> Callable:
-    """f(x, t, y, null) -> (out_ft, out_pre): one concatenated batch when possible, else two calls."""
-    if paired is not False and not isinstance(paired, bool):  # a prebuilt paired model
-        return paired.forward_pair
-    if paired and _is_dgfast_dit(finetuned) and _is_dgfast_dit(pretrained):
+def make_pair_forward(finetuned, pretrained, paired, *, backend: str | None = None,
+                      compile_mode: str | None = None) -> Callable:
+    """f(x, t, y, null) -> (out_ft, out_pre): one concatenated batch when possible, else two calls.
+    backend (None: the models' own) reaches a paired forward here; compile_mode: convert.compiled."""
+    pair = paired if paired is not False and not isinstance(paired, bool) else None  # a prebuilt paired model
+    if paired is True and _is_dgfast_dit(finetuned) and _is_dgfast_dit(pretrained):
         from dgfast.pair_cache import get_pair
         from dgfast.paired import pair_mismatch
         why = pair_mismatch(finetuned, pretrained)
         if not why:
-            return get_pair(finetuned, pretrained).forward_pair
-        warnings.warn(f"the fine-tuned and pre-trained models run as two forwards, not one batch: {why}",
-                      stacklevel=3)
+            pair = get_pair(finetuned, pretrained)
+        else:
+            warnings.warn(f"the fine-tuned and pre-trained models run as two forwards, not one batch: {why}",
+                          stacklevel=3)
+    if pair is not None:
+        forward = convert.compiled(pair.forward_pair, compile_mode)
+        return forward if backend is None else functools.partial(forward, backend=backend)
+    ft, pre = convert.runner(finetuned, backend, compile_mode), convert.runner(pretrained, backend, compile_mode)
 
     def two_pass(x, t, y, null):
-        return finetuned(x, t, y), pretrained(x, t, torch.full_like(y, null))
+        return ft(x, t, y), pre(x, t, torch.full_like(y, null))
     return two_pass
 
 
@@ -222,7 +229,8 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
            seeds: Sequence[int] | None = None, clip_denoised: bool = False, progress: bool = False,
            backend: str = "auto", paired=True, scheduler=None, guidance_interval=(0.0, 1.0),
            guidance_rescale: float = 0.0, mode: str = "dog", cfg_null_label: int | None = None,
-           pretrained_every: int = 1, cuda_graph: bool = False) -> torch.Tensor:
+           pretrained_every: int = 1, cuda_graph: bool = False, exact: bool = False,
+           compile=False) -> torch.Tensor:
     """Domain Guidance sampling; returns the n kept samples (n, C, H, W).
 
     finetuned(x, t, y) gets the labels y; pretrained(x, t, null_label) is the guiding branch.
@@ -245,6 +253,12 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     is captured once per shape as a CUDA graph and replayed; the noise tensors are drawn up front in
     the loop's order (same RNG stream); dpm2m's multistep state (the previous x0) is kept in a static
     buffer between replays. See dgfast.cuda_graph.run_cuda_graph.
+    Upstream DiT modules and diffusers DiTTransformer2DModel run as dgfast's fused DiT on their own
+    tensors (dgfast.convert; `dgfast.conversion_report(ft, pre)` says what was shared and copied);
+    exact=True runs the models as given, each its own forward, for the upstream scripts' exact bits.
+    backend other than "auto" also sets the fused ops of dgfast DiT forwards (for this call only).
+    compile=True or a torch.compile mode: the paired forward (or each model) under torch.compile,
+    compiled once per pair, mode and batch shape (dynamic=False) and reused.
     """
     if scheduler is None and sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -263,6 +277,9 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     if sampler == "ddim" and scheduler is None and eta > 1:  # sigma would exceed sqrt(1 - abar_prev): NaN
         raise ValueError(f"eta must be in [0, 1] for DDIM (above 1 the step takes the square root of a "
                          f"negative number), got {eta}")
+    cmode = convert.compile_mode(compile)
+    if exact and (cmode or not isinstance(paired, bool)):
+        raise ValueError("exact=True runs the models as given; it does not combine with compile= or a paired model")
     guided = scale != 1.0
     check_eval(finetuned, "finetuned")
     ft_info = model_info(finetuned)
@@ -308,21 +325,26 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     if draw is None:
         draw = (PerSampleNoise(seeds, z.shape, z.device, z.dtype) if noise == "per-sample"
                 else ReferenceNoise(n, 2 * n if guided and plan.doubled_noise else n, z.shape, z.device, z.dtype))
+    fb = None if backend == "auto" else backend  # "auto": each model's own setting for its forward
+    finetuned, pretrained = convert.models_to_run(finetuned, pretrained if guided and mode == "dog" else None, exact)
+    ft_alone = convert.runner(finetuned, fb, cmode)
     pair_forward = None
     if guided:
-        pair_forward = (samplers.cfg_pair_forward(finetuned) if mode == "cfg"
-                        else make_pair_forward(finetuned, pretrained, paired))
+        pair_forward = (samplers.cfg_pair_forward(ft_alone) if mode == "cfg"
+                        else make_pair_forward(finetuned, pretrained, False if exact else paired, backend=fb,
+                                               compile_mode=cmode))
     if cuda_graph:
-        if scheduler is not None or interval != (0.0, 1.0) or pretrained_every != 1 or guidance_rescale:
+        if scheduler is not None or interval != (0.0, 1.0) or pretrained_every != 1 or guidance_rescale or cmode:
             raise ValueError("cuda_graph=True runs the native ddpm/ddim/dpm2m loop; it does not combine with "
-                             "scheduler=, guidance_interval, pretrained_every or guidance_rescale")
+                             "scheduler=, guidance_interval, pretrained_every, guidance_rescale or compile=")
         from dgfast.cuda_graph import run_cuda_graph
-        forward = pair_forward if guided else (lambda x, t, labels, null: (finetuned(x, t, labels), None))
-        cache = getattr(getattr(forward, "__self__", None), "_graphs", None)  # a PairedDiT keeps its graphs
+        forward = pair_forward if guided else (lambda x, t, labels, null: (ft_alone(x, t, labels), None))
+        owner = getattr(forward, "func", forward)  # a backend partial of a pair's forward
+        cache = getattr(getattr(owner, "__self__", None), "_graphs", None)  # a PairedDiT keeps its graphs
         return warn_nonfinite(run_cuda_graph(forward, z, y, cfg_null_label if mode == "cfg" else null_label, plan,
                                              draw, scale=scale, guidance_channels=k, clip_denoised=clip_denoised,
                                              cache=cache))
-    branches = samplers.Branches(finetuned, y, pair_forward, cfg_null_label if mode == "cfg" else null_label,
+    branches = samplers.Branches(ft_alone, y, pair_forward, cfg_null_label if mode == "cfg" else null_label,
                                  samplers.interval_steps(*interval, plan.num_steps), pretrained_every)
     return warn_nonfinite(samplers.run(plan, z, branches, scale=scale, guidance_channels=k, draw=draw,
                                        clip_denoised=clip_denoised, backend=backend,
@@ -342,8 +364,12 @@ def warn_nonfinite(samples: torch.Tensor) -> torch.Tensor:
 
 def _cfg_null_label(finetuned, info, label):
     """The fine-tuned model's own null class: its num_classes unless given; must be in its table."""
-    if label is None:
+    if label is None:  # dgfast DiT; upstream DiT keeps it on y_embedder; diffusers in its config
         label = getattr(finetuned, "num_classes", None)
+        if label is None:
+            label = getattr(getattr(finetuned, "y_embedder", None), "num_classes", None)
+        if label is None and hasattr(getattr(finetuned, "config", None), "get"):
+            label = finetuned.config.get("num_embeds_ada_norm")
         if label is None:
             raise ValueError("mode='cfg': cannot read the fine-tuned model's num_classes; pass cfg_null_label=")
     if isinstance(label, bool) or not isinstance(label, int) or label < 0 or (
@@ -357,12 +383,17 @@ def _cfg_null_label(finetuned, info, label):
 # forward_with_cfg-style drop-in for scripts that keep their own p_sample_loop
 # ----------------------------------------------------------------------------------------------
 
-def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels=3, paired=True) -> Callable:
+def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels=3, paired=True, *,
+                exact: bool = False) -> Callable:
     """A callable with upstream `forward_with_cfg(x, t, y, cfg_scale)` semantics, as the DoG script's
     guidance closure: both models read x[:n]; the fine-tuned one gets y[:n], the pre-trained one
     `null_label`; guidance on the first `guidance_channels` eps channels; rows [:n] carry the
     fine-tuned variance channels, rows [n:] the pre-trained ones. Returns (2n, 2C, H, W).
+    Upstream / diffusers DiT modules run as dgfast's fused DiT (see sample); exact=True runs the
+    models as given, each its own forward, as the script's closure does.
     """
+    if exact and not isinstance(paired, bool):
+        raise ValueError("exact=True runs the models as given; it does not combine with a paired model")
     check_eval(finetuned, "finetuned")
     check_eval(pretrained, "pretrained")
     ft_info, pre_info = model_info(finetuned), model_info(pretrained)
@@ -373,7 +404,13 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
             raise TypeError(f"guidance_channels must be an int or 'all', got {guidance_channels!r}")
         if guidance_channels < 0:
             raise ValueError(f"guidance_channels must be >= 0 or 'all', got {guidance_channels}")
-    state = {"forward": make_pair_forward(finetuned, pretrained, paired), "t": None, "dir": 0}  # built now
+
+    def forwards():
+        """(fine-tuned, pre-trained, paired forward) as they run now (conversions are cached)."""
+        ft, pre = convert.models_to_run(finetuned, pretrained, exact)
+        return ft, pre, make_pair_forward(ft, pre, False if exact else paired)
+
+    state = {"forwards": forwards(), "t": None, "dir": 0}  # built now
 
     def loop_starts(t0: float) -> bool:
         """Whether this call starts a sampling loop: the first call, or t turning back against the
@@ -408,15 +445,15 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
             rows = ft_info["table_rows"]
             if n and rows is not None and (int(y[:n].min()) < 0 or int(y[:n].max()) >= rows):
                 raise ValueError(f"y[:n] holds labels outside [0, {rows}) of the finetuned model's label table")
-            state["forward"] = make_pair_forward(finetuned, pretrained, paired)
-        pair_forward = state["forward"]
+            state["forwards"] = forwards()
+        run_ft, run_pre, pair_forward = state["forwards"]
         C = x.shape[1]
         k = resolve_channels(guidance_channels, C)
         if torch.equal(t[:n], t[n:]):  # always so inside p_sample_loop: one paired forward
             out_ft, out_pre = pair_forward(x[:n], t[:n], y[:n], null_label)
         else:  # the script's closure gives the pre-trained model the second half of t
-            out_ft = finetuned(x[:n], t[:n], y[:n])
-            out_pre = pretrained(x[:n], t[n:], torch.full_like(y[:n], null_label))
+            out_ft = run_ft(x[:n], t[:n], y[:n])
+            out_pre = run_pre(x[:n], t[n:], torch.full_like(y[:n], null_label))
         out_ft, out_pre = samplers.model_output(out_ft, x), samplers.model_output(out_pre, x)
         g = out_pre[:, :k] + cfg_scale * (out_ft[:, :k] - out_pre[:, :k])
         rest = torch.cat([out_ft[:, k:], out_pre[:, k:]], dim=0)

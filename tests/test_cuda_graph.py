@@ -59,7 +59,8 @@ def eager_and_graphed(ft, pre, z, y, scale, sampler, eta, calls=2, **kw):
     got = []
     for _ in range(calls):
         torch.manual_seed(0)
-        got.append((dgfast.sample(ft, pre, z, y, cuda_graph=True, **args), torch.get_rng_state()))
+        # backend="torch" for the forwards too (the eager loop's backend reaches its forwards)
+        got.append((dgfast.sample(ft, pre, z, y, cuda_graph=True, backend="torch", **args), torch.get_rng_state()))
     return want, rng, got
 
 
@@ -100,7 +101,7 @@ def test_cached_step_is_reused(models, uncaptured):
 def _dpm2m_inputs(models, scale=1.5):
     ft, pre, z, y = models
     plan = samplers.native_plan("dpm2m", STEPS)
-    forward = get_pair(ft, pre).forward_pair
+    forward = functools.partial(get_pair(ft, pre).forward_pair, backend="torch")  # as sample(backend="torch")
     draw = ReferenceNoise(len(z), 2 * len(z), z.shape, z.device, z.dtype)
     return forward, plan, draw
 
@@ -181,7 +182,7 @@ def test_cuda_graph_replay_equals_eager(models, sampler):
     rng, rng_cuda = torch.get_rng_state(), torch.cuda.get_rng_state()
     for _ in range(2):
         torch.manual_seed(0)
-        got = dgfast.sample(ft, pre, z, y, cuda_graph=True, **args)
+        got = dgfast.sample(ft, pre, z, y, cuda_graph=True, backend="torch", **args)  # torch forwards, as eager
         assert torch.equal(torch.get_rng_state(), rng) and torch.equal(torch.cuda.get_rng_state(), rng_cuda)
         assert torch.equal(got, want), float((got - want).abs().max())
     assert len(get_pair(ft, pre)._graphs) == 1
