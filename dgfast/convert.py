@@ -140,12 +140,15 @@ def _probe(src: nn.Module, dit: DiT) -> str:
     x = torch.randn(1, dit.in_channels, dit.input_size, dit.input_size, generator=g).to(p.device)
     t = torch.full((1,), 500, dtype=torch.long, device=p.device)
     y = torch.zeros(1, dtype=torch.long, device=p.device)
+    # Half-precision upstream modules run under autocast (their timestep MLP gets float32 features)
+    half = p.dtype in (torch.float16, torch.bfloat16)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(p.device.type, dtype=p.dtype, enabled=half):
             if _is_diffusers_dit(src):
                 want = src(x.to(p.dtype), timestep=t, class_labels=y).sample
             else:
                 want = model_output(src(x.to(p.dtype), t, y))
+        with torch.no_grad():
             got = dit(x, t, y)
     except Exception as err:  # noqa: BLE001 - any failure means: run the source as given
         return f"the probe forward failed ({type(err).__name__}: {err})"

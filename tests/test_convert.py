@@ -439,3 +439,13 @@ def test_to_dgfast_share_uses_the_given_tensors():
         want = src(x, t, y)
         assert rel(shared(x, t, y), want) <= 1e-5 and rel(shared_sd(x, t, y), want) <= 1e-5
         assert rel(copy(x, t, y), want) > 1e-3
+
+
+def test_half_precision_upstream_modules_convert(caplog):
+    """bf16 upstream modules run under autocast (float32 timestep features into a bf16 MLP): the probe
+    must call them that way, not find them 'broken' and leave them unconverted."""
+    ft, pre = (m.to(torch.bfloat16) for m in upstream_pair(seed=30))
+    with caplog.at_level(logging.INFO, logger="dgfast"):
+        run_ft, run_pre = convert.dgfast_models(ft, pre)
+    assert isinstance(run_ft, dgfast.DiT) and isinstance(run_pre, dgfast.DiT), caplog.text
+    assert run_ft.x_embedder.proj.weight.dtype == torch.bfloat16
