@@ -65,8 +65,9 @@ def check_pipeline_models(transformer, transformer_pre) -> None:
 
 def transformer_fn(transformer):
     """A diffusers transformer as dgfast's model callable f(x, t, y) -> output tensor."""
-    def forward(x, t, y):
-        return transformer(x, timestep=t, class_labels=y).sample
+    def forward(x, t, y):  # .sample of diffusers' output; anything else goes on to the sampler's output checks
+        out = transformer(x, timestep=t, class_labels=y)
+        return getattr(out, "sample", out)
     forward.num_classes = transformer.config.num_embeds_ada_norm
     return forward
 
@@ -133,11 +134,12 @@ class DoGDiTPipeline(DiTPipeline):
         pair_forward = None
         if guidance_scale > 1:
             pair_forward = (make_pair_forward(finetuned, transformer_fn(self.transformer_pre), False)
-                            if self.transformer_pre is not None else samplers.cfg_pair_forward(finetuned))
+                            if self.transformer_pre is not None else samplers.cfg_pair_forward(finetuned, "transformer"))
 
         plan = samplers.scheduler_plan(self.scheduler, num_inference_steps, device)
         branches = samplers.Branches(finetuned, y, pair_forward, null_class,
-                                     samplers.interval_steps(*interval, plan.num_steps), pretrained_every)
+                                     samplers.interval_steps(*interval, plan.num_steps), pretrained_every,
+                                     names=("transformer", "transformer_pre"))
 
         def draw():  # what the scheduler's step() would draw with this generator
             return randn_tensor(shape, generator=generator, device=device, dtype=latents.dtype)
