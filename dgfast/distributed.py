@@ -294,7 +294,7 @@ def check_resume(sample_dir: str, settings: dict) -> None:
                          f"mixing them would corrupt the sample set, use a new directory")
 
 
-ADDED_LATER = {"ckpt_weights", "pretrained_weights"}  # settings older manifests lack
+ADDED_LATER = {"ckpt_weights", "pretrained_weights", "backend"}  # settings older manifests lack
 
 
 def _setting_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -341,6 +341,21 @@ class SamplingDiverged(RuntimeError):
     """A batch came out NaN/inf; files already written are kept."""
 
 
+def check_classes(finetuned, info: dict, num_classes: int) -> None:
+    """Labels are drawn from [0, num_classes): checked here, before the folder and manifest exist, not by
+    sample() halfway through. They must stay inside the label table and off its null row (a DiT built
+    with label dropout has one, at its num_classes): drawn as a class, it gives unconditional samples."""
+    rows = info["table_rows"]
+    if rows is not None and num_classes > rows:
+        raise ValueError(f"num_classes {num_classes} (dgfast sample: --num-classes) is more than the finetuned "
+                         f"model's label table holds ({rows} rows): labels are drawn from [0, num_classes)")
+    own = getattr(getattr(finetuned, "y_embedder", None), "num_classes", None)  # dgfast and upstream DiT
+    if rows is not None and isinstance(own, int) and rows == own + 1 and num_classes > own:
+        raise ValueError(f"num_classes {num_classes} (dgfast sample: --num-classes) reaches the finetuned model's "
+                         f"null row (label {own} of its {rows}-row table): 1 sample in {num_classes} would be drawn "
+                         f"unconditionally; the model has {own} classes")
+
+
 def _check_int(value, name: str, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {value!r}")
@@ -367,8 +382,11 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     run_config: extra JSON-able settings stored in manifest.json and checked on resume.
     Call it on every rank under torchrun; rank 0 writes manifest.json and the .npz.
     """
-    from dgfast.sampling import model_device, model_info, sample
+    from dgfast.ops import resolve_backend
+    from dgfast.sampling import check_bool, check_eta, model_device, model_info, sample
 
+    resume, npz, progress = check_bool(resume, "resume"), check_bool(npz, "npz"), check_bool(progress, "progress")
+    eta = check_eta(eta, sampler)  # before the folder exists, not in the first batch
     num_samples = _check_int(num_samples, "num_samples", 1, MAX_INDEX)
     batch_size = _check_int(batch_size, "batch_size", 1)
     num_classes = _check_int(num_classes, "num_classes", 1)
@@ -384,22 +402,22 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
             raise ValueError("npz_resize needs a vae: latents (.npy) are not resized")
     sample_dir = check_sample_dir(sample_dir, resume)
     ext = "npy" if vae is None else "png"
+    info = model_info(finetuned)
+    check_classes(finetuned, info, num_classes)
+    device = model_device(finetuned) or torch.device("cpu")
+    # the step's implementation as resolved here ("auto" differs by device and DGFAST_BACKEND): backends
+    # round differently, so a resume with another one would rewrite finished samples with other bytes
+    resolved = resolve_backend(backend, torch.empty(0, device=device))
     settings = dict(num_classes=num_classes, global_seed=global_seed, seed_mode=seed_mode,
                     guidance_scale=float(guidance_scale), steps=str(steps), guidance_channels=guidance_channels,
-                    null_label=null_label, sampler=sampler, eta=float(eta), output=ext, run=run_config)
+                    null_label=null_label, sampler=sampler, eta=float(eta), output=ext, backend=resolved,
+                    run=run_config)
     d = init_distributed()
     if seed_mode == "reference":  # the script's stream depends on both
         settings.update(world_size=d.world_size, batch_size=batch_size)
     if resume:
         check_resume(sample_dir, settings)
 
-    info = model_info(finetuned)
-    if info["table_rows"] is not None and num_classes > info["table_rows"]:
-        # checked here, before the folder and manifest exist, not by sample() halfway through
-        raise ValueError(f"num_classes {num_classes} (dgfast sample: --num-classes) is more than the finetuned "
-                         f"model's label table holds ({info['table_rows']} rows): labels are drawn from "
-                         f"[0, num_classes)")
-    device = model_device(finetuned) or torch.device("cpu")
     if seed_mode == "reference" and (info["in_channels"] is None or info["input_size"] is None):
         raise ValueError("seed_mode='reference' needs a model whose in_channels and input_size are known")
 

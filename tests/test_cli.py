@@ -457,7 +457,26 @@ BAD = {
                                               "--null-label 1000 is outside --pretrained-ckpt's label table "
                                               "\\(1000 rows\\)"),
     "ddim eta above 1": (lambda c, t: ["--sampler", "ddim", "--eta", "2"], "--eta must be in \\[0, 1\\]"),
+    "eta with ddpm": (lambda c, t: ["--eta", "0.5"], "--eta 0.5 is DDIM's: --sampler ddpm would ignore it"),
+    "model config a JSON list": (lambda c, t: ["--model-config", "[1, 2]"],
+                                 "--model-config must be a JSON object .*got a JSON list: \\[1, 2\\]"),
+    "model config a JSON number": (lambda c, t: ["--model-config", "42"], "--model-config must be a JSON object"),
+    "model config file holding a list": (lambda c, t: ["--model-config", _json_file(c.dir, [1, 2])],
+                                         "--model-config .*list.json must be a JSON object"),
+    "model config neither JSON nor a file": (lambda c, t: ["--model-config", "arch.jsn"],
+                                             "--model-config arch.jsn: no such file"),
+    "model config broken JSON object": (lambda c, t: ["--model-config", '{"depth": 2,'],
+                                        "--model-config is not valid JSON"),
+    "num classes reaching the null row": (lambda c, t: ["--num-classes", str(NUM_CLASSES + 1)],
+                                          f"label table of {NUM_CLASSES + 1} rows and --num-classes is "
+                                          f"{NUM_CLASSES + 1}: .*null row.*--no-null-row"),
 }
+
+
+def _json_file(folder, value) -> str:
+    path = folder / "list.json"
+    path.write_text(json.dumps(value))
+    return str(path)
 
 
 def _with(args, changes):
@@ -681,4 +700,69 @@ def test_sample_to_dir_checks_num_classes_against_the_table_before_writing(ckpts
     with pytest.raises(ValueError, match=r"num_classes 99 \(dgfast sample: --num-classes\).*11 rows"):
         sample_to_dir(ft, None, tmp_path / "out", num_samples=2, batch_size=2, num_classes=99, guidance_scale=1,
                       steps=STEPS, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags that used to be accepted and silently change the samples (issue 13)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pair", [("--model", "DiT-S/2", "--model-config"), ("--uncond-ckpt", None, "--pretrained-ckpt"),
+                                  ("--uncond-model", "DiT-S/2", "--pretrained-model")])
+def test_flags_that_set_one_thing_twice_are_refused(pair, ckpts, tmp_path, capsys):
+    flag, value, other = pair
+    args = sample_args(ckpts, tmp_path / "out", "--vae", "none", "--num-fid-samples", "1",
+                       "--pretrained-model", "DiT-S/2")
+    args += [flag, value or ckpts.pre]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: not allowed with argument {other}" in err or \
+        f"argument {other}: not allowed with argument {flag}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_null_row_is_needed_for_a_table_of_num_classes_rows(tmp_path, capsys, one_thread):
+    """The zoo's fine-tuned model: 5 classes + its null row (6 rows). --num-classes 6 would draw the
+    null row as a sixth class; it takes --no-null-row (a model trained without label dropout)."""
+    assert cli.main(_with(_zoo_args(tmp_path / "a"), ["--num-classes", "6"])) == 2
+    err = capsys.readouterr().err
+    assert "label table of 6 rows and --num-classes is 6" in err and "--num-classes 5, or --no-null-row" in err, err
+    assert cli.main(_zoo_args(tmp_path / "b", "--no-null-row")) == 2  # 5 classes, 6 rows: not a table without one
+    assert "--no-null-row with --num-classes 5 needs exactly 5" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with one_thread():
+        assert cli.main(_with(_zoo_args(tmp_path / "c", "--no-null-row"), ["--num-classes", "6"])) == 0
+
+
+def test_sample_to_dir_refuses_num_classes_reaching_the_null_row(ckpts, tmp_path):
+    ft = cli.load_dit("--ckpt", ckpts.ft, ARCH, IMAGE_SIZE, NUM_CLASSES, "cpu", "auto")  # 10 classes + null row
+    with pytest.raises(ValueError, match=rf"num_classes {NUM_CLASSES + 1} .*reaches the finetuned model's null row "
+                                         rf"\(label {NUM_CLASSES} "):
+        sample_to_dir(ft, None, tmp_path / "out", num_samples=2, batch_size=2, num_classes=NUM_CLASSES + 1,
+                      guidance_scale=1, steps=STEPS, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(dgfast.ops.cpp_extension() is None, reason="needs the C++ backend")
+def test_resume_with_another_backend_is_refused(ckpts, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(_small(ckpts, out, "--backend", "torch")) == 0
+    os.remove(out / "000001.npy")
+    before = read_all(out, "npy")
+    capsys.readouterr()
+    assert cli.main(_small(ckpts, out, "--backend", "cpp", "--resume")) == 2
+    assert "backend: 'torch' -> 'cpp'" in capsys.readouterr().err
+    assert read_all(out, "npy") == before
+    assert cli.main(_small(ckpts, out, "--backend", "torch", "--resume")) == 0
+
+
+def test_sample_to_dir_checks_its_flags_before_writing(ckpts, tmp_path):
+    ft = cli.load_dit("--ckpt", ckpts.ft, ARCH, IMAGE_SIZE, NUM_CLASSES, "cpu", "auto")
+    common = dict(num_samples=1, batch_size=1, num_classes=NUM_CLASSES, guidance_scale=1, steps=STEPS)
+    with pytest.raises(TypeError, match=r"\bresume must be True or False"):
+        sample_to_dir(ft, None, tmp_path / "out", resume="no", **common)
+    with pytest.raises(ValueError, match=r"\beta=0.5\b.*'ddpm' does not use it"):
+        sample_to_dir(ft, None, tmp_path / "out", eta=0.5, **common)
     assert not (tmp_path / "out").exists()
