@@ -405,16 +405,32 @@ def run_sample(args) -> int:
 
 def run_config(args, ft=None, pre=None) -> dict:
     """What, besides sample_to_dir's own settings, decides the files (checked on --resume). The
-    weights' digests catch a checkpoint replaced at the same path."""
-    from dgfast.checkpoint import weights_digest
+    weights' full digests catch a checkpoint replaced or edited at the same path."""
+    from dgfast.checkpoint import sampled_weights_digest, weights_digest
     cfg = dict(model=args.model if args.model_config is None else args.model_config, ckpt=real_path(args.ckpt),
                pretrained_ckpt=real_path(args.pretrained_ckpt), pretrained_model=args.pretrained_model,
                image_size=args.image_size, vae=args.vae if args.vae == "none" else real_path(args.vae))
-    if ft is not None:
-        cfg["ckpt_weights"] = weights_digest(ft)
-    if pre is not None and pre is not ft:
-        cfg["pretrained_weights"] = weights_digest(pre)
+    old = previous_run_config(args) or {}
+    for key, model in (("ckpt", ft), ("pretrained", pre if pre is not ft else None)):
+        if model is None:
+            continue
+        cfg[f"{key}_sha256"] = weights_digest(model)
+        if f"{key}_weights" in old:  # a folder from before the full digest: compare what it recorded too
+            cfg[f"{key}_weights"] = sampled_weights_digest(model)
+    if old and any(f"{k}_weights" in old and f"{k}_sha256" not in old for k in ("ckpt", "pretrained")):
+        print(f"dgfast sample: note: {args.sample_dir} was started by an older dgfast that recorded a digest of 64 "
+              f"values per weight tensor; the weights are checked against that, and the full digest is recorded "
+              f"from now on", file=sys.stderr)
     return cfg
+
+
+def previous_run_config(args) -> dict | None:
+    """The run settings recorded in --sample-dir's manifest.json when resuming, else None."""
+    if not args.resume:
+        return None
+    from dgfast.distributed import read_settings
+    run = (read_settings(args.sample_dir) or {}).get("run")
+    return run if isinstance(run, dict) else None
 
 
 def real_path(path: str | None) -> str | None:

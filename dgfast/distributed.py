@@ -279,6 +279,12 @@ def _read_manifest(path: str) -> dict | None:
     return manifest
 
 
+def read_settings(sample_dir) -> dict | None:
+    """The settings recorded in sample_dir's manifest.json (None without one; an error if damaged)."""
+    manifest = _read_manifest(os.path.join(os.fspath(sample_dir), MANIFEST))
+    return manifest["settings"] if manifest is not None else None
+
+
 def check_resume(sample_dir: str, settings: dict) -> None:
     """A resumed folder must have been started with the same output-determining settings."""
     if not os.path.isdir(sample_dir) or not os.listdir(sample_dir):
@@ -294,7 +300,8 @@ def check_resume(sample_dir: str, settings: dict) -> None:
                          f"mixing them would corrupt the sample set, use a new directory")
 
 
-ADDED_LATER = {"ckpt_weights", "pretrained_weights", "backend"}  # settings older manifests lack
+# settings older manifests lack (a folder started before dgfast recorded them: nothing to compare)
+ADDED_LATER = {"ckpt_weights", "pretrained_weights", "ckpt_sha256", "pretrained_sha256", "backend"}
 
 
 def _setting_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -658,15 +658,76 @@ def test_resume_refuses_a_checkpoint_replaced_at_the_same_path(ckpts, tmp_path, 
     dgfast.save_safetensors(tiny_dit(NUM_CLASSES, 7).state_dict(), ft)
     capsys.readouterr()
     assert cli.main(_with(_small(ckpts, out, "--resume"), ["--ckpt", str(ft)])) == 2
-    assert "run.ckpt_weights" in capsys.readouterr().err
+    assert "run.ckpt_sha256" in capsys.readouterr().err
     # a folder from before the digests were recorded still resumes (nothing to compare against)
     shutil.copy(ckpts.ft, ft)
     manifest = json.loads((out / "manifest.json").read_text())
-    for key in ("ckpt_weights", "pretrained_weights"):
+    for key in ("ckpt_sha256", "pretrained_sha256"):
         del manifest["settings"]["run"][key]
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert cli.main(_with(_small(ckpts, out, "--resume"), ["--ckpt", str(ft)])) == 0
     assert files(out, "npy") == ["000000.npy", "000001.npy"]
+
+
+def _edit_in_place(path, edit):
+    """Load the safetensors at path, apply edit(state_dict) to it, save it back at the same path."""
+    from dgfast.checkpoint import load_checkpoint
+    sd = load_checkpoint(path)
+    edit(sd)
+    dgfast.save_safetensors(sd, path)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda sd: sd["blocks.0.mlp.fc1.weight"].view(-1)[1].add_(0.5),        # one weight (the reported case)
+    lambda sd: sd["blocks.1.attn.qkv.weight"].view(-1)[3:13].mul_(3),       # ten weights
+    lambda sd: sd["final_layer.linear.bias"].view(torch.int32)[5].bitwise_xor_(1),  # one bit of one float
+], ids=["one fc1 weight", "ten qkv weights", "one bit"])
+def test_resume_refuses_a_checkpoint_edited_in_place(edit, ckpts, tmp_path, capsys):
+    """A few values edited at the same path: 64 sampled values per tensor missed these; every byte counts now."""
+    from dgfast.checkpoint import load_checkpoint
+    ft = tmp_path / "ft.safetensors"
+    shutil.copy(ckpts.ft, ft)
+    out = tmp_path / "out"
+    assert cli.main(_with(_small(ckpts, out), ["--ckpt", str(ft)])) == 0
+    os.remove(out / "000001.npy")
+    before = load_checkpoint(str(ft))
+    _edit_in_place(str(ft), edit)
+    assert sum(int((a != b).sum()) for a, b in zip(before.values(), load_checkpoint(str(ft)).values())) in (1, 10)
+    capsys.readouterr()
+    assert cli.main(_with(_small(ckpts, out, "--resume"), ["--ckpt", str(ft)])) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "run.ckpt_sha256" in err, err
+    assert files(out, "npy") == ["000000.npy"]
+
+
+def test_resume_of_a_folder_with_the_older_sampled_digest(ckpts, tmp_path, capsys):
+    """A manifest from before the full digest holds the 64-value one: it still resumes (checked against
+    that digest, with a note), records the full digest from then on, and still refuses other weights."""
+    from dgfast.checkpoint import sampled_weights_digest
+    out = tmp_path / "out"
+    assert cli.main(_small(ckpts, out)) == 0
+    ft = cli.load_dit("--ckpt", ckpts.ft, ARCH, IMAGE_SIZE, NUM_CLASSES, "cpu", "auto")
+    pre = cli.load_dit("--pretrained-ckpt", ckpts.pre, ARCH, IMAGE_SIZE, 1000, "cpu", "auto")
+    manifest = json.loads((out / "manifest.json").read_text())
+    run = manifest["settings"]["run"]
+    del run["ckpt_sha256"], run["pretrained_sha256"]
+    run.update(ckpt_weights=sampled_weights_digest(ft), pretrained_weights=sampled_weights_digest(pre))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    os.remove(out / "000001.npy")
+    capsys.readouterr()
+    assert cli.main(_small(ckpts, out, "--resume")) == 0
+    assert "older dgfast" in capsys.readouterr().err
+    run = json.loads((out / "manifest.json").read_text())["settings"]["run"]
+    assert run["ckpt_sha256"].startswith("sha256:") and run["ckpt_weights"] == sampled_weights_digest(ft)
+    # the old digest still guards such a folder against another checkpoint
+    run.pop("ckpt_sha256")
+    manifest["settings"]["run"] = run
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    other = tmp_path / "other.safetensors"
+    dgfast.save_safetensors(tiny_dit(NUM_CLASSES, 7).state_dict(), other)
+    os.remove(out / "000001.npy")
+    assert cli.main(_with(_small(ckpts, out, "--resume"), ["--ckpt", str(other)])) == 2
+    assert "run.ckpt_weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text", ["{", "{}", "[1, 2]"])
