@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dgfast import ops
+from dgfast.divergence import Watch, warn_divergence
 from dgfast.schedule import NUM_COEFS, Schedule
 
 NATIVE_SAMPLERS = ("ddpm", "ddim", "dpm2m", "flow_euler", "flow_heun")
@@ -451,7 +452,9 @@ def run(plan: Plan, z, branches: Branches, *, scale: float, guidance_channels: i
     """Sample from z along `plan`; returns x after the last step (z itself is not modified).
 
     draw() gives the noise of the steps that take some; generator goes to a fallback scheduler's
-    step(); progress is a bool (tqdm) or a wrapper for the step range."""
+    step(); progress is a bool (tqdm) or a wrapper for the step range. A DivergenceWarning names the
+    samples whose x became NaN/inf or left the sane range, the first such step and whose output it
+    was (dgfast.divergence)."""
     n, device = len(z), z.device
     x = z if plan.init_sigma == 1.0 else z * plan.init_sigma
     clip = plan.clip if plan.clip is not None else clip_denoised
@@ -467,10 +470,20 @@ def run(plan: Plan, z, branches: Branches, *, scale: float, guidance_channels: i
     def t_at(v):
         return torch.full((n,), v, dtype=plan.t_dtype, device=device)
 
+    # every step's outputs and x are recorded on the device; read once at the end (a warning naming
+    # the first bad step and whose output it was, if any sample diverged)
+    watch = Watch(plan.num_steps, branches.names)
     if plan.scheduler is not None:
-        return _run_scheduler(plan, x, branches, steps, t_at, generator, fused)
-    if plan.heun:
-        return _run_heun(plan, x, branches, steps, t_at, fused)
+        x = _run_scheduler(plan, x, branches, steps, t_at, generator, fused, watch)
+    elif plan.heun:
+        x = _run_heun(plan, x, branches, steps, t_at, fused, watch)
+    else:
+        x = _run_steps(plan, x, branches, steps, t_at, draw, fused, watch)
+    warn_divergence(watch, n, stacklevel=4)
+    return x
+
+
+def _run_steps(plan, x, branches, steps, t_at, draw, fused, watch):
     state = None
     for i in steps:
         mode = plan.modes[i]
@@ -481,22 +494,25 @@ def run(plan: Plan, z, branches: Branches, *, scale: float, guidance_channels: i
         res = ops.guided_step(x, out_ft, out_pre, draw() if plan.noise[i] else None, plan.rows[i], mode=mode,
                               prev=state if plan.prev[i] else None, return_state=keep, **fused)
         x, state = res if keep else (res, None)
+        watch.record(i, out_ft, out_pre, x)
     return x
 
 
-def _run_heun(plan, x, branches, steps, t_at, fused):
+def _run_heun(plan, x, branches, steps, t_at, fused, watch):
     for i in steps:
         h = plan.rows[i, 0]
         out_ft, out_pre = branches(x, t_at(plan.timesteps[i]), i)
         check_output(out_ft, x, "flow_euler", branches.names[0])
         x_euler, d = ops.guided_step(x, out_ft, out_pre, None, (h,), mode="flow_euler", return_state=True, **fused)
+        watch.record(i, out_ft, out_pre, x_euler)
         out_ft, out_pre = branches(x_euler, t_at(plan.timesteps[i + 1]), i)
         check_output(out_ft, x, "flow_heun", branches.names[0])
         x = ops.guided_step(x, out_ft, out_pre, None, (h * 0.5,), mode="flow_heun", prev=d, **fused)
+        watch.record(i, out_ft, out_pre, x)
     return x
 
 
-def _run_scheduler(plan, x, branches, steps, t_at, generator, fused):
+def _run_scheduler(plan, x, branches, steps, t_at, generator, fused, watch):
     """Any other scheduler: the guided prediction goes through scheduler.step() (its own noise,
     from `generator`); the variance channels are passed on only to a scheduler that learns them."""
     sch = plan.scheduler
@@ -518,4 +534,5 @@ def _run_scheduler(plan, x, branches, steps, t_at, generator, fused):
             eps = ops.guide_eps(out_ft[:, :C], out_pre, fused["scale"], k)
         pred = torch.cat([eps, out_ft[:, C:2 * C]], dim=1) if learned and out_ft.shape[1] >= 2 * C else eps
         x = sch.step(pred, t, x, return_dict=False, **rng)[0]
+        watch.record(i, out_ft, out_pre, x)
     return x

@@ -371,10 +371,9 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
                                              cache=cache))
     branches = samplers.Branches(finetuned, y, pair_forward, cfg_null_label if mode == "cfg" else null_label,
                                  samplers.interval_steps(*interval, plan.num_steps), pretrained_every)
-    return warn_nonfinite(samplers.run(plan, z, branches, scale=scale, guidance_channels=k, draw=draw,
-                                       clip_denoised=clip_denoised, backend=backend,
-                                       guidance_rescale=float(guidance_rescale),
-                                       generator=getattr(draw, "gens", None), progress=progress))
+    return samplers.run(plan, z, branches, scale=scale, guidance_channels=k, draw=draw,  # warns if it diverged
+                        clip_denoised=clip_denoised, backend=backend, guidance_rescale=float(guidance_rescale),
+                        generator=getattr(draw, "gens", None), progress=progress)
 
 
 def warn_nonfinite(samples: torch.Tensor) -> torch.Tensor:
