@@ -752,7 +752,8 @@ def test_nan_batch_is_a_one_line_error(ckpts, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(_with(_small(ckpts, out), ["--ckpt", str(bad)])) == 2
     err = capsys.readouterr().err
-    assert err.splitlines()[-1].startswith("dgfast sample: error: samples 0..0 contain NaN/inf"), err
+    assert err.splitlines()[-1].startswith("dgfast sample: error: sample 0 (label 0) diverged: NaN/inf first at "
+                                           "step 1 of 5, in the finetuned model's output"), err
     assert "Traceback" not in err
 
 
@@ -827,3 +828,95 @@ def test_sample_to_dir_checks_its_flags_before_writing(ckpts, tmp_path):
     with pytest.raises(ValueError, match=r"\beta=0.5\b.*'ddpm' does not use it"):
         sample_to_dir(ft, None, tmp_path / "out", eta=0.5, **common)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergence: the step, the model and the samples; finished files kept; a recurrence said so
+# ----------------------------------------------------------------------------------------------
+
+def _broken_label_ckpt(folder, label: int, value: float) -> str:
+    """The fine-tuned checkpoint with label `label`'s embedding row set to `value`: samples of that
+    class come out NaN (or explode), all others are untouched."""
+    sd = tiny_dit(NUM_CLASSES, 1).state_dict()
+    sd["y_embedder.embedding_table.weight"][label] = value
+    path = str(folder / f"broken{label}.safetensors")
+    dgfast.save_safetensors(sd, path)
+    return path
+
+
+def test_a_class_that_diverges_stops_the_run_and_is_remembered(ckpts, tmp_path, capsys):
+    label = sample_label(0, 2, NUM_CLASSES)
+    assert label not in (sample_label(0, 0, NUM_CLASSES), sample_label(0, 1, NUM_CLASSES))
+    out = tmp_path / "out"
+    args = _with(sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", "4", "--per-proc-batch-size", "1"),
+                 ["--ckpt", _broken_label_ckpt(tmp_path, label, float("nan"))])
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"dgfast sample: error: sample 2 (label {label}) diverged: NaN/inf first at step 1 of 5, "
+                          f"in the finetuned model's output; the samples written so far are kept"), err
+    assert "earlier run" not in err
+    assert files(out, "npy") == ["000000.npy", "000001.npy"] and not os.path.exists(str(out) + ".npz")
+    assert cli.main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "Samples 2 diverged in an earlier run of this folder too: with these settings they always will" in err
+    assert files(out, "npy") == ["000000.npy", "000001.npy"]
+
+
+def test_exploding_samples_stop_the_run(ckpts, tmp_path, capsys):
+    sd = tiny_dit(NUM_CLASSES, 1).state_dict()
+    sd["final_layer.linear.bias"] += 1e30  # finite, absurd eps: ddim's x explodes without NaN
+    bad = tmp_path / "explodes.safetensors"
+    dgfast.save_safetensors(sd, bad)
+    out = tmp_path / "out"
+    assert cli.main(_with(_small(ckpts, out, "--sampler", "ddim"), ["--ckpt", str(bad)])) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "sample 0 (label" in err and "diverged: |x| = " in err and "> 10000 first at step 1 of 5, in the " \
+        "finetuned model's output" in err, err
+    assert files(out, "npy") == []
+
+
+def test_vae_decoding_to_nan_stops_the_run(ckpts, vae_dir, tmp_path, capsys):
+    """A VAE that decodes finite latents to NaN used to write black-red PNGs and exit 0."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias[0] = float("nan")
+    bad = tmp_path / "nan_vae"
+    vae.save_pretrained(bad)
+    out = tmp_path / "out"
+    assert cli.main(sample_args(ckpts, out, "--vae", str(bad), "--num-fid-samples", "2",
+                                "--per-proc-batch-size", "2")) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("dgfast sample: error: samples 0..1 (labels ") and \
+        "diverged: the VAE decoded them to NaN/inf (their latents were finite)" in err, err
+    assert files(out, "png") == [] and not os.path.exists(str(out) + ".npz")
+
+
+def test_diverged_padding_rows_are_not_an_error(tmp_path):
+    from dgfast.distributed import SamplingDiverged, _Batch
+    batch = _Batch([8, 9, 10, 11], [0, 1, 2, 3], num_samples=10, sample_dir=str(tmp_path))
+    batch.stop_if_diverged([2, 3], "NaN")  # indices 10, 11: computed for the block's shape, never written
+    with pytest.raises(SamplingDiverged, match="sample 9 \\(label 1\\) diverged: NaN"):
+        batch.stop_if_diverged([1, 3], "NaN")
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per folder
+# ----------------------------------------------------------------------------------------------
+
+def test_second_resume_on_a_folder_being_written_is_one_line(ckpts, tmp_path, capsys):
+    """The reported case: a second --resume deleted the first process's temp file and crashed it."""
+    out = tmp_path / "run"
+    args, proc = _run_until(ckpts, out, done=1)
+    try:
+        assert proc.poll() is None, "the first run ended before the second started"
+        code = cli.main(args + ["--resume"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"dgfast sample: error: --sample-dir {out} is being written by another dgfast run "
+                                 f"(pid {proc.pid} on "), err
+    finally:
+        rest = proc.communicate(timeout=240)[1]
+    assert proc.returncode == 0, rest
+    assert files(out, "npy") == [f"{i:06d}.npy" for i in range(12)] and os.path.exists(str(out) + ".npz")
+    assert sorted(os.listdir(out)) == [f"{i:06d}.npy" for i in range(12)] + ["manifest.json"]
