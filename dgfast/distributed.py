@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -44,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from dgfast.divergence import DivergenceWarning
+from dgfast.memory import check_batch_memory
 from dgfast.sample_dir import (ChecksumLog, FolderLock, FolderLocked, check_bytes, file_checksum, known_checksums,
                                lock_holder, read_sample_bytes, record_divergence, redraw_damaged,
                                remove_checksum_logs, remove_divergence_records)
@@ -443,6 +445,8 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     info = model_info(finetuned)
     check_classes(finetuned, info, num_classes)
     device = model_device(finetuned) or torch.device("cpu")
+    check_batch_memory(finetuned, vae, batch_size, info["input_size"], device,
+                       "batch_size (dgfast sample: --per-proc-batch-size)")
     # the step's implementation as resolved here ("auto" differs by device and DGFAST_BACKEND): backends
     # round differently, so a resume with another one would rewrite finished samples with other bytes
     resolved = resolve_backend(backend, torch.empty(0, device=device))
@@ -542,10 +546,13 @@ def _on_main(d: Dist, fn):
         except Exception as err:  # noqa: BLE001 (re-raised below, after the other ranks know)
             error = err
     if d.world_size > 1:
-        message = [f"rank 0: {error}" if error is not None else None]
-        dist.broadcast_object_list(message, src=0)
-        if message[0] is not None and error is None:
-            raise RuntimeError(message[0])
+        try:  # the exception itself, so that every rank reports the same error
+            pickle.dumps(error)
+        except Exception:  # noqa: BLE001
+            error = RuntimeError(str(error))
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
     if error is not None:
         raise error
     return result
