@@ -3,8 +3,8 @@
 A sampler that goes wrong (a model returning NaN, a guidance scale or checkpoint that makes the
 outputs explode) used to be noticed only in the finished samples, with no step and no model named.
 `Watch` records, at every step, each sample's largest |value| of the fine-tuned output, the guiding
-output and the new x. The records stay on the device: one small reduction kernel per tensor per
-step and no host sync; they are read once, after the loop (`Watch.divergence`).
+output and the new x. The records stay on the device: one abs + amax per tensor per step and no
+host sync; they are read once, after the loop (`Watch.divergence`). Cost: README.md, "Reliability".
 
 A sample has diverged when its x becomes NaN/inf or leaves the sane range |x| <= SANE_LIMIT at some
 step. Nothing a DiT-style sampler computes legitimately comes near the limit (x starts as unit
@@ -51,8 +51,9 @@ class DivergenceWarning(RuntimeWarning):
 
 
 def _absmax(t: torch.Tensor) -> torch.Tensor:
-    """Each row's largest |value| (NaN if it holds one), in float32, without leaving the device."""
-    return torch.linalg.vector_norm(t.detach().reshape(len(t), -1), ord=math.inf, dim=1).float()
+    """Each row's largest |value| (NaN if it holds one: amax propagates it), in float32, without leaving
+    the device. (abs + amax: linalg.vector_norm(ord=inf) computes the same ~15x slower on CPU.)"""
+    return t.detach().reshape(len(t), -1).abs().amax(dim=1).float()
 
 
 class Watch:
