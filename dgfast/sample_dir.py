@@ -106,8 +106,8 @@ def _read_owner(fd) -> dict | None:
 
 
 def _write_owner(fd) -> None:
-    owner = dict(host=socket.gethostname(), pid=os.getpid(), started=datetime.datetime.now().isoformat(timespec="seconds"),
-                 command=sys.argv)
+    owner = dict(host=socket.gethostname(), pid=os.getpid(),
+                 started=datetime.datetime.now().isoformat(timespec="seconds"), command=sys.argv)
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, json.dumps(owner).encode())

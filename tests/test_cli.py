@@ -769,7 +769,8 @@ def test_sample_to_dir_checks_num_classes_against_the_table_before_writing(ckpts
 # Flags that used to be accepted and silently change the samples (issue 13)
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pair", [("--model", "DiT-S/2", "--model-config"), ("--uncond-ckpt", None, "--pretrained-ckpt"),
+@pytest.mark.parametrize("pair", [("--model", "DiT-S/2", "--model-config"),
+                                  ("--uncond-ckpt", None, "--pretrained-ckpt"),
                                   ("--uncond-model", "DiT-S/2", "--pretrained-model")])
 def test_flags_that_set_one_thing_twice_are_refused(pair, ckpts, tmp_path, capsys):
     flag, value, other = pair

@@ -13,27 +13,7 @@ import torch.nn as nn
 import dgfast
 from dgfast import samplers
 from dgfast.divergence import SANE_LIMIT, DivergenceWarning, Watch
-
-CFG = dict(input_size=8, patch_size=4, hidden_size=32, depth=1, num_heads=2)
-
-
-def tiny(num_classes, seed):
-    torch.manual_seed(seed)
-    m = dgfast.DiT(num_classes=num_classes, **CFG)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.05)
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
-def pair():
-    return tiny(10, 1), tiny(1000, 2)
-
-
-def z_y(n=3, seed=0):
-    return torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed)), torch.tensor([1, 2, 3][:n])
-
+from test_input_checks import pair, z_y  # noqa: F401 (pair: the tiny models, a fixture)
 
 class Breaks(nn.Module):
     """model(x, t, y), except that from the `at`-th call on, rows `rows` of its output become `value`."""
@@ -68,7 +48,7 @@ def test_first_step_and_model_are_named(pair, sampler, steps, which, value):
     ft, pre = pair
     models = dict(finetuned=ft, pretrained=pre)
     models[which] = Breaks(models[which], at=2, rows=[1], value=value).eval()
-    z, y = z_y()
+    z, y = z_y(3)
     out, w = divergence_of(lambda: dgfast.sample(models["finetuned"], models["pretrained"], z, y, steps=steps,
                                                  sampler=sampler, guidance_channels="all", paired=False))
     assert w is not None, "no warning"
@@ -97,7 +77,7 @@ def test_the_reported_explosion(pair):
 def test_scheduler_and_pipeline_loops_are_watched(pair):
     diffusers = pytest.importorskip("diffusers")
     ft, pre = pair
-    z, y = z_y()
+    z, y = z_y(3)
     bad = Breaks(pre, at=1, rows=[0, 2], value=float("nan")).eval()
     for sch in (diffusers.DDIMScheduler(), diffusers.UniPCMultistepScheduler()):  # fused, and its own step()
         bad.calls = 0
@@ -109,7 +89,7 @@ def test_scheduler_and_pipeline_loops_are_watched(pair):
 def test_sampler_step_itself_is_named(pair):
     """Finite, in-range model outputs and a step whose arithmetic overflows: the sampler step is named."""
     ft, _ = pair
-    z, y = z_y()
+    z, y = z_y(3)
     plan = samplers.Plan(modes=["linear"] * 3, rows=np.array([[1, 0, 1e30, 0, 0, 0, 0]] * 3, np.float32),
                          timesteps=[10, 5, 0], t_dtype=torch.int64, noise=[False] * 3, prev=[False] * 3)
     branches = samplers.Branches(ft, y)
@@ -121,7 +101,7 @@ def test_sampler_step_itself_is_named(pair):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "flow_heun"])
 def test_healthy_sampling_is_silent(pair, sampler):
     ft, pre = pair
-    z, y = z_y()
+    z, y = z_y(3)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DivergenceWarning)
         dgfast.sample(ft, pre, z * 3, y, steps="5" if sampler != "flow_heun" else 5, sampler=sampler,
