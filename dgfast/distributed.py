@@ -37,14 +37,13 @@ import pickle
 import re
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from dgfast.divergence import DivergenceWarning
+from dgfast.divergence import collect
 from dgfast.memory import check_batch_memory
 from dgfast.sample_dir import (ChecksumLog, FolderLock, FolderLocked, check_bytes, file_checksum, known_checksums,
                                lock_holder, read_sample_bytes, record_divergence, redraw_damaged,
@@ -288,10 +287,11 @@ def write_manifest(sample_dir: str, settings: dict, info: dict) -> None:
 
 
 def record_checksums(sample_dir: str, checksums: dict) -> None:
-    """Store every sample file's checksum in manifest.json (the end of a run: all files verified)."""
+    """Store the sample files' checksums in manifest.json (the end of a run: all files verified); files
+    beyond this run's num_samples keep theirs."""
     path = os.path.join(sample_dir, MANIFEST)
     manifest = _read_manifest(path)
-    manifest["files"] = dict(sorted(checksums.items()))
+    manifest["files"] = dict(sorted({**manifest.get("files", {}), **checksums}.items()))
     write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=2, default=str).encode()))
 
 
@@ -630,19 +630,11 @@ def _replay_step_noise(z: torch.Tensor, guided: bool, num_steps: int) -> None:
 
 
 def _watched(run):
-    """(run()'s samples, the Divergence its DivergenceWarning reported or None). The warning is taken,
-    not shown (the caller decides: padding rows past num_samples may diverge harmlessly); other
-    warnings pass on as usual."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DivergenceWarning)
+    """(run()'s samples, the Divergence of its sampling loop or None), the divergence collected rather
+    than warned about: the caller decides (padding rows past num_samples may diverge harmlessly)."""
+    with collect() as found:
         x = run()
-    found = None
-    for w in caught:
-        if isinstance(w.message, DivergenceWarning):
-            found = w.message.divergence
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-    return x, found
+    return x, (found[0] if found else None)
 
 
 @dataclass

@@ -14,6 +14,8 @@ the reported case reached 6.9e31.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ class Divergence:
 
 
 class DivergenceWarning(RuntimeWarning):
-    """Some samples diverged; `.divergence` holds the details (dgfast sample turns it into an error)."""
+    """Some samples diverged; `.divergence` holds the details."""
 
     def __init__(self, message: str, divergence: Divergence):
         super().__init__(message)
@@ -86,10 +88,29 @@ class Watch:
                           rows=x_bad.any(dim=0).nonzero().flatten().tolist(), value=value)
 
 
+_COLLECTOR: contextvars.ContextVar = contextvars.ContextVar("dgfast_divergence_collector", default=None)
+
+
+@contextlib.contextmanager
+def collect():
+    """`with collect() as found:` divergences of the loops run inside are appended to `found` instead
+    of being warned about (dgfast sample decides itself what a divergence means for its files)."""
+    found = []
+    token = _COLLECTOR.set(found)
+    try:
+        yield found
+    finally:
+        _COLLECTOR.reset(token)
+
+
 def warn_divergence(watch: Watch, n: int, stacklevel: int = 3) -> None:
-    """A DivergenceWarning naming the samples, the first step and whose output it was, if any diverged."""
+    """A DivergenceWarning naming the samples, the first step and whose output it was, if any diverged
+    (inside `collect()`: the Divergence is collected instead)."""
     d = watch.divergence()
     if d is None:
+        return
+    if _COLLECTOR.get() is not None:
+        _COLLECTOR.get().append(d)
         return
     rows = ", ".join(map(str, d.rows[:10])) + (" ..." if len(d.rows) > 10 else "")
     message = (f"dgfast.sample: {len(d.rows)} of {n} samples contain NaN or infinite values or left the sane range "

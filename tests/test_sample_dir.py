@@ -213,3 +213,16 @@ def test_check_sample_dir_says_who_holds_the_lock(tmp_path):
         holder.kill()
         holder.wait()
     assert check_sample_dir(folder, resume=True) == str(folder)
+
+
+def test_a_warning_of_every_batch_is_shown_once(model, tmp_path):
+    """sample_to_dir takes the divergence warning of each batch; the others pass on as sample() gives them."""
+    import warnings
+    pre = dgfast.DiT(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=1000)
+    pre = pre.to(torch.bfloat16).eval()  # another dtype: the pair runs as two forwards, with a warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        sample_to_dir(model, pre, tmp_path / "s", num_samples=4, batch_size=1, num_classes=10, steps="2",
+                      progress=False)
+    assert [str(w.message).startswith("the fine-tuned and pre-trained models run as two forwards")
+            for w in caught] == [True]
