@@ -421,6 +421,11 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     `vae.decode(x / 0.18215).sample` and saved as PNG. resume=True skips finished samples.
     run_config: extra JSON-able settings stored in manifest.json and checked on resume.
     Call it on every rank under torchrun; rank 0 writes manifest.json and the .npz.
+    Guards (dgfast/sample_dir.py, README "Reliability"): rank 0 holds the folder's lock for the whole
+    run (FolderLocked if another live process does); every file is checksummed, and damaged finished
+    files are drawn again on resume; a batch whose samples diverge (NaN/inf or |x| > 1e4, in the loop
+    or after the VAE) raises SamplingDiverged naming them, the files written so far kept; a batch that
+    cannot fit in free memory is refused before anything is written.
     """
     from dgfast.ops import resolve_backend
     from dgfast.sampling import check_bool, check_eta, model_device, model_info
