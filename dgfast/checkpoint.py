@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -122,11 +123,34 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, os.fspath(path))
 
 
-def weights_digest(model: torch.nn.Module, per_tensor: int = 64) -> str:
-    """A short content digest of a model's weights: names, shapes, dtypes and up to `per_tensor`
-    evenly spaced values of each tensor. `dgfast sample --resume` compares it, so a checkpoint
-    file replaced by another one (same path, other weights) is refused instead of mixing two
-    models' samples in one folder. Reads ~64 values per tensor, not the whole file."""
+def weights_digest(model: torch.nn.Module, threads: int | None = None) -> str:
+    """'sha256:<hex>' over every byte of every tensor of the model's state_dict, with its name, shape
+    and dtype. `dgfast sample --resume` compares it, so a checkpoint edited or replaced at the same
+    path (one weight changed is enough) is refused instead of mixing two models' samples in one
+    folder. Each tensor is hashed on its own (in `threads` threads: hashlib releases the GIL, and a
+    GPU tensor is copied to the CPU one at a time per thread), then the per-tensor digests are hashed
+    in state_dict order. Cost: README.md, "Reliability"."""
+    items = list(model.state_dict().items())
+    workers = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = list(pool.map(_tensor_sha256, (t for _, t in items)))
+    h = hashlib.sha256()
+    for (name, t), d in zip(items, digests):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype};".encode())
+        h.update(d)
+    return "sha256:" + h.hexdigest()
+
+
+def _tensor_sha256(t: torch.Tensor) -> bytes:
+    flat = t.detach().reshape(-1).contiguous()
+    data = flat.cpu() if flat.device.type != "cpu" else flat
+    return hashlib.sha256(memoryview(data.view(torch.uint8).numpy())).digest()
+
+
+def sampled_weights_digest(model: torch.nn.Module, per_tensor: int = 64) -> str:
+    """The digest dgfast recorded before the full one: names, shapes, dtypes and up to 64 evenly
+    spaced values per tensor (an edit elsewhere in a tensor goes unnoticed). Kept only to resume
+    folders whose manifest.json holds it; new manifests record weights_digest instead."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         flat = t.detach().reshape(-1)

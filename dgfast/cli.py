@@ -50,19 +50,29 @@ Nothing is downloaded: checkpoints and the VAE are local files."""
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
-    g.add_argument("--model", default="DiT-XL/2", help="fine-tuned DiT architecture (a DiT_models name)")
-    g.add_argument("--model-config", metavar="JSON",
-                   help="custom DiT architecture instead of --model: inline JSON or a .json file of DiT "
-                        "keyword arguments, e.g. '{\"depth\": 2, \"hidden_size\": 64, \"patch_size\": 2, "
-                        "\"num_heads\": 2}'")
+    # each pair below sets one thing two ways: both given would silently keep one, so argparse refuses
+    one = g.add_mutually_exclusive_group()
+    one.add_argument("--model", default="DiT-XL/2", help="fine-tuned DiT architecture (a DiT_models name)")
+    one.add_argument("--model-config", metavar="JSON",
+                     help="custom DiT architecture instead of --model: inline JSON or a .json file of DiT "
+                          "keyword arguments, e.g. '{\"depth\": 2, \"hidden_size\": 64, \"patch_size\": 2, "
+                          "\"num_heads\": 2}'")
     g.add_argument("--ckpt", help="fine-tuned checkpoint (.pt from DiT's train.py, 'ema' taken if present, "
                                   "or .safetensors); required")
-    g.add_argument("--pretrained-ckpt", "--uncond-ckpt", dest="pretrained_ckpt",
-                   help="pre-trained (guiding) checkpoint, e.g. DiT-XL-2-256x256.pt; needed for DoG")
-    g.add_argument("--pretrained-model", "--uncond-model", dest="pretrained_model",
-                   help="pre-trained architecture (default: the fine-tuned one)")
+    one = g.add_mutually_exclusive_group()
+    one.add_argument("--pretrained-ckpt", dest="pretrained_ckpt",
+                     help="pre-trained (guiding) checkpoint, e.g. DiT-XL-2-256x256.pt; needed for DoG")
+    one.add_argument("--uncond-ckpt", dest="pretrained_ckpt", help="the DoG scripts' name for --pretrained-ckpt")
+    one = g.add_mutually_exclusive_group()
+    one.add_argument("--pretrained-model", dest="pretrained_model",
+                     help="pre-trained architecture (default: the fine-tuned one)")
+    one.add_argument("--uncond-model", dest="pretrained_model", help="the DoG scripts' name for --pretrained-model")
     g.add_argument("--image-size", type=int, default=256, help="image size (256 or 512); latents are image-size/8")
-    g.add_argument("--num-classes", type=int, default=1000, help="classes of the fine-tuned model")
+    g.add_argument("--num-classes", type=int, default=1000,
+                   help="classes of the fine-tuned model; its label table must have one more row (the null row)")
+    g.add_argument("--no-null-row", action="store_true",
+                   help="the fine-tuned label table has no null row (trained without label dropout, e.g. DogFit): "
+                        "it then has exactly --num-classes rows, and labels are drawn from all of them")
     g.add_argument("--pretrained-num-classes", type=int, default=None, metavar="N",
                    help="classes of the pre-trained model (default: its label table's rows minus the null "
                         "row, 1000 for an ImageNet DiT)")
@@ -139,6 +149,9 @@ def check_sample_args(args) -> None:
         raise UsageError(f"--eta must be finite and >= 0, got {args.eta}")
     if args.sampler == "ddim" and args.eta > 1:
         raise UsageError(f"--eta must be in [0, 1] with --sampler ddim (above 1 DDIM's step is NaN), got {args.eta}")
+    if args.sampler != "ddim" and args.eta != 0:
+        raise UsageError(f"--eta {args.eta} is DDIM's: --sampler {args.sampler} would ignore it; pass --sampler ddim "
+                         f"or leave --eta out")
     try:
         Schedule.from_steps(int(args.num_sampling_steps) if args.num_sampling_steps.isdigit()
                             else args.num_sampling_steps)
@@ -193,17 +206,21 @@ def parse_guidance_channels(value: str):
 
 
 def parse_model_config(value: str) -> dict:
-    text = value
-    if not value.lstrip().startswith("{"):
-        check_file(value, "--model-config")
+    """Inline JSON, or the path of a .json file: a file that exists is read; text that parses as JSON
+    (an object or not) is inline; anything else is a missing file, unless it starts like an object."""
+    text, source = value, "--model-config"
+    if os.path.isfile(value):
         with open(value) as f:
-            text = f.read()
+            text, source = f.read(), f"--model-config {value}"
     try:
         config = json.loads(text)
     except json.JSONDecodeError as err:
-        raise UsageError(f"--model-config is not valid JSON: {err}") from None
+        if source == "--model-config" and not value.lstrip().startswith("{"):
+            check_file(value, "--model-config")  # neither JSON nor a file: say the file is missing
+        raise UsageError(f"{source} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
-        raise UsageError("--model-config must be a JSON object of DiT keyword arguments")
+        raise UsageError(f"{source} must be a JSON object of DiT keyword arguments (e.g. {{\"depth\": 2}}), got "
+                         f"a JSON {type(config).__name__}: {json.dumps(config)[:60]}")
     taken = {"input_size", "num_classes", "class_dropout_prob"} & set(config)
     if taken:
         raise UsageError(f"--model-config must not set {sorted(taken)}: they come from --image-size, "
@@ -243,11 +260,13 @@ def arch_name(arch) -> str:
 
 
 def load_dit(flag: str, path: str, arch, image_size: int, num_classes: int | None, device, backend: str,
-             *, classes_flag: str = "--num-classes", trusted: bool = False):
+             *, classes_flag: str = "--num-classes", trusted: bool = False, null_row: bool | None = None):
     """DiT `arch` (a DiT_models name or a config dict) with the weights at `path`, strictly.
 
-    A label table of num_classes+1 rows (trained with label dropout) and one of num_classes
-    rows (DogFit, dropout 0) both load: the dropout setting only decides the table size.
+    null_row True: the label table must have num_classes+1 rows (trained with label dropout: the
+    last row is the null row, which labels drawn from [0, num_classes) never reach); False:
+    num_classes rows (DogFit, dropout 0); None: either (a guiding model, whose classes are not
+    sampled). The dropout setting only decides the table size.
     num_classes None: the table's rows minus a null row (a guiding model needs one).
     classes_flag names the flag num_classes came from, for the error.
     """
@@ -265,6 +284,7 @@ def load_dit(flag: str, path: str, arch, image_size: int, num_classes: int | Non
     if rows not in (num_classes, num_classes + 1):
         raise UsageError(f"{flag} {path} has a label table of {rows} rows; {classes_flag} {num_classes} needs "
                          f"{num_classes} or {num_classes + 1}")
+    check_null_row(flag, path, rows, num_classes, classes_flag, null_row)
     kwargs = dict(input_size=image_size // 8, num_classes=num_classes,
                   class_dropout_prob=0.1 if rows == num_classes + 1 else 0.0)
     try:
@@ -276,6 +296,21 @@ def load_dit(flag: str, path: str, arch, image_size: int, num_classes: int | Non
         raise UsageError(f"{flag} {path} does not fit {arch_name(arch)} at --image-size {image_size}: {problems}")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval().set_backend(backend)
+
+
+def check_null_row(flag: str, path: str, rows: int, num_classes: int, classes_flag: str, null_row) -> None:
+    """A table of num_classes rows is ambiguous: num_classes classes and no null row, or one class
+    fewer plus the null row, which would then be sampled as a class (1 sample in num_classes drawn
+    unconditionally). The fine-tuned model's must be said: --no-null-row."""
+    if null_row is True and rows == num_classes:
+        raise UsageError(f"{flag} {path} has a label table of {rows} rows and {classes_flag} is {num_classes}: labels "
+                         f"would be drawn from every row, the last one included, which is the null row of a model "
+                         f"trained with label dropout (as DiT's train.py does), so 1 sample in {rows} would be "
+                         f"unconditional. Pass {classes_flag} {rows - 1}, or --no-null-row if the model was trained "
+                         f"without label dropout")
+    if null_row is False and rows != num_classes:
+        raise UsageError(f"{flag} {path} has a label table of {rows} rows; --no-null-row with {classes_flag} "
+                         f"{num_classes} needs exactly {num_classes}")
 
 
 def read_checkpoint(flag: str, path: str, trusted: bool) -> dict:
@@ -318,7 +353,7 @@ def load_models(args, device):
     """(finetuned, pretrained or None, null_label) as the flags describe."""
     arch = args.model_config if args.model_config is not None else args.model
     ft = load_dit("--ckpt", args.ckpt, arch, args.image_size, args.num_classes, device, args.backend,
-                  trusted=args.trust_checkpoint)
+                  trusted=args.trust_checkpoint, null_row=not args.no_null_row)
     if args.guidance_channels != "all" and args.guidance_channels > ft.in_channels:
         raise UsageError(f"--guidance-channels {args.guidance_channels}: the model has {ft.in_channels} channels")
     if args.cfg_scale == 1:
@@ -389,16 +424,32 @@ def run_sample(args) -> int:
 
 def run_config(args, ft=None, pre=None) -> dict:
     """What, besides sample_to_dir's own settings, decides the files (checked on --resume). The
-    weights' digests catch a checkpoint replaced at the same path."""
-    from dgfast.checkpoint import weights_digest
+    weights' full digests catch a checkpoint replaced or edited at the same path."""
+    from dgfast.checkpoint import sampled_weights_digest, weights_digest
     cfg = dict(model=args.model if args.model_config is None else args.model_config, ckpt=real_path(args.ckpt),
                pretrained_ckpt=real_path(args.pretrained_ckpt), pretrained_model=args.pretrained_model,
                image_size=args.image_size, vae=args.vae if args.vae == "none" else real_path(args.vae))
-    if ft is not None:
-        cfg["ckpt_weights"] = weights_digest(ft)
-    if pre is not None and pre is not ft:
-        cfg["pretrained_weights"] = weights_digest(pre)
+    old = previous_run_config(args) or {}
+    for key, model in (("ckpt", ft), ("pretrained", pre if pre is not ft else None)):
+        if model is None:
+            continue
+        cfg[f"{key}_sha256"] = weights_digest(model)
+        if f"{key}_weights" in old:  # a folder from before the full digest: compare what it recorded too
+            cfg[f"{key}_weights"] = sampled_weights_digest(model)
+    if old and any(f"{k}_weights" in old and f"{k}_sha256" not in old for k in ("ckpt", "pretrained")):
+        print(f"dgfast sample: note: {args.sample_dir} was started by an older dgfast that recorded a digest of 64 "
+              f"values per weight tensor; the weights are checked against that, and the full digest is recorded "
+              f"from now on", file=sys.stderr)
     return cfg
+
+
+def previous_run_config(args) -> dict | None:
+    """The run settings recorded in --sample-dir's manifest.json when resuming, else None."""
+    if not args.resume:
+        return None
+    from dgfast.distributed import read_settings
+    run = (read_settings(args.sample_dir) or {}).get("run")
+    return run if isinstance(run, dict) else None
 
 
 def real_path(path: str | None) -> str | None:

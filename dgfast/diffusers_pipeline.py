@@ -67,8 +67,9 @@ def check_pipeline_models(transformer, transformer_pre) -> None:
 
 def transformer_fn(transformer):
     """A diffusers transformer as dgfast's model callable f(x, t, y) -> output tensor."""
-    def forward(x, t, y):
-        return transformer(x, timestep=t, class_labels=y).sample
+    def forward(x, t, y):  # .sample of diffusers' output; anything else goes on to the sampler's output checks
+        out = transformer(x, timestep=t, class_labels=y)
+        return getattr(out, "sample", out)
     forward.num_classes = transformer.config.num_embeds_ada_norm
     return forward
 
@@ -141,7 +142,7 @@ class DoGDiTPipeline(DiTPipeline):
             raise ValueError(f"null_class {null_class!r} is outside the guiding model's label table [0, {rows})")
         pair_forward = None
         if guided and self.transformer_pre is None:
-            pair_forward = samplers.cfg_pair_forward(finetuned)
+            pair_forward = samplers.cfg_pair_forward(finetuned, "transformer")
         elif guided:  # one paired batch when both run as dgfast DiTs
             pair_forward = (make_pair_forward(ft_dit, pre_dit, True, backend=fb) if ft_dit is not None and
                             pre_dit is not None else
@@ -150,7 +151,8 @@ class DoGDiTPipeline(DiTPipeline):
 
         plan = samplers.scheduler_plan(self.scheduler, num_inference_steps, device)
         branches = samplers.Branches(finetuned, y, pair_forward, null_class,
-                                     samplers.interval_steps(*interval, plan.num_steps), pretrained_every)
+                                     samplers.interval_steps(*interval, plan.num_steps), pretrained_every,
+                                     names=("transformer", "transformer_pre"))
 
         def draw():  # what the scheduler's step() would draw with this generator
             return randn_tensor(shape, generator=generator, device=device, dtype=latents.dtype)

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -40,6 +42,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from dgfast.divergence import collect
+from dgfast.memory import check_batch_memory
+from dgfast.sample_dir import (ChecksumLog, FolderLock, FolderLocked, check_bytes, file_checksum, known_checksums,
+                               lock_holder, read_sample_bytes, record_divergence, redraw_damaged,
+                               remove_checksum_logs, remove_divergence_records)
 
 LATENT_SCALE = 0.18215          # SD VAE latent scaling used by DiT (latents / 0.18215 before decode)
 SEED_MODES = ("per-sample", "reference")
@@ -185,6 +193,9 @@ def check_sample_dir(sample_dir, resume: bool, name: str = "sample_dir") -> str:
         if os.listdir(path) and not resume:
             raise FileExistsError(f"{name} {path} is not empty: pass --resume (resume=True) to continue "
                                   f"that run, or choose a new directory")
+        held = lock_holder(path)  # checked again when the lock is taken; here to fail before loading models
+        if held:
+            raise FolderLocked(f"{name} {held}")
     else:
         parent = os.path.dirname(os.path.abspath(path))
         while not os.path.exists(parent):
@@ -206,41 +217,52 @@ def make_npz(sample_dir, num: int, resize: int | None = None, path: str | None =
 
     PNGs give uint8 (num, H, W, 3), the ADM evaluator's format; `resize` resizes each image to
     resize x resize with PIL BILINEAR after convert('RGB'), as the DoG scripts do (299).
-    .npy latents give float32 (num, C, L, L). Extra files beyond num are ignored.
+    .npy latents give float32 (num, C, L, L). Extra files beyond num are ignored. Files with
+    checksums in the folder's manifest.json must match them (sample_to_dir records them).
     """
     sample_dir = os.path.normpath(os.fspath(sample_dir))
-    ext = "png" if os.path.exists(sample_path(sample_dir, 0, "png")) else "npy"
-    if ext == "npy" and resize:
-        raise ValueError("resize applies to PNG samples, not to .npy latents")
-    out = None
-    for i in range(num):
-        f = sample_path(sample_dir, i, ext)
-        if not os.path.exists(f):
-            raise FileNotFoundError(f"{f} is missing: cannot build the .npz from {num} samples")
-        try:
-            arr = _read_sample(f, resize)
-        except (OSError, ValueError) as err:  # a damaged file (e.g. a disk filled up while it was written)
-            raise ValueError(f"{f}: cannot read this sample ({err}); delete it and rerun with --resume "
-                             f"(resume=True) to draw it again") from err
-        if out is None:  # preallocate: a list plus np.stack would hold the data twice
-            out = np.empty((num, *arr.shape), dtype=arr.dtype)
-        if arr.shape != out.shape[1:]:
-            raise ValueError(f"{f} holds shape {arr.shape}, sample 0 {out.shape[1:]}: the folder mixes runs")
-        out[i] = arr
+    manifest = _read_manifest(os.path.join(sample_dir, MANIFEST)) or {}
+    known = known_checksums(sample_dir, manifest.get("files"))
+    out, _ = read_samples(sample_dir, num, resize, known, strict=False)
     path = path or npz_path(sample_dir)
     write_atomic(path, lambda f: np.savez(f, arr_0=out))  # a file object: savez appends no suffix
     return path
 
 
-def _read_sample(path: str, resize: int | None) -> np.ndarray:
-    if path.endswith(".npy"):
-        return np.load(path)
-    from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if resize:
-            im = im.resize((resize, resize), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8)
+def read_samples(sample_dir: str, num: int, resize: int | None, known: dict, strict: bool,
+                 stack: bool = True) -> tuple[np.ndarray | None, dict]:
+    """(files 0..num-1 stacked (None unless stack), {name: checksum}); each file is read once and
+    checked against `known` (sample_dir.check_bytes): a damaged or changed file is an error."""
+    ext = "png" if os.path.exists(sample_path(sample_dir, 0, "png")) else "npy"
+    if ext == "npy" and resize:
+        raise ValueError("resize applies to PNG samples, not to .npy latents")
+    out, checksums = None, {}
+    for i in range(num):
+        f = sample_path(sample_dir, i, ext)
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{f} is missing: cannot build the .npz from {num} samples")
+        with open(f, "rb") as fh:
+            data = fh.read()
+        name = os.path.basename(f)
+        if stack and not strict and name not in known:  # nothing to compare: decoding it below is the check
+            checksums[name] = file_checksum(data)
+        else:
+            checksums[name], why = check_bytes(name, data, known, strict)
+            if why is not None:  # e.g. a disk filled up while it was written, or a file replaced since
+                raise ValueError(f"{f} {why}: rerun with --resume (resume=True) to draw it again")
+        if not stack:
+            continue
+        try:
+            arr = read_sample_bytes(data, name, resize)
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"{f}: cannot read this sample ({err}); rerun with --resume (resume=True) to draw it "
+                             f"again") from err
+        if out is None:  # preallocate: a list plus np.stack would hold the data twice
+            out = np.empty((num, *arr.shape), dtype=arr.dtype)
+        if arr.shape != out.shape[1:]:
+            raise ValueError(f"{f} holds shape {arr.shape}, sample 0 {out.shape[1:]}: the folder mixes runs")
+        out[i] = arr
+    return out, checksums
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,6 +281,17 @@ def write_manifest(sample_dir: str, settings: dict, info: dict) -> None:
     run = dict(info, command=sys.argv, started=datetime.datetime.now().isoformat(timespec="seconds"),
                **_versions())
     manifest = dict(settings=settings, versions=_versions(), runs=old.get("runs", []) + [run])
+    if "files" in old or not old:  # a new folder has checksums from its start; an older folder from its end
+        manifest["files"] = old.get("files", {})
+    write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=2, default=str).encode()))
+
+
+def record_checksums(sample_dir: str, checksums: dict) -> None:
+    """Store the sample files' checksums in manifest.json (the end of a run: all files verified); files
+    beyond this run's num_samples keep theirs."""
+    path = os.path.join(sample_dir, MANIFEST)
+    manifest = _read_manifest(path)
+    manifest["files"] = dict(sorted({**manifest.get("files", {}), **checksums}.items()))
     write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=2, default=str).encode()))
 
 
@@ -279,6 +312,12 @@ def _read_manifest(path: str) -> dict | None:
     return manifest
 
 
+def read_settings(sample_dir) -> dict | None:
+    """The settings recorded in sample_dir's manifest.json (None without one; an error if damaged)."""
+    manifest = _read_manifest(os.path.join(os.fspath(sample_dir), MANIFEST))
+    return manifest["settings"] if manifest is not None else None
+
+
 def check_resume(sample_dir: str, settings: dict) -> None:
     """A resumed folder must have been started with the same output-determining settings."""
     if not os.path.isdir(sample_dir) or not os.listdir(sample_dir):
@@ -294,7 +333,8 @@ def check_resume(sample_dir: str, settings: dict) -> None:
                          f"mixing them would corrupt the sample set, use a new directory")
 
 
-ADDED_LATER = {"ckpt_weights", "pretrained_weights", "exact", "compile"}  # settings older manifests lack
+# settings older manifests lack (a folder started before dgfast recorded them: nothing to compare)
+ADDED_LATER = {"ckpt_weights", "pretrained_weights", "ckpt_sha256", "pretrained_sha256", "backend", "exact", "compile"}
 
 
 def _setting_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -341,6 +381,21 @@ class SamplingDiverged(RuntimeError):
     """A batch came out NaN/inf; files already written are kept."""
 
 
+def check_classes(finetuned, info: dict, num_classes: int) -> None:
+    """Labels are drawn from [0, num_classes): checked here, before the folder and manifest exist, not by
+    sample() halfway through. They must stay inside the label table and off its null row (a DiT built
+    with label dropout has one, at its num_classes): drawn as a class, it gives unconditional samples."""
+    rows = info["table_rows"]
+    if rows is not None and num_classes > rows:
+        raise ValueError(f"num_classes {num_classes} (dgfast sample: --num-classes) is more than the finetuned "
+                         f"model's label table holds ({rows} rows): labels are drawn from [0, num_classes)")
+    own = getattr(getattr(finetuned, "y_embedder", None), "num_classes", None)  # dgfast and upstream DiT
+    if rows is not None and isinstance(own, int) and rows == own + 1 and num_classes > own:
+        raise ValueError(f"num_classes {num_classes} (dgfast sample: --num-classes) reaches the finetuned model's "
+                         f"null row (label {own} of its {rows}-row table): 1 sample in {num_classes} would be drawn "
+                         f"unconditionally; the model has {own} classes")
+
+
 def _check_int(value, name: str, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {value!r}")
@@ -367,9 +422,17 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     `vae.decode(x / 0.18215).sample` and saved as PNG. resume=True skips finished samples.
     run_config: extra JSON-able settings stored in manifest.json and checked on resume.
     Call it on every rank under torchrun; rank 0 writes manifest.json and the .npz.
+    Guards (dgfast/sample_dir.py, README "Reliability"): rank 0 holds the folder's lock for the whole
+    run (FolderLocked if another live process does); every file is checksummed, and damaged finished
+    files are drawn again on resume; a batch whose samples diverge (NaN/inf or |x| > 1e4, in the loop
+    or after the VAE) raises SamplingDiverged naming them, the files written so far kept; a batch that
+    cannot fit in free memory is refused before anything is written.
     """
-    from dgfast.sampling import model_device, model_info, sample
+    from dgfast.ops import resolve_backend
+    from dgfast.sampling import check_bool, check_eta, model_device, model_info
 
+    resume, npz, progress = check_bool(resume, "resume"), check_bool(npz, "npz"), check_bool(progress, "progress")
+    eta = check_eta(eta, sampler)  # before the folder exists, not in the first batch
     num_samples = _check_int(num_samples, "num_samples", 1, MAX_INDEX)
     batch_size = _check_int(batch_size, "batch_size", 1)
     num_classes = _check_int(num_classes, "num_classes", 1)
@@ -389,80 +452,165 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
             raise ValueError("npz_resize needs a vae: latents (.npy) are not resized")
     sample_dir = check_sample_dir(sample_dir, resume)
     ext = "npy" if vae is None else "png"
+    info = model_info(finetuned)
+    check_classes(finetuned, info, num_classes)
+    device = model_device(finetuned) or torch.device("cpu")
+    check_batch_memory(finetuned, vae, batch_size, info["input_size"], device,
+                       "batch_size (dgfast sample: --per-proc-batch-size)")
+    # the step's implementation as resolved here ("auto" differs by device and DGFAST_BACKEND): backends
+    # round differently, so a resume with another one would rewrite finished samples with other bytes
+    resolved = resolve_backend(backend, torch.empty(0, device=device))
     settings = dict(num_classes=num_classes, global_seed=global_seed, seed_mode=seed_mode,
                     guidance_scale=float(guidance_scale), steps=str(steps), guidance_channels=guidance_channels,
-                    null_label=null_label, sampler=sampler, eta=float(eta), output=ext, run=run_config,
-                    exact=bool(exact), compile=cmode)
+                    null_label=null_label, sampler=sampler, eta=float(eta), output=ext, backend=resolved,
+                    run=run_config, exact=bool(exact), compile=cmode)
     d = init_distributed()
     if seed_mode == "reference":  # the script's stream depends on both
         settings.update(world_size=d.world_size, batch_size=batch_size)
     if resume:
         check_resume(sample_dir, settings)
 
-    info = model_info(finetuned)
-    if info["table_rows"] is not None and num_classes > info["table_rows"]:
-        # checked here, before the folder and manifest exist, not by sample() halfway through
-        raise ValueError(f"num_classes {num_classes} (dgfast sample: --num-classes) is more than the finetuned "
-                         f"model's label table holds ({info['table_rows']} rows): labels are drawn from "
-                         f"[0, num_classes)")
-    device = model_device(finetuned) or torch.device("cpu")
     if seed_mode == "reference" and (info["in_channels"] is None or info["input_size"] is None):
         raise ValueError("seed_mode='reference' needs a model whose in_channels and input_size are known")
+    batches = (_per_sample_batches if seed_mode == "per-sample" else _reference_batches)(num_samples, batch_size, d)
+    lock, log = FolderLock(sample_dir), ChecksumLog(sample_dir)
+    try:
+        d.barrier()  # every rank has checked the folder (check_sample_dir, check_resume) before rank 0 changes it
+        _on_main(d, lambda: _open_folder(sample_dir, lock, settings, dict(
+            num_samples=num_samples, world_size=d.world_size, batch_size=batch_size, resume=bool(resume))))
+        done = _finished_and_verified(d, sample_dir, ext, batches, num_samples)
+        todo = [not all(i in done for i in idx if i < num_samples) for idx in batches]
+        pending = num_samples - len(done & set(range(num_samples)))
 
-    done = finished_indices(sample_dir, ext)  # listed before any rank of this run writes
-    if seed_mode == "per-sample":
-        batches = _per_sample_batches(num_samples, batch_size, d)
-    else:
-        batches = _reference_batches(num_samples, batch_size, d)
-    todo = [not all(i in done for i in idx if i < num_samples) for idx in batches]
-    pending = num_samples - len(done & set(range(num_samples)))
-    d.barrier()
-    if d.is_main:
-        os.makedirs(sample_dir, exist_ok=True)
-        remove_stale_temp_files(sample_dir)
-        write_manifest(sample_dir, settings, dict(num_samples=num_samples, world_size=d.world_size,
-                                                  batch_size=batch_size, resume=bool(resume)))
-    d.barrier()
-
-    call = dict(guidance_scale=guidance_scale, steps=steps, guidance_channels=guidance_channels,
-                null_label=null_label, sampler=sampler, eta=eta, backend=backend, paired=paired, exact=exact,
-                compile=compile)
-    from tqdm.auto import tqdm
-    bar = tqdm(total=pending, unit="img", desc="dgfast sample", disable=not (progress and d.is_main),
-               dynamic_ncols=True)
-    start = time.perf_counter()
-    if seed_mode == "reference":
-        torch.manual_seed(global_seed * d.world_size + d.rank)
-        num_steps = _num_steps(steps)
-    for idx, needed in zip(batches, todo):
-        if seed_mode == "per-sample":
-            if not needed:
+        call = dict(guidance_scale=guidance_scale, steps=steps, guidance_channels=guidance_channels,
+                    null_label=null_label, sampler=sampler, eta=eta, backend=backend, paired=paired,
+                    exact=exact, compile=compile)
+        from tqdm.auto import tqdm
+        bar = tqdm(total=pending, unit="img", desc="dgfast sample", disable=not (progress and d.is_main),
+                   dynamic_ncols=True)
+        start = time.perf_counter()
+        draw = _block_sampler(finetuned, pretrained, call, seed_mode=seed_mode, global_seed=global_seed,
+                              num_classes=num_classes, info=info, device=device, d=d)
+        for idx, needed in zip(batches, todo):
+            block = draw(idx, needed)
+            if block is None:  # finished
                 continue
-            seeds = [sample_seed(global_seed, i) for i in idx]
-            y = torch.tensor([sample_label(global_seed, i, num_classes) for i in idx], device=device)
-            x = sample(finetuned, pretrained, None, y, noise="per-sample", seeds=seeds, **call)
-        else:
-            C, L = info["in_channels"], info["input_size"]
-            z = torch.randn(len(idx), C, L, L, device=device)
-            y = torch.randint(0, num_classes, (len(idx),), device=device)
-            if not needed:  # finished iteration: spend its step noise as sample() would have
-                _replay_step_noise(z, guided=guidance_scale != 1, num_steps=num_steps)
-                continue
-            x = sample(finetuned, pretrained, z, y, noise="reference", **call)
-        written = _write_batch(x, idx, num_samples, sample_dir, vae)
-        bar.update(min(written * d.world_size, bar.total - bar.n))
-    d.barrier()
-    seconds = time.perf_counter() - start
-    bar.close()
-
-    path = None
-    if npz and d.is_main:
-        path = make_npz(sample_dir, num_samples, resize=npz_resize)
-    d.barrier()
+            x, labels, diverged = block
+            batch = _Batch(idx, labels, num_samples, sample_dir)
+            if diverged is not None:
+                batch.stop_if_diverged(diverged.rows, f"{diverged.kind} {diverged.where()}")
+            written = _write_batch(x, batch, vae, log)
+            bar.update(min(written * d.world_size, bar.total - bar.n))
+        log.close()
+        d.barrier()
+        seconds = time.perf_counter() - start
+        bar.close()
+        path = _on_main(d, lambda: _close_folder(sample_dir, num_samples, npz, npz_resize))
+    finally:
+        log.close()
+        lock.release()
     if d.owned:
         dist.destroy_process_group()
     return SampleDirResult(sample_dir, path if npz else None, num_samples, pending, num_samples - pending,
                            seconds, d.world_size)
+
+
+def _block_sampler(finetuned, pretrained, call: dict, *, seed_mode: str, global_seed: int, num_classes: int,
+                   info: dict, device, d: Dist):
+    """draw(indices, needed) -> (samples, labels, Divergence or None) for one block, or None for a
+    finished one (in reference mode after replaying its random draws). Reference mode seeds the
+    default generator here, right before the first block, as the scripts do."""
+    from dgfast.sampling import sample
+
+    def per_sample(idx, needed):
+        if not needed:
+            return None
+        seeds = [sample_seed(global_seed, i) for i in idx]
+        y = torch.tensor([sample_label(global_seed, i, num_classes) for i in idx], device=device)
+        x, diverged = _watched(lambda: sample(finetuned, pretrained, None, y, noise="per-sample", seeds=seeds, **call))
+        return x, y.tolist(), diverged
+
+    if seed_mode == "per-sample":
+        return per_sample
+    torch.manual_seed(global_seed * d.world_size + d.rank)
+    num_steps = _num_steps(call["steps"])
+
+    def reference(idx, needed):
+        C, L = info["in_channels"], info["input_size"]
+        z = torch.randn(len(idx), C, L, L, device=device)
+        y = torch.randint(0, num_classes, (len(idx),), device=device)
+        if not needed:  # finished iteration: spend its step noise as sample() would have
+            _replay_step_noise(z, guided=call["guidance_scale"] != 1, num_steps=num_steps)
+            return None
+        x, diverged = _watched(lambda: sample(finetuned, pretrained, z, y, noise="reference", **call))
+        return x, y.tolist(), diverged
+    return reference
+
+
+def _on_main(d: Dist, fn):
+    """fn() on rank 0, then a barrier; an error there is raised on every rank (the others would wait
+    at the next barrier forever). Returns rank 0's result on rank 0, None elsewhere."""
+    result, error = None, None
+    if d.is_main:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 (re-raised below, after the other ranks know)
+            error = err
+    if d.world_size > 1:
+        try:  # the exception itself, so that every rank reports the same error
+            pickle.dumps(error)
+        except Exception:  # noqa: BLE001
+            error = RuntimeError(str(error))
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def _open_folder(sample_dir: str, lock: FolderLock, settings: dict, run: dict) -> None:
+    """Rank 0, before any rank writes: create the folder, take its lock (before deleting anything: the
+    temp files may be another live run's), clear a killed run's temp files, write manifest.json."""
+    os.makedirs(sample_dir, exist_ok=True)
+    lock.acquire()
+    if lock.note:
+        print(f"dgfast sample: {lock.note}", file=sys.stderr)
+    remove_stale_temp_files(sample_dir)
+    write_manifest(sample_dir, settings, run)
+
+
+def _finished_and_verified(d: Dist, sample_dir: str, ext: str, batches, num_samples: int) -> set[int]:
+    """The finished indices, once every rank has checked the finished files of its own blocks against
+    their checksums and deleted the damaged ones (which are then drawn again, with a message)."""
+    manifest = _read_manifest(os.path.join(sample_dir, MANIFEST)) or {}
+    known, strict = known_checksums(sample_dir, manifest.get("files")), "files" in manifest
+    done = finished_indices(sample_dir, ext)
+    mine = sorted({i for idx in batches for i in idx if i < num_samples} & done)
+    bad = redraw_damaged(sample_dir, [os.path.basename(sample_path(sample_dir, i, ext)) for i in mine], known, strict)
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        print(f"dgfast sample: drawing {len(bad)} damaged sample file(s) again: {shown}", file=sys.stderr)
+    d.barrier()
+    done = finished_indices(sample_dir, ext)  # every rank lists the same folder, before any rank writes
+    d.barrier()
+    return done
+
+
+def _close_folder(sample_dir: str, num_samples: int, npz: bool, resize: int | None) -> str | None:
+    """Rank 0, after every rank finished: check every file against its checksum, write the .npz (if
+    asked), store the checksums in manifest.json, remove the logs and divergence records."""
+    manifest = _read_manifest(os.path.join(sample_dir, MANIFEST)) or {}
+    known = known_checksums(sample_dir, manifest.get("files"))
+    out, checksums = read_samples(sample_dir, num_samples, resize, known, strict="files" in manifest, stack=npz)
+    path = None
+    if npz:
+        path = npz_path(sample_dir)
+        write_atomic(path, lambda f: np.savez(f, arr_0=out))  # a file object: savez appends no suffix
+    record_checksums(sample_dir, checksums)
+    remove_checksum_logs(sample_dir)
+    remove_divergence_records(sample_dir)
+    return path
 
 
 def _per_sample_batches(num_samples: int, batch_size: int, d: Dist) -> list[list[int]]:
@@ -492,23 +640,75 @@ def _replay_step_noise(z: torch.Tensor, guided: bool, num_steps: int) -> None:
         torch.randn((rows, *z.shape[1:]), device=z.device, dtype=z.dtype)
 
 
-def _write_batch(x: torch.Tensor, indices: list[int], num_samples: int, sample_dir: str, vae) -> int:
-    """Decode (whole batch, so its numerics never depend on num_samples) and write indices < N."""
-    if not torch.isfinite(x).all():
-        raise SamplingDiverged(f"samples {indices[0]}..{indices[-1]} contain NaN/inf: the sampler diverged "
-                           f"(check the checkpoints, guidance scale and backend)")
+def _watched(run):
+    """(run()'s samples, the Divergence of its sampling loop or None), the divergence collected rather
+    than warned about: the caller decides (padding rows past num_samples may diverge harmlessly)."""
+    with collect() as found:
+        x = run()
+    return x, (found[0] if found else None)
+
+
+@dataclass
+class _Batch:
+    """One computed block: its sample indices, labels, and where its files go."""
+    indices: list
+    labels: list
+    num_samples: int
+    sample_dir: str
+
+    def stop_if_diverged(self, rows, what: str) -> None:
+        """Raise SamplingDiverged naming the samples (rows of the batch) that are written (< num_samples),
+        recording them in the folder; when a previous run recorded the same ones, say it will recur."""
+        rows = [r for r in rows if self.indices[r] < self.num_samples]
+        if not rows:
+            return  # only padding rows, which are never written
+        idx, labels = [self.indices[r] for r in rows], [self.labels[r] for r in rows]
+        again = record_divergence(self.sample_dir, idx, labels, what,
+                                  lambda path, data: write_atomic(path, lambda f: f.write(data)))
+        plural = "s" if len(idx) > 1 else ""
+        message = (f"sample{plural} {_spans(idx)} (label{plural} {_spans(labels, ranges=False)}) diverged: {what}; "
+                   f"the samples written so far are kept")
+        if again:
+            message += (f". Samples {_spans(again)} diverged in an earlier run of this folder too: with these settings "
+                        f"they always will, so --resume cannot finish the folder; check the checkpoints, the guidance "
+                        f"scale and the backend (per-sample seeds: another --global-seed draws other samples)")
+        raise SamplingDiverged(message)
+
+
+def _spans(values, ranges: bool = True, show: int = 10) -> str:
+    """'3, 7..9, 12' (runs of consecutive values as ranges), at most `show` items."""
+    values, parts, k = list(values), [], 0
+    while k < len(values):
+        j = k
+        while ranges and j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(str(values[k]) if j == k else f"{values[k]}..{values[j]}")
+        k = j + 1
+    return ", ".join(parts[:show]) + (f", ... ({len(values)} in all)" if len(parts) > show else "")
+
+
+def _write_batch(x: torch.Tensor, batch: _Batch, vae, log: ChecksumLog) -> int:
+    """Decode (whole batch, so its numerics never depend on num_samples) and write indices < N, each
+    file's checksum logged before the file is renamed into place. Latents and decoded images are both
+    checked: NaN/inf in a row that would be written stops the run (nothing of the batch is written)."""
+    keep = [r for r, i in enumerate(batch.indices) if i < batch.num_samples]
+    batch.stop_if_diverged([r for r in keep if not torch.isfinite(x[r]).all()], "NaN/inf in the samples")
     if vae is None:
-        arrays, ext = x.float().cpu().numpy(), "npy"
-        save = np.save
+        arrays, ext, save = x.float().cpu().numpy(), "npy", np.save
     else:
-        arrays, ext = to_uint8(vae.decode(x / LATENT_SCALE).sample).numpy(), "png"
-        save = _save_png
-    written = 0
-    for i, arr in zip(indices, arrays):
-        if i < num_samples:
-            write_atomic(sample_path(sample_dir, i, ext), lambda f, a=arr: save(f, a))
-            written += 1
-    return written
+        images = vae.decode(x / LATENT_SCALE).sample
+        bad = (~torch.isfinite(images.reshape(len(images), -1))).any(dim=1).tolist()
+        batch.stop_if_diverged([r for r in keep if bad[r]], "the VAE decoded them to NaN/inf (their latents were "
+                                                              "finite): check the VAE (e.g. fp16 overflow)")
+        arrays, ext, save = to_uint8(images).numpy(), "png", _save_png
+    for r in keep:
+        buffer = io.BytesIO()
+        save(buffer, arrays[r])
+        data = buffer.getvalue()
+        path = sample_path(batch.sample_dir, batch.indices[r], ext)
+        log.record(os.path.basename(path), data)
+        write_atomic(path, lambda f: f.write(data))
+    return len(keep)
 
 
 def _save_png(f, arr: np.ndarray) -> None:

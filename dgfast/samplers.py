@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dgfast import ops
+from dgfast.divergence import Watch, warn_divergence
 from dgfast.schedule import NUM_COEFS, Schedule
 
 NATIVE_SAMPLERS = ("ddpm", "ddim", "dpm2m", "flow_euler", "flow_heun")
@@ -48,6 +49,7 @@ class Plan:
     clip: bool | None = None     # clamp x0 to [-1, 1]; None: the caller's clip_denoised
     doubled_noise: bool = False  # DiT's loops draw noise over the doubled (2n) batch
     scheduler: object = None     # fallback: run scheduler.step() (rows unused)
+    eta: float = 0.0             # fallback: passed to a step() that takes it (DDIMScheduler)
 
     @property
     def num_steps(self) -> int:
@@ -206,7 +208,8 @@ def scheduler_plan(scheduler, steps, device, eta: float = 0.0) -> Plan:
     if plan is None:
         S = len(scheduler.timesteps)
         plan = Plan(modes=["step"] * S, rows=np.zeros((S, NUM_COEFS), np.float32), timesteps=list(scheduler.timesteps),
-                    t_dtype=scheduler.timesteps.dtype, noise=[False] * S, prev=[False] * S, scheduler=scheduler)
+                    t_dtype=scheduler.timesteps.dtype, noise=[False] * S, prev=[False] * S, scheduler=scheduler,
+                    eta=float(eta))
     plan.init_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
     return plan
 
@@ -366,14 +369,29 @@ def model_output(out, x=None):
     return out
 
 
-def cfg_pair_forward(finetuned):
+def cfg_pair_forward(finetuned, name: str = "finetuned"):
     """Classifier-free guidance with the fine-tuned model's own null label: one 2n batch
     [x; x] with labels [y; null], as DiT's forward_with_cfg runs it."""
     def forward_pair(x, t, y, null):
         n = len(x)
         out = model_output(finetuned(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])))
+        if not isinstance(out, torch.Tensor) or len(out) != 2 * n:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"{name} returned {got} for the doubled batch of {2 * n} rows (labels, then its null "
+                             f"label); expected a tensor with {2 * n} rows")
         return out[:n], out[n:]
     return forward_pair
+
+
+def check_model_output(out, x, name="pretrained"):
+    """A model's output where only its eps channels are read (the guiding branch, dog_forward): a
+    tensor (n, >= C, H, W). Anything else (None, another shape) is an error naming the model: a
+    guiding branch's None would otherwise read as "no guidance" and silently give unguided samples."""
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != x.shape[0] \
+            or out.shape[1] < x.shape[1] or out.shape[2:] != x.shape[2:]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{name} returned {shape}; expected a tensor ({x.shape[0]}, >= {x.shape[1]}, "
+                         f"{x.shape[2]}, {x.shape[3]}) (eps channels first)")
 
 
 class Branches:
@@ -386,10 +404,13 @@ class Branches:
     - pair_forward(x, t, y, null) -> (out_ft, out_guide) runs both branches (DoG: the pre-trained
       model with its null label; CFG: the fine-tuned model with its own).
     Counts: `guide_evals` guiding-branch evaluations, `ft_evals` fine-tuned ones.
+    names: what errors call the two models (the pipeline's are "transformer", "transformer_pre").
     """
 
-    def __init__(self, finetuned, y, pair_forward=None, null_label=None, steps_on=range(0), every: int = 1):
+    def __init__(self, finetuned, y, pair_forward=None, null_label=None, steps_on=range(0), every: int = 1,
+                 names=("finetuned", "pretrained")):
         self.finetuned, self.y, self.pair_forward, self.null = finetuned, y, pair_forward, null_label
+        self.names = names
         self.steps_on, self.every = steps_on, every
         self.cache, self.guided_evals = None, 0
         self.ft_evals = self.guide_evals = 0
@@ -404,6 +425,7 @@ class Branches:
             return model_output(self.finetuned(x, t, self.y), x), self.cache
         out_ft, out_guide = self.pair_forward(x, t, self.y, self.null)
         out_ft, out_guide = model_output(out_ft, x), model_output(out_guide, x)
+        check_model_output(out_guide, x, self.names[1])
         self.guide_evals += 1
         if self.every > 1:  # a paired model may hand out views of buffers it reuses next step
             self.cache = out_guide.clone()
@@ -417,7 +439,7 @@ class Branches:
 def check_output(out, x, mode, name="finetuned"):
     C = x.shape[1]
     need = 2 * C if mode == "ddpm" else C
-    if not isinstance(out, torch.Tensor) or out.shape[0] != x.shape[0] or out.shape[1] < need \
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != x.shape[0] or out.shape[1] < need \
             or out.shape[2:] != x.shape[2:]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"{name} returned {shape}; sampler step {mode!r} needs (n, {need}, H, W) "
@@ -430,7 +452,9 @@ def run(plan: Plan, z, branches: Branches, *, scale: float, guidance_channels: i
     """Sample from z along `plan`; returns x after the last step (z itself is not modified).
 
     draw() gives the noise of the steps that take some; generator goes to a fallback scheduler's
-    step(); progress is a bool (tqdm) or a wrapper for the step range."""
+    step(); progress is a bool (tqdm) or a wrapper for the step range. A DivergenceWarning names the
+    samples whose x became NaN/inf or left the sane range, the first such step and whose output it
+    was (dgfast.divergence)."""
     n, device = len(z), z.device
     x = z if plan.init_sigma == 1.0 else z * plan.init_sigma
     clip = plan.clip if plan.clip is not None else clip_denoised
@@ -446,46 +470,63 @@ def run(plan: Plan, z, branches: Branches, *, scale: float, guidance_channels: i
     def t_at(v):
         return torch.full((n,), v, dtype=plan.t_dtype, device=device)
 
+    # every step's outputs and x are recorded on the device; read once at the end (a warning naming
+    # the first bad step and whose output it was, if any sample diverged)
+    watch = Watch(plan.num_steps, branches.names)
     if plan.scheduler is not None:
-        return _run_scheduler(plan, x, branches, steps, t_at, generator, fused)
-    if plan.heun:
-        return _run_heun(plan, x, branches, steps, t_at, fused)
+        x = _run_scheduler(plan, x, branches, steps, t_at, generator, fused, watch)
+    elif plan.heun:
+        x = _run_heun(plan, x, branches, steps, t_at, fused, watch)
+    else:
+        x = _run_steps(plan, x, branches, steps, t_at, draw, fused, watch)
+    warn_divergence(watch, n, stacklevel=4)
+    return x
+
+
+def _run_steps(plan, x, branches, steps, t_at, draw, fused, watch):
     state = None
     for i in steps:
         mode = plan.modes[i]
         x_in = x if plan.in_div is None else x / torch.tensor(plan.in_div[i], dtype=torch.float32)
         out_ft, out_pre = branches(x_in, t_at(plan.timesteps[i]), i)
-        check_output(out_ft, x, mode)
+        check_output(out_ft, x, mode, branches.names[0])
         keep = i + 1 < plan.num_steps and plan.prev[i + 1]
         res = ops.guided_step(x, out_ft, out_pre, draw() if plan.noise[i] else None, plan.rows[i], mode=mode,
                               prev=state if plan.prev[i] else None, return_state=keep, **fused)
         x, state = res if keep else (res, None)
+        watch.record(i, out_ft, out_pre, x)
     return x
 
 
-def _run_heun(plan, x, branches, steps, t_at, fused):
+def _run_heun(plan, x, branches, steps, t_at, fused, watch):
     for i in steps:
         h = plan.rows[i, 0]
         out_ft, out_pre = branches(x, t_at(plan.timesteps[i]), i)
-        check_output(out_ft, x, "flow_euler")
+        check_output(out_ft, x, "flow_euler", branches.names[0])
         x_euler, d = ops.guided_step(x, out_ft, out_pre, None, (h,), mode="flow_euler", return_state=True, **fused)
+        watch.record(i, out_ft, out_pre, x_euler)
         out_ft, out_pre = branches(x_euler, t_at(plan.timesteps[i + 1]), i)
+        check_output(out_ft, x, "flow_heun", branches.names[0])
         x = ops.guided_step(x, out_ft, out_pre, None, (h * 0.5,), mode="flow_heun", prev=d, **fused)
+        watch.record(i, out_ft, out_pre, x)
     return x
 
 
-def _run_scheduler(plan, x, branches, steps, t_at, generator, fused):
+def _run_scheduler(plan, x, branches, steps, t_at, generator, fused, watch):
     """Any other scheduler: the guided prediction goes through scheduler.step() (its own noise,
     from `generator`); the variance channels are passed on only to a scheduler that learns them."""
     sch = plan.scheduler
     C = x.shape[1]
     learned = getattr(sch, "config", {}).get("variance_type", None) in ("learned", "learned_range")
-    rng = {"generator": generator} if "generator" in inspect.signature(sch.step).parameters else {}
+    params = inspect.signature(sch.step).parameters
+    rng = {"generator": generator} if "generator" in params else {}
+    if plan.eta and "eta" in params:  # e.g. a DDIMScheduler with thresholding: eta must not be dropped
+        rng["eta"] = plan.eta
     for i in steps:
         t = plan.timesteps[i]
         x_in = sch.scale_model_input(x, t) if hasattr(sch, "scale_model_input") else x
         out_ft, out_pre = branches(x_in, t_at(t.item() if torch.is_tensor(t) else t), i)
-        check_output(out_ft, x, "step")
+        check_output(out_ft, x, "step", branches.names[0])
         k = fused["guidance_channels"] if out_pre is not None else 0
         if fused["guidance_rescale"] and k > 0:
             eps = ops.rescale_guided(out_ft[:, :C], out_pre, fused["scale"], k, C, fused["guidance_rescale"])
@@ -493,4 +534,5 @@ def _run_scheduler(plan, x, branches, steps, t_at, generator, fused):
             eps = ops.guide_eps(out_ft[:, :C], out_pre, fused["scale"], k)
         pred = torch.cat([eps, out_ft[:, C:2 * C]], dim=1) if learned and out_ft.shape[1] >= 2 * C else eps
         x = sch.step(pred, t, x, return_dict=False, **rng)[0]
+        watch.record(i, out_ft, out_pre, x)
     return x

@@ -14,6 +14,7 @@ import numbers
 import warnings
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -21,6 +22,7 @@ from dgfast import convert, ops, samplers
 
 SAMPLERS = samplers.NATIVE_SAMPLERS
 NOISE_MODES = ("reference", "per-sample")
+SEED_RANGE = 1 << 32      # seeds are [0, 2**32): torch's CPU generator ignores higher bits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,9 +142,11 @@ def check_seeds(seeds) -> list:
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
         raise TypeError(f"seeds must be a sequence of ints (one per sample), got {type(seeds).__name__}")
     for s in seeds:
-        # torch.Generator.manual_seed's range (negative seeds wrap around, as there)
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not -2 ** 63 <= int(s) < 2 ** 64:
-            raise ValueError(f"seeds must hold ints in [-2**63, 2**64), got {s!r}")
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= int(s) < SEED_RANGE:
+            # torch's CPU generator keeps only a seed's low 32 bits (and manual_seed wraps negative
+            # seeds to 2**64 + s): seeds 2**32 apart would silently give identical samples
+            raise ValueError(f"seeds must hold ints in [0, 2**32) (torch's CPU generator uses only a seed's low "
+                             f"32 bits, so seeds 2**32 apart would give identical samples), got {s!r}")
     return [int(s) for s in seeds]
 
 
@@ -154,6 +158,52 @@ def check_scale(guidance_scale) -> float:
     if not math.isfinite(s) or s < 0:
         raise ValueError(f"guidance_scale must be finite and >= 0, got {guidance_scale}")
     return s
+
+
+def check_cfg_scale(cfg_scale):
+    """forward_with_cfg's cfg_scale: a number (check_scale), or a tensor of scales (upstream's
+    arithmetic broadcasts one per sample), every value finite and >= 0. Returned unchanged."""
+    if isinstance(cfg_scale, torch.Tensor) and cfg_scale.ndim > 0:
+        if not cfg_scale.is_floating_point() or not bool(torch.isfinite(cfg_scale).all() & (cfg_scale >= 0).all()):
+            raise ValueError(f"guidance_scale (cfg_scale) must hold finite floats >= 0, got {cfg_scale}")
+        return cfg_scale
+    check_scale(cfg_scale)
+    return cfg_scale
+
+
+def check_pair_outputs(out_ft, out_pre, x) -> None:
+    """dog_forward's two model outputs for the kept half x: tensors (n, >= C, H, W) of one channel
+    count (rows [:n] and [n:] of the result carry each one's extra channels)."""
+    samplers.check_model_output(out_ft, x, "finetuned")
+    samplers.check_model_output(out_pre, x, "pretrained")
+    if out_ft.shape[1] != out_pre.shape[1]:
+        raise ValueError(f"finetuned returned {out_ft.shape[1]} channels, pretrained {out_pre.shape[1]}: "
+                         f"forward_with_cfg stacks their extra (variance) channels, so they must agree")
+
+
+def check_bool(value, name: str) -> bool:
+    """True or False (numpy's bool too): a string such as 'no' is not silently true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def check_eta(eta, sampler: str, scheduler=None) -> float:
+    """eta: a finite number >= 0, non-zero only where the step reads it (DDIM: the built-in sampler or
+    a diffusers DDIMScheduler), and at most 1 there (above 1 DDIM's step takes the square root of a
+    negative number: NaN)."""
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if eta == 0:
+        return 0.0
+    what = f"sampler={sampler!r}" if scheduler is None else type(scheduler).__name__
+    if what not in ("sampler='ddim'", "DDIMScheduler"):
+        raise ValueError(f"eta={eta} is DDIM's stochasticity; {what} does not use it (it would be ignored): "
+                         f"pass eta=0, or sampler='ddim'")
+    if eta > 1:
+        raise ValueError(f"eta must be in [0, 1] for DDIM ({what}; above 1 the step takes the square root of a "
+                         f"negative number), got {eta}")
+    return float(eta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,11 +322,8 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     scale = check_scale(guidance_scale)
     if isinstance(paired, str) or not isinstance(paired, bool) and not hasattr(paired, "forward_pair"):
         raise TypeError(f"paired must be True, False or a paired model from dgfast.pair(...), got {paired!r}")
-    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    if sampler == "ddim" and scheduler is None and eta > 1:  # sigma would exceed sqrt(1 - abar_prev): NaN
-        raise ValueError(f"eta must be in [0, 1] for DDIM (above 1 the step takes the square root of a "
-                         f"negative number), got {eta}")
+    eta = check_eta(eta, sampler, scheduler)
+    clip_denoised, cuda_graph = check_bool(clip_denoised, "clip_denoised"), check_bool(cuda_graph, "cuda_graph")
     cmode = convert.compile_mode(compile)
     if exact and (cmode or not isinstance(paired, bool)):
         raise ValueError("exact=True runs the models as given; it does not combine with compile= or a paired model")
@@ -346,10 +393,9 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
                                              cache=cache))
     branches = samplers.Branches(ft_alone, y, pair_forward, cfg_null_label if mode == "cfg" else null_label,
                                  samplers.interval_steps(*interval, plan.num_steps), pretrained_every)
-    return warn_nonfinite(samplers.run(plan, z, branches, scale=scale, guidance_channels=k, draw=draw,
-                                       clip_denoised=clip_denoised, backend=backend,
-                                       guidance_rescale=float(guidance_rescale),
-                                       generator=getattr(draw, "gens", None), progress=progress))
+    return samplers.run(plan, z, branches, scale=scale, guidance_channels=k, draw=draw,  # warns if it diverged
+                        clip_denoised=clip_denoised, backend=backend, guidance_rescale=float(guidance_rescale),
+                        generator=getattr(draw, "gens", None), progress=progress)
 
 
 def warn_nonfinite(samples: torch.Tensor) -> torch.Tensor:
@@ -372,11 +418,12 @@ def _cfg_null_label(finetuned, info, label):
             label = finetuned.config.get("num_embeds_ada_norm")
         if label is None:
             raise ValueError("mode='cfg': cannot read the fine-tuned model's num_classes; pass cfg_null_label=")
-    if isinstance(label, bool) or not isinstance(label, int) or label < 0 or (
+    label = scalar(label)  # numpy integers and 0-dim tensors are ints too
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral) or label < 0 or (
             info["table_rows"] is not None and label >= info["table_rows"]):
         raise ValueError(f"cfg_null_label {label!r} is outside the fine-tuned model's label table "
                          f"[0, {info['table_rows']}) (a model trained without label dropout has no null row)")
-    return label
+    return int(label)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,8 +480,7 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
         if len(x) % 2 or len(y) != len(x) or len(t) != len(x):
             raise ValueError(f"x, t and y must hold the doubled batch (2n rows each, as the DoG script builds "
                              f"it), got {len(x)}, {len(t)} and {len(y)} rows")
-        if isinstance(cfg_scale, (int, float)):
-            check_scale(cfg_scale)
+        check_cfg_scale(cfg_scale)
         n = len(x) // 2
         if loop_starts(float(t[0]) if len(t) else 0.0):
             # Once per sampling loop, as sample() checks once per call (a full check costs a few ms
@@ -455,6 +501,7 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
             out_ft = run_ft(x[:n], t[:n], y[:n])
             out_pre = run_pre(x[:n], t[n:], torch.full_like(y[:n], null_label))
         out_ft, out_pre = samplers.model_output(out_ft, x), samplers.model_output(out_pre, x)
+        check_pair_outputs(out_ft, out_pre, x[:n])
         g = out_pre[:, :k] + cfg_scale * (out_ft[:, :k] - out_pre[:, :k])
         rest = torch.cat([out_ft[:, k:], out_pre[:, k:]], dim=0)
         return torch.cat([torch.cat([g, g], dim=0), rest], dim=1)

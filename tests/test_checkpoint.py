@@ -113,3 +113,54 @@ def test_directory_is_not_reported_as_missing(tmp_path):
     (tmp_path / "x.pt").mkdir()
     with pytest.raises(IsADirectoryError, match="directory"):
         load_checkpoint(tmp_path / "x.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# weights_digest: every byte of every tensor (dgfast sample --resume compares it)
+# ----------------------------------------------------------------------------------------------
+
+def _model(sd):
+    m = dgfast.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                   num_classes=5, learn_sigma=True)
+    m.load_state_dict(sd)
+    return m
+
+
+def test_weights_digest_sees_every_byte(sd):
+    from dgfast.checkpoint import sampled_weights_digest, weights_digest
+    base = weights_digest(_model(sd))
+    assert base.startswith("sha256:") and base == weights_digest(_model({k: v.clone() for k, v in sd.items()}))
+    assert weights_digest(_model(sd), threads=1) == base  # the thread count does not change it
+    name = "blocks.0.mlp.fc1.weight"
+    for index in range(0, sd[name].numel(), 97):  # an edit anywhere in a tensor, not only where values were sampled
+        edited = {k: v.clone() for k, v in sd.items()}
+        edited[name].view(-1)[index] += 0.5
+        assert weights_digest(_model(edited)) != base, index
+    edited = {k: v.clone() for k, v in sd.items()}
+    edited[name].view(-1).view(torch.int32)[3] ^= 1  # the lowest mantissa bit of one value
+    assert weights_digest(_model(edited)) != base
+
+
+def test_sampled_digest_missed_edits_the_full_one_sees(sd):
+    """Why the full digest: the older one (still read for old manifests) reads 64 values per tensor."""
+    from dgfast.checkpoint import sampled_weights_digest, weights_digest
+    edited = {k: v.clone() for k, v in sd.items()}
+    edited["blocks.0.mlp.fc1.weight"].view(-1)[1] += 0.5
+    assert sampled_weights_digest(_model(edited)) == sampled_weights_digest(_model(sd))
+    assert weights_digest(_model(edited)) != weights_digest(_model(sd))
+
+
+def test_weights_digest_of_other_dtypes_and_names(sd):
+    from dgfast.checkpoint import weights_digest
+    m = _model(sd)
+    base = weights_digest(m)
+    assert weights_digest(m.to(torch.bfloat16)) not in (base, weights_digest(_model(sd).half()))
+    renamed = torch.nn.Module()
+    renamed.other = _model(sd)
+    assert weights_digest(renamed) != base
+
+
+@pytest.mark.cuda
+def test_weights_digest_on_cuda_is_the_cpu_one(sd):
+    from dgfast.checkpoint import weights_digest
+    assert weights_digest(_model(sd).cuda()) == weights_digest(_model(sd))

@@ -457,7 +457,26 @@ BAD = {
                                               "--null-label 1000 is outside --pretrained-ckpt's label table "
                                               "\\(1000 rows\\)"),
     "ddim eta above 1": (lambda c, t: ["--sampler", "ddim", "--eta", "2"], "--eta must be in \\[0, 1\\]"),
+    "eta with ddpm": (lambda c, t: ["--eta", "0.5"], "--eta 0.5 is DDIM's: --sampler ddpm would ignore it"),
+    "model config a JSON list": (lambda c, t: ["--model-config", "[1, 2]"],
+                                 "--model-config must be a JSON object .*got a JSON list: \\[1, 2\\]"),
+    "model config a JSON number": (lambda c, t: ["--model-config", "42"], "--model-config must be a JSON object"),
+    "model config file holding a list": (lambda c, t: ["--model-config", _json_file(c.dir, [1, 2])],
+                                         "--model-config .*list.json must be a JSON object"),
+    "model config neither JSON nor a file": (lambda c, t: ["--model-config", "arch.jsn"],
+                                             "--model-config arch.jsn: no such file"),
+    "model config broken JSON object": (lambda c, t: ["--model-config", '{"depth": 2,'],
+                                        "--model-config is not valid JSON"),
+    "num classes reaching the null row": (lambda c, t: ["--num-classes", str(NUM_CLASSES + 1)],
+                                          f"label table of {NUM_CLASSES + 1} rows and --num-classes is "
+                                          f"{NUM_CLASSES + 1}: .*null row.*--no-null-row"),
 }
+
+
+def _json_file(folder, value) -> str:
+    path = folder / "list.json"
+    path.write_text(json.dumps(value))
+    return str(path)
 
 
 def _with(args, changes):
@@ -639,15 +658,76 @@ def test_resume_refuses_a_checkpoint_replaced_at_the_same_path(ckpts, tmp_path, 
     dgfast.save_safetensors(tiny_dit(NUM_CLASSES, 7).state_dict(), ft)
     capsys.readouterr()
     assert cli.main(_with(_small(ckpts, out, "--resume"), ["--ckpt", str(ft)])) == 2
-    assert "run.ckpt_weights" in capsys.readouterr().err
+    assert "run.ckpt_sha256" in capsys.readouterr().err
     # a folder from before the digests were recorded still resumes (nothing to compare against)
     shutil.copy(ckpts.ft, ft)
     manifest = json.loads((out / "manifest.json").read_text())
-    for key in ("ckpt_weights", "pretrained_weights"):
+    for key in ("ckpt_sha256", "pretrained_sha256"):
         del manifest["settings"]["run"][key]
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert cli.main(_with(_small(ckpts, out, "--resume"), ["--ckpt", str(ft)])) == 0
     assert files(out, "npy") == ["000000.npy", "000001.npy"]
+
+
+def _edit_in_place(path, edit):
+    """Load the safetensors at path, apply edit(state_dict) to it, save it back at the same path."""
+    from dgfast.checkpoint import load_checkpoint
+    sd = load_checkpoint(path)
+    edit(sd)
+    dgfast.save_safetensors(sd, path)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda sd: sd["blocks.0.mlp.fc1.weight"].view(-1)[1].add_(0.5),        # one weight (the reported case)
+    lambda sd: sd["blocks.1.attn.qkv.weight"].view(-1)[3:13].mul_(3),       # ten weights
+    lambda sd: sd["final_layer.linear.bias"].view(torch.int32)[5].bitwise_xor_(1),  # one bit of one float
+], ids=["one fc1 weight", "ten qkv weights", "one bit"])
+def test_resume_refuses_a_checkpoint_edited_in_place(edit, ckpts, tmp_path, capsys):
+    """A few values edited at the same path: 64 sampled values per tensor missed these; every byte counts now."""
+    from dgfast.checkpoint import load_checkpoint
+    ft = tmp_path / "ft.safetensors"
+    shutil.copy(ckpts.ft, ft)
+    out = tmp_path / "out"
+    assert cli.main(_with(_small(ckpts, out), ["--ckpt", str(ft)])) == 0
+    os.remove(out / "000001.npy")
+    before = load_checkpoint(str(ft))
+    _edit_in_place(str(ft), edit)
+    assert sum(int((a != b).sum()) for a, b in zip(before.values(), load_checkpoint(str(ft)).values())) in (1, 10)
+    capsys.readouterr()
+    assert cli.main(_with(_small(ckpts, out, "--resume"), ["--ckpt", str(ft)])) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "run.ckpt_sha256" in err, err
+    assert files(out, "npy") == ["000000.npy"]
+
+
+def test_resume_of_a_folder_with_the_older_sampled_digest(ckpts, tmp_path, capsys):
+    """A manifest from before the full digest holds the 64-value one: it still resumes (checked against
+    that digest, with a note), records the full digest from then on, and still refuses other weights."""
+    from dgfast.checkpoint import sampled_weights_digest
+    out = tmp_path / "out"
+    assert cli.main(_small(ckpts, out)) == 0
+    ft = cli.load_dit("--ckpt", ckpts.ft, ARCH, IMAGE_SIZE, NUM_CLASSES, "cpu", "auto")
+    pre = cli.load_dit("--pretrained-ckpt", ckpts.pre, ARCH, IMAGE_SIZE, 1000, "cpu", "auto")
+    manifest = json.loads((out / "manifest.json").read_text())
+    run = manifest["settings"]["run"]
+    del run["ckpt_sha256"], run["pretrained_sha256"]
+    run.update(ckpt_weights=sampled_weights_digest(ft), pretrained_weights=sampled_weights_digest(pre))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    os.remove(out / "000001.npy")
+    capsys.readouterr()
+    assert cli.main(_small(ckpts, out, "--resume")) == 0
+    assert "older dgfast" in capsys.readouterr().err
+    run = json.loads((out / "manifest.json").read_text())["settings"]["run"]
+    assert run["ckpt_sha256"].startswith("sha256:") and run["ckpt_weights"] == sampled_weights_digest(ft)
+    # the old digest still guards such a folder against another checkpoint
+    run.pop("ckpt_sha256")
+    manifest["settings"]["run"] = run
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    other = tmp_path / "other.safetensors"
+    dgfast.save_safetensors(tiny_dit(NUM_CLASSES, 7).state_dict(), other)
+    os.remove(out / "000001.npy")
+    assert cli.main(_with(_small(ckpts, out, "--resume"), ["--ckpt", str(other)])) == 2
+    assert "run.ckpt_weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text", ["{", "{}", "[1, 2]"])
@@ -672,7 +752,8 @@ def test_nan_batch_is_a_one_line_error(ckpts, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(_with(_small(ckpts, out), ["--ckpt", str(bad)])) == 2
     err = capsys.readouterr().err
-    assert err.splitlines()[-1].startswith("dgfast sample: error: samples 0..0 contain NaN/inf"), err
+    assert err.splitlines()[-1].startswith("dgfast sample: error: sample 0 (label 0) diverged: NaN/inf first at "
+                                           "step 1 of 5, in the finetuned model's output"), err
     assert "Traceback" not in err
 
 
@@ -682,3 +763,161 @@ def test_sample_to_dir_checks_num_classes_against_the_table_before_writing(ckpts
         sample_to_dir(ft, None, tmp_path / "out", num_samples=2, batch_size=2, num_classes=99, guidance_scale=1,
                       steps=STEPS, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags that used to be accepted and silently change the samples (issue 13)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pair", [("--model", "DiT-S/2", "--model-config"),
+                                  ("--uncond-ckpt", None, "--pretrained-ckpt"),
+                                  ("--uncond-model", "DiT-S/2", "--pretrained-model")])
+def test_flags_that_set_one_thing_twice_are_refused(pair, ckpts, tmp_path, capsys):
+    flag, value, other = pair
+    args = sample_args(ckpts, tmp_path / "out", "--vae", "none", "--num-fid-samples", "1",
+                       "--pretrained-model", "DiT-S/2")
+    args += [flag, value or ckpts.pre]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: not allowed with argument {other}" in err or \
+        f"argument {other}: not allowed with argument {flag}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_null_row_is_needed_for_a_table_of_num_classes_rows(tmp_path, capsys, one_thread):
+    """The zoo's fine-tuned model: 5 classes + its null row (6 rows). --num-classes 6 would draw the
+    null row as a sixth class; it takes --no-null-row (a model trained without label dropout)."""
+    assert cli.main(_with(_zoo_args(tmp_path / "a"), ["--num-classes", "6"])) == 2
+    err = capsys.readouterr().err
+    assert "label table of 6 rows and --num-classes is 6" in err and "--num-classes 5, or --no-null-row" in err, err
+    assert cli.main(_zoo_args(tmp_path / "b", "--no-null-row")) == 2  # 5 classes, 6 rows: not a table without one
+    assert "--no-null-row with --num-classes 5 needs exactly 5" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with one_thread():
+        assert cli.main(_with(_zoo_args(tmp_path / "c", "--no-null-row"), ["--num-classes", "6"])) == 0
+
+
+def test_sample_to_dir_refuses_num_classes_reaching_the_null_row(ckpts, tmp_path):
+    ft = cli.load_dit("--ckpt", ckpts.ft, ARCH, IMAGE_SIZE, NUM_CLASSES, "cpu", "auto")  # 10 classes + null row
+    with pytest.raises(ValueError, match=rf"num_classes {NUM_CLASSES + 1} .*reaches the finetuned model's null row "
+                                         rf"\(label {NUM_CLASSES} "):
+        sample_to_dir(ft, None, tmp_path / "out", num_samples=2, batch_size=2, num_classes=NUM_CLASSES + 1,
+                      guidance_scale=1, steps=STEPS, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(dgfast.ops.cpp_extension() is None, reason="needs the C++ backend")
+def test_resume_with_another_backend_is_refused(ckpts, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(_small(ckpts, out, "--backend", "torch")) == 0
+    os.remove(out / "000001.npy")
+    before = read_all(out, "npy")
+    capsys.readouterr()
+    assert cli.main(_small(ckpts, out, "--backend", "cpp", "--resume")) == 2
+    assert "backend: 'torch' -> 'cpp'" in capsys.readouterr().err
+    assert read_all(out, "npy") == before
+    assert cli.main(_small(ckpts, out, "--backend", "torch", "--resume")) == 0
+
+
+def test_sample_to_dir_checks_its_flags_before_writing(ckpts, tmp_path):
+    ft = cli.load_dit("--ckpt", ckpts.ft, ARCH, IMAGE_SIZE, NUM_CLASSES, "cpu", "auto")
+    common = dict(num_samples=1, batch_size=1, num_classes=NUM_CLASSES, guidance_scale=1, steps=STEPS)
+    with pytest.raises(TypeError, match=r"\bresume must be True or False"):
+        sample_to_dir(ft, None, tmp_path / "out", resume="no", **common)
+    with pytest.raises(ValueError, match=r"\beta=0.5\b.*'ddpm' does not use it"):
+        sample_to_dir(ft, None, tmp_path / "out", eta=0.5, **common)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergence: the step, the model and the samples; finished files kept; a recurrence said so
+# ----------------------------------------------------------------------------------------------
+
+def _broken_label_ckpt(folder, label: int, value: float) -> str:
+    """The fine-tuned checkpoint with label `label`'s embedding row set to `value`: samples of that
+    class come out NaN (or explode), all others are untouched."""
+    sd = tiny_dit(NUM_CLASSES, 1).state_dict()
+    sd["y_embedder.embedding_table.weight"][label] = value
+    path = str(folder / f"broken{label}.safetensors")
+    dgfast.save_safetensors(sd, path)
+    return path
+
+
+def test_a_class_that_diverges_stops_the_run_and_is_remembered(ckpts, tmp_path, capsys):
+    label = sample_label(0, 2, NUM_CLASSES)
+    assert label not in (sample_label(0, 0, NUM_CLASSES), sample_label(0, 1, NUM_CLASSES))
+    out = tmp_path / "out"
+    args = _with(sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", "4", "--per-proc-batch-size", "1"),
+                 ["--ckpt", _broken_label_ckpt(tmp_path, label, float("nan"))])
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"dgfast sample: error: sample 2 (label {label}) diverged: NaN/inf first at step 1 of 5, "
+                          f"in the finetuned model's output; the samples written so far are kept"), err
+    assert "earlier run" not in err
+    assert files(out, "npy") == ["000000.npy", "000001.npy"] and not os.path.exists(str(out) + ".npz")
+    assert cli.main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "Samples 2 diverged in an earlier run of this folder too: with these settings they always will" in err
+    assert files(out, "npy") == ["000000.npy", "000001.npy"]
+
+
+def test_exploding_samples_stop_the_run(ckpts, tmp_path, capsys):
+    sd = tiny_dit(NUM_CLASSES, 1).state_dict()
+    sd["final_layer.linear.bias"] += 1e30  # finite, absurd eps: ddim's x explodes without NaN
+    bad = tmp_path / "explodes.safetensors"
+    dgfast.save_safetensors(sd, bad)
+    out = tmp_path / "out"
+    assert cli.main(_with(_small(ckpts, out, "--sampler", "ddim"), ["--ckpt", str(bad)])) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "sample 0 (label" in err and "diverged: |x| = " in err and "> 10000 first at step 1 of 5, in the " \
+        "finetuned model's output" in err, err
+    assert files(out, "npy") == []
+
+
+def test_vae_decoding_to_nan_stops_the_run(ckpts, vae_dir, tmp_path, capsys):
+    """A VAE that decodes finite latents to NaN used to write black-red PNGs and exit 0."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias[0] = float("nan")
+    bad = tmp_path / "nan_vae"
+    vae.save_pretrained(bad)
+    out = tmp_path / "out"
+    assert cli.main(sample_args(ckpts, out, "--vae", str(bad), "--num-fid-samples", "2",
+                                "--per-proc-batch-size", "2")) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("dgfast sample: error: samples 0..1 (labels ") and \
+        "diverged: the VAE decoded them to NaN/inf (their latents were finite)" in err, err
+    assert files(out, "png") == [] and not os.path.exists(str(out) + ".npz")
+
+
+def test_diverged_padding_rows_are_not_an_error(tmp_path):
+    from dgfast.distributed import SamplingDiverged, _Batch
+    batch = _Batch([8, 9, 10, 11], [0, 1, 2, 3], num_samples=10, sample_dir=str(tmp_path))
+    batch.stop_if_diverged([2, 3], "NaN")  # indices 10, 11: computed for the block's shape, never written
+    with pytest.raises(SamplingDiverged, match="sample 9 \\(label 1\\) diverged: NaN"):
+        batch.stop_if_diverged([1, 3], "NaN")
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per folder
+# ----------------------------------------------------------------------------------------------
+
+def test_second_resume_on_a_folder_being_written_is_one_line(ckpts, tmp_path, capsys):
+    """The reported case: a second --resume deleted the first process's temp file and crashed it."""
+    out = tmp_path / "run"
+    args, proc = _run_until(ckpts, out, done=1)
+    try:
+        assert proc.poll() is None, "the first run ended before the second started"
+        code = cli.main(args + ["--resume"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"dgfast sample: error: --sample-dir {out} is being written by another dgfast run "
+                                 f"(pid {proc.pid} on "), err
+    finally:
+        rest = proc.communicate(timeout=240)[1]
+    assert proc.returncode == 0, rest
+    assert files(out, "npy") == [f"{i:06d}.npy" for i in range(12)] and os.path.exists(str(out) + ".npz")
+    assert sorted(os.listdir(out)) == [f"{i:06d}.npy" for i in range(12)] + ["manifest.json"]
