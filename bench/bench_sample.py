@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dgfast
 from dgfast.adapters import to_dgfast
+from dgfast.gemm_choice import machine_id
 from dgfast.pair_cache import get_pair
 from dgfast.reference import ReferenceDiffusion, ReferenceDiT_models, dog_guidance_fn
 
@@ -206,7 +207,9 @@ def test_sample_dgfast(benchmark, latent):
                              warmup_rounds=1)
     err = rel_err(out, reference_samples(latent, steps))
     benchmark.extra_info["max_rel_err_vs_reference"] = err
-    benchmark.extra_info["pair_gemm"] = get_pair(dg_ft, dg_pre).gemm
+    # the GEMM strategy the pair measured per batch size (and who measured it: CPU model and ISA level)
+    benchmark.extra_info["pair_gemm"] = dict(machine=machine_id(torch.device("cpu")),
+                                             plans=get_pair(dg_ft, dg_pre).choices())
     assert err <= TOLERANCE, f"dgfast samples differ from the reference loop by {err:.2e} relative"
 
 
@@ -264,6 +267,8 @@ def profile(latent: int, steps: str = "2", rows: int = 12) -> dict:
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
             print(f"  {e.key:<50} {e.self_cpu_time_total / 1e3:9.1f} ms {100 * e.self_cpu_time_total / total:5.1f}%"
                   f"  calls {e.count}")
+        if name == "dgfast":  # the pair's GEMM strategy per layer shape, as measured at its first forward
+            print("\n".join(line for line in get_pair(*args).report().splitlines() if line.startswith(("GEMM", "  "))))
     print(f"\nlatent {latent}: reference / dgfast wall time {shares['reference']['wall_s'] / shares['dgfast']['wall_s']:.2f}x "
           f"(two-pass dgfast {shares['reference']['wall_s'] / shares['dgfast two-pass']['wall_s']:.2f}x)")
     return shares
