@@ -180,7 +180,7 @@ class PairLinear:
         if self.key is None or self.shared:
             return
         with torch.inference_mode(False), torch.no_grad():
-            if strategy == "bmm" and self.w2t is None and self.group is None:
+            if strategy == "bmm" and self.w2t is None:  # (an AdaLNGroup member too: another plan may run it alone)
                 self.w2t = torch.stack(self.weights).transpose(1, 2)
                 self.b2 = None if self.biases[0] is None else torch.stack(self.biases).unsqueeze(1)  # (2, 1, out)
             elif strategy == "onednn" and self.packed is None:

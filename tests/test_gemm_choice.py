@@ -100,6 +100,47 @@ def test_adaln_bmm_choice_runs_as_one_group(pre, fake_timer):
     assert "in one baddbmm with all stacked adaLN layers" in p.report()
 
 
+def test_plans_of_two_batch_sizes_keep_their_copies(pre, fake_timer):
+    """n=3 groups every adaLN layer (all "bmm"); n=2 runs the blocks' adaLN as "mm" and the final
+    one alone as "bmm" (its own stacked copy, while the group keeps its concatenated one). Both
+    plans keep working, whichever runs; a plan's unused copies are dropped."""
+    ft = finetune_of(pre)
+    timer = fake_timer({"bmm": 1e-3, "onednn": 3e-3, "mm": 2e-3, TWO_PASS: 1e-2})
+    p = pair(ft, pre)
+    x, t, y = inputs()
+    p.forward_pair(x, t, y)
+    assert p._plans[3].group is not None and p.final_ada.w2t is None
+    timer.times.update({("ada", "bmm"): 5e-3, ("qkv", "onednn"): 1e-4})
+    p.forward_pair(x[:2], t[:2], y[:2])
+    assert p._plans[2].group is None and p.final_ada.w2t is not None
+    assert p.blocks[0]["qkv"].packed is not None and p.blocks[0]["qkv"].w2t is not None  # n=3 reads bmm, n=2 onednn
+    for n in (2, 3, 2):
+        got = p.forward_pair(x[:n], t[:n], y[:n])
+        for g, w in zip(got, separate_forwards(ft, pre, x[:n], t[:n], y[:n])):
+            assert rel(g, w) <= TOL
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("frozen", [False, True], ids=["full-finetune", "2-blocks-frozen"])
+def test_any_mix_of_choices_matches_two_forwards(pre, fake_timer, seed, frozen):
+    """Random timings, so random strategies per layer shape and batch size (groups formed and
+    split, copies made and dropped): every plan, run in any order, equals two separate forwards."""
+    ft = finetune_of(pre)
+    if frozen:
+        share_with(ft, pre, ["x_embedder", "t_embedder", "pos_embed", "blocks.0.", "blocks.1."])
+    g = torch.Generator().manual_seed(seed)
+    timer = fake_timer({})
+    p = pair(ft, pre)
+    x, t, y = inputs()
+    for n in (3, 2, 1, 3, 1):
+        if n not in p._plans:
+            timer.times = {(role, s): float(torch.rand((), generator=g)) for role in
+                           ("ada", "qkv", "proj", "fc1", "fc2", "final_ada", "final") for s in (*STRATEGIES, TWO_PASS)}
+        got = p.forward_pair(x[:n], t[:n], y[:n])
+        for a, b in zip(got, separate_forwards(ft, pre, x[:n], t[:n], y[:n])):
+            assert rel(a, b) <= TOL
+
+
 def test_slower_pair_falls_back_to_two_pass(pre, fake_timer, monkeypatch):
     """Every paired candidate measured slower than two-pass: the pair runs each model on its own
     rows (no paired GEMM call at all), says so, and holds no weight copies."""
