@@ -367,6 +367,35 @@ def test_real_timer_warms_up_and_keeps_the_fastest_rep(monkeypatch):
     assert len(calls) == WARMUP + REPS == 3
 
 
+def test_cuda_timer_and_identity_dry_run(monkeypatch):
+    """The CUDA branches without a GPU: events around each timed rep (elapsed ms -> s, fastest
+    kept), the GPU's name and capability as the machine identity."""
+    elapsed = iter([7.0, 4.0])
+    recorded = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            recorded.append(self)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return next(elapsed)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    calls = []
+    assert gemm_choice.time_call(lambda: calls.append(1), torch.device("cuda")) == 0.004
+    assert len(calls) == WARMUP + REPS and len(recorded) == 2 * REPS
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Some GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    assert gemm_choice.machine_id.__wrapped__(torch.device("cuda", 0)) == "cuda:Some GPU:(9, 0)"
+
+
 @pytest.mark.cuda
 def test_auto_pair_on_cuda_measures_with_events(pre, monkeypatch):
     monkeypatch.setenv("DGFAST_GEMM_CACHE", "0")
