@@ -64,7 +64,7 @@ def onednn_available(t: torch.Tensor) -> bool:
 class Entry:
     """One distinct layer shape of a pair: `count` layers share it, so they share one measurement.
 
-    key: (role, kind, in, out, has bias[, input form]) -- what decides the candidates' speed
+    key: (role, kind, in, out, has bias[, input form, GELU backend]) -- what decides the candidates' speed
     besides the size timed. rows / out_features: the rows per half and output columns the timing
     runs (the layer's M and out, or a cut of them: `cut`); scale = full size / timed size.
     sliceable: token layers may be timed on their first output columns; layers with one row per

@@ -410,7 +410,8 @@ class PairedDiT:
         for e in self.measurement_entries(n):
             pl = reps[e.key]
             form = self._input_form(pl, chosen)
-            e = replace(e, key=e.key + (form,), candidates=functools.partial(
+            gelu = ops.resolve_backend(backend, like) if pl.role == "fc1" else ""  # the unfused GELU's cost
+            e = replace(e, key=e.key + (form, gelu), candidates=functools.partial(
                 self._candidate_runs, pl.sliced(e.out_features), e.rows, form, backend, like))
             with torch.inference_mode():  # as in the forward (out= GEMMs on the weights need it)
                 p = gemm_choice.pick(e, like.device, like.dtype)

@@ -80,7 +80,7 @@ def test_fastest_candidate_is_chosen(pre, fake_timer):
     want = {"qkv": "bmm", "fc1": "onednn", "ada": "mm", "proj": "mm", "fc2": "mm", "final_ada": "mm", "final": "mm"}
     assert {key[0]: s for key, s in plan.strategies.items()} == want
     # fc2 reads fc1's per-half oneDNN outputs as halves: its measurement used that input form
-    assert [pk.entry.key[-1] for pk in plan.picks if pk.entry.key[0] == "fc2"] == ["halves"]
+    assert [pk.entry.key[5] for pk in plan.picks if pk.entry.key[0] == "fc2"] == ["halves"]
     text = p.report()
     assert "GEMM strategy for batch 3" in text and "runs paired" in text
     assert "qkv       stacked 48->144 x3" in text
