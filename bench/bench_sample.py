@@ -33,7 +33,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dgfast
+from dgfast import convert
 from dgfast.adapters import to_dgfast
+from dgfast.gemm_choice import machine_id
 from dgfast.pair_cache import get_pair
 from dgfast.reference import ReferenceDiffusion, ReferenceDiT_models, dog_guidance_fn
 
@@ -264,6 +266,10 @@ def test_sample(benchmark, pair, latent, impl):
     err = rel_err(out, reference_samples(pair, latent, steps))
     benchmark.extra_info["max_rel_err_vs_upstream_eager"] = err
     assert err <= TOLERANCE, f"{impl} samples differ from the upstream loop by {err:.2e} relative"
+    if impl.startswith("dgfast"):  # the GEMM strategy each pair measured per batch size, and on which machine
+        run_ft, run_pre = convert.dgfast_models(*models)  # the converted models: cached, as sample() used them
+        benchmark.extra_info["pair_gemm"] = dict(machine=machine_id(torch.device("cpu")),
+                                                 plans=get_pair(run_ft, run_pre).choices())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,6 +326,8 @@ def profile(latent: int, steps: str = "2", rows: int = 12) -> dict:
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
             print(f"  {e.key:<50} {e.self_cpu_time_total / 1e3:9.1f} ms {100 * e.self_cpu_time_total / total:5.1f}%"
                   f"  calls {e.count}")
+        if name == "dgfast":  # the pair's GEMM strategy per layer shape, as measured at its first forward
+            print("\n".join(line for line in get_pair(*args).report().splitlines() if line.startswith(("GEMM", "  "))))
     print(f"\nlatent {latent}: reference / dgfast wall time {shares['reference']['wall_s'] / shares['dgfast']['wall_s']:.2f}x "
           f"(two-pass dgfast {shares['reference']['wall_s'] / shares['dgfast two-pass']['wall_s']:.2f}x)")
     return shares

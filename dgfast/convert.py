@@ -273,22 +273,5 @@ def compiled(fn, mode: str | None):
     cache = vars(owner).setdefault("_dgfast_compiled", {})  # vars(): not registered as a submodule
     key = (getattr(fn, "__name__", "__call__"), mode)
     if key not in cache:
-        cache[key] = _compile_method(fn, mode) if isinstance(owner, PairedDiT) else \
-            torch.compile(fn, mode=mode, dynamic=False)
+        cache[key] = torch.compile(fn, mode=mode, dynamic=False)
     return cache[key]
-
-
-def _compile_method(fn, mode: str):
-    """A bound method under torch.compile. A method decorated with torch.inference_mode (as
-    forward_pair is) is compiled undecorated and called inside inference mode: dynamo traced
-    through the decorator fails on the tensors it makes ("Cannot set version_counter for inference
-    tensor", torch 2.13), while the same graph compiled inside the mode runs."""
-    inner = getattr(fn.__func__, "__wrapped__", None)
-    if inner is None:
-        return torch.compile(fn, mode=mode, dynamic=False)
-    graph = torch.compile(inner.__get__(fn.__self__), mode=mode, dynamic=False)
-
-    def run(*args, **kwargs):
-        with torch.inference_mode():
-            return graph(*args, **kwargs)
-    return run

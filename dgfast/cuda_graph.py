@@ -38,16 +38,19 @@ class GraphedDoGStep:
     coefficient row from the buffers, so one capture serves every step of every later call with
     the same shapes and settings. uses_noise / uses_prev: whether the captured step has the noise
     / multistep term at all (ddpm and ddim always take noise and never read prev).
+    backend: passed to forward as backend= when not None (a PairedDiT's forward_pair: the fused
+    ops' implementation inside the graph, e.g. "torch" when the sampler was asked for it).
     `_capture=False` (tests only) runs the same static-buffer loop eagerly, without CUDA graphs.
     """
 
     def __init__(self, forward, x_like, y_like, null_label, *, scale, k, mode, clip_denoised, warmup=2,
-                 uses_noise=True, uses_prev=False, _capture=True):
+                 uses_noise=True, uses_prev=False, backend=None, _capture=True):
         if mode not in GRAPH_MODES:
             raise ValueError(f"mode must be one of {GRAPH_MODES}, got {mode!r}")
         dev = x_like.device
         linear = mode == "linear"
         self.forward, self.null, self.settings = forward, null_label, (scale, k, mode, clip_denoised)
+        self.forward_kwargs = {} if backend is None else {"backend": backend}
         self.x = torch.zeros_like(x_like)
         self.noise = torch.zeros_like(x_like) if uses_noise or not linear else None
         self.prev = torch.zeros_like(x_like) if linear and uses_prev else None
@@ -73,7 +76,7 @@ class GraphedDoGStep:
         """(x_next, x0): x0 is the step's data prediction for mode "linear", else None."""
         scale, k, mode, clip = self.settings
         from dgfast.samplers import model_output
-        out_ft, out_pre = self.forward(self.x, self.t, self.y, self.null)
+        out_ft, out_pre = self.forward(self.x, self.t, self.y, self.null, **self.forward_kwargs)
         out_ft, out_pre = model_output(out_ft, self.x), model_output(out_pre, self.x)  # in x's dtype
         if mode != "linear":
             return guided_step_graphable(self.x, out_ft, out_pre, self.noise, self.c, scale=scale, k=k, mode=mode,
@@ -118,7 +121,8 @@ class GraphedDoGStep:
 
 
 def run_cuda_graph(forward, z, y, null_label, plan, draw, *, scale: float, guidance_channels: int,
-                   clip_denoised: bool = False, cache: dict | None = None, _capture: bool = True) -> torch.Tensor:
+                   clip_denoised: bool = False, cache: dict | None = None, backend: str | None = None,
+                   _capture: bool = True) -> torch.Tensor:
     """The sampling loop with each step replayed from one CUDA graph (sample(cuda_graph=True)).
 
     forward(x, t, y, null) -> (out_ft, out_pre or None). `plan`: DiT's ddpm/ddim steps (modes,
@@ -128,6 +132,7 @@ def run_cuda_graph(forward, z, y, null_label, plan, draw, *, scale: float, guida
     consumes no RNG, so the default generator ends in the same state and every step sees the
     numbers the eager loop would (reference doc 4.4).
     `cache`: a dict keeping the captured graph per shape and settings between calls.
+    `backend`: forward's backend= (None: forward is called without it; see GraphedDoGStep).
     `_capture=False` (tests only): the same static-buffer loop run eagerly, on any device.
     """
     if _capture and not z.is_cuda:
@@ -157,11 +162,12 @@ def run_cuda_graph(forward, z, y, null_label, plan, draw, *, scale: float, guida
     uses_noise, uses_prev = (any(noise_flags), any(reads)) if mode == "linear" else (True, False)
     key = (tuple(z.shape), z.dtype, dev, tuple(y.shape), float(scale), int(guidance_channels), mode,
            clip, null_label if not isinstance(null_label, torch.Tensor) else "tensor", uses_noise, uses_prev,
-           bool(_capture))
+           backend, bool(_capture))
     step = cache.get(key) if cache is not None else None
     if step is None:
         step = GraphedDoGStep(forward, z, y, null_label, scale=float(scale), k=int(guidance_channels), mode=mode,
-                              clip_denoised=clip, uses_noise=uses_noise, uses_prev=uses_prev, _capture=_capture)
+                              clip_denoised=clip, uses_noise=uses_noise, uses_prev=uses_prev, backend=backend,
+                              _capture=_capture)
         if cache is not None:
             cache[key] = step
     return step.run(z, y, timesteps, rows, noises, reads)

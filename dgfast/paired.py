@@ -2,13 +2,13 @@
 
 Every DoG step evaluates two transformers on the same x_t and t. `pair(ft, pre)` runs both
 over the concatenated batch [x; x] (2n rows, fine-tuned rows first) and decides, layer by
-layer and once, how each layer runs:
+layer and once, how each layer runs (dgfast.pair_layers):
 
   shared             identical weights (same storage, or equal values): one GEMM over 2n rows.
-  stacked            different weights: one batched GEMM (baddbmm over (2, out, in) stacked
-                     weights: one launch instead of two). On CPU the MLP runs instead as two
-                     oneDNN GEMMs with fc1's bias and GELU fused into the GEMM (oneDNN outran
-                     MKL here; bench/RESULTS.md). `gemm=` overrides the choice.
+  stacked            different weights: a GEMM strategy per layer shape -- one baddbmm over
+                     stacked copies, two oneDNN GEMMs with bias/GELU fused on prepacked copies,
+                     or two addmm into one buffer -- the fastest one measured on this machine at
+                     the first forward of each batch size (dgfast.gemm_choice); `gemm=` forces one.
   lora               a peft LoRA layer on the fine-tuned side over a base equal to the
                      pre-trained weights: the base GEMM once over 2n rows, the low-rank delta on
                      the fine-tuned rows only. The base weights exist once.
@@ -21,302 +21,37 @@ layer and once, how each layer runs:
 
 Attention runs both halves in one SDPA call (batch 2n). The elementwise work between GEMMs is
 the fused ops of dgfast.ops in the same block loop as DiT.run_blocks (models.blocks_forward).
+A pair whose measured GEMMs are slower than two separate passes runs two passes (each model's
+layers on its own n rows, as two dgfast DiT forwards do); report() says so.
 
-Memory: shared and LoRA layers use the models' own tensors (one copy of a shared base). Layers
-whose weights differ cost a copy of both weights under the default gemm ("bmm": stacked
-(2, out, in) copies, all blocks' adaLN concatenated into one; "onednn": the same for attention
-and adaLN, oneDNN-prepacked copies for the MLP) -- for a full fine-tune that is as much again
-as both models. `report()` lists the bytes per layer; gemm="mm" allocates nothing.
+Memory: shared and LoRA layers use the models' own tensors (one copy of a shared base). A
+stacked layer costs a copy of both weights when its strategy is "bmm" (stacked; all blocks'
+adaLN concatenated into one) or "onednn" (prepacked) -- for a full fine-tune as much again as
+both models; "mm" allocates nothing. `report()` lists the bytes per layer and the strategies.
 A pair reuses its sub-layer output buffers call after call: one forward_pair at a time per pair.
 `dgfast.pair_cache.get_pair(ft, pre)` caches one pair per model pair and rebuilds it when a
 weight changed; `dgfast.cuda_graph` replays a whole step (paired forward + update) as a CUDA graph.
 """
 from __future__ import annotations
 
-import sys
+import functools
+import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dgfast import gemm_choice, ops
+from dgfast.gemm_choice import TWO_PASS, Entry, Plan, onednn_available
 from dgfast.models import DiT, blocks_forward, unpatchify
+from dgfast.pair_layers import (GEMMS, AdaLNGroup, PairLinear, _hooked, _is_lora, _nbytes, _param_bytes,  # noqa: F401
+                                _parts, _same)
 
 KINDS = ("shared", "stacked", "lora", "stacked+lora", "shared-activation", "separate")
 _ARCH_KEYS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
               "learn_sigma", "norm_eps", "mlp_norm_eps")
-
-
-# ----------------------------------------------------------------------------------------------
-# What a layer is made of
-# ----------------------------------------------------------------------------------------------
-
-def _is_lora(mod) -> bool:
-    if "peft" not in sys.modules:  # no peft layer can exist; importing peft (and transformers) costs seconds
-        return False
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return False
-    return isinstance(mod, LoraLayer)
-
-
-def _hooked(mod) -> bool:
-    return bool(mod._forward_hooks or mod._forward_pre_hooks)
-
-
-@dataclass
-class _Parts:
-    """A Linear/Conv2d as base weight + bias + active vanilla LoRA adapters."""
-    base: nn.Module
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    loras: list = field(default_factory=list)  # (lora_A module, lora_B module, scaling)
-
-
-def _parts(mod, base_type) -> _Parts | None:
-    """mod as _Parts, or None when its forward is something else (then it runs as 'separate')."""
-    if _hooked(mod):
-        return None
-    if type(mod) is base_type:
-        return _Parts(mod, mod.weight, mod.bias)
-    if not _is_lora(mod):
-        return None
-    base = mod.get_base_layer()
-    if type(base) is not base_type or _hooked(base) or (mod.disable_adapters and mod.merged):
-        return None
-    parts = _Parts(base, base.weight, base.bias)
-    if mod.disable_adapters or mod.merged:  # peft runs base_layer alone (merged: delta is in the base)
-        return parts
-    for name in mod.active_adapters:
-        if name not in mod.lora_A.keys():
-            continue
-        if name in getattr(mod, "lora_variant", {}) or mod.use_dora.get(name, False):
-            return None  # DoRA and friends: not base + B(A(x)) * s
-        A, B, drop = mod.lora_A[name], mod.lora_B[name], mod.lora_dropout[name]
-        if A.weight.dtype != base.weight.dtype or (drop.training and getattr(drop, "p", 0) > 0):
-            return None
-        parts.loras.append((A, B, float(mod.scaling[name])))
-    return parts
-
-
-def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    """Same storage, or equal values (checked once, at pairing)."""
-    if a is None or b is None:
-        return a is None and b is None
-    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-        return False
-    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
-        return True
-    return bool(torch.equal(a, b))
-
-
-def _nbytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def _param_bytes(mod: nn.Module) -> int:
-    return _nbytes(*mod.parameters())
-
-
-# ----------------------------------------------------------------------------------------------
-# One Linear of both models
-# ----------------------------------------------------------------------------------------------
-
-GEMMS = ("bmm", "onednn", "mm")
-
-
-def _onednn_linear(x, w, b, gelu: bool):
-    """x @ w.T + b (then tanh-GELU) as one oneDNN primitive: the bias and the GELU run in the
-    GEMM's epilogue, so neither costs a pass over the output (ATen's addmm/baddbmm first copy the
-    broadcast bias into the output, and GELU is a separate pass). On this machine's AMD CPU
-    oneDNN's fp32 GEMM also measured ~20% faster than MKL's (bench/RESULTS.md)."""
-    if gelu:
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh")
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-
-
-def onednn_available(t: torch.Tensor) -> bool:
-    return (t.device.type == "cpu" and t.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-def _whole(x):
-    return torch.cat(x) if isinstance(x, tuple) else x
-
-
-class PairLinear:
-    """One Linear of both models over the 2M input rows, the fine-tuned model's M rows first.
-
-    gemm: how a stacked (different-weights) layer runs --
-      "bmm":    one baddbmm over a stacked (2, out, in) copy of both weights (one launch);
-      "onednn": two oneDNN GEMMs, one per half, bias (and GELU) fused, on prepacked copies of
-                the two weights (CPU);
-      "mm":     two GEMMs written into the halves of one buffer, on the models' own weights.
-    Shared layers run one GEMM over all 2M rows (oneDNN when gemm="onednn", else F.linear).
-    """
-
-    def __init__(self, name: str, ft_mod: nn.Module, pre_mod: nn.Module, gemm: str = "mm"):
-        self.name, self.gemm = name, gemm
-        f, p = _parts(ft_mod, nn.Linear), _parts(pre_mod, nn.Linear)
-        self.bytes_two = _param_bytes(ft_mod) + _param_bytes(pre_mod)
-        self.extra = 0
-        self.loras = []
-        self.stacked = False
-        self.w2t = self.b2 = self.packed = None
-        if f is None or p is None or p.loras:
-            self.kind, self.ft_mod, self.pre_mod = "separate", ft_mod, pre_mod
-            self.in_features = getattr(ft_mod, "in_features", None)
-            self.bytes_used = self.bytes_two
-            self.note = "module calls (a wrapper the pair does not fuse)"
-            return
-        self.out_features, self.in_features = f.weight.shape
-        self.loras = [(A.weight.t(), B.weight.t(), B.bias, s) for A, B, s in f.loras]  # transposed views
-        lora_bytes = sum(_nbytes(A.weight, B.weight, B.bias) for A, B, _ in f.loras)
-        if _same(f.weight, p.weight) and _same(f.bias, p.bias):
-            self.kind = "lora" if f.loras else "shared"
-            self.weight, self.bias = f.weight, f.bias  # the fine-tuned model's own tensors: no copy
-            self.bytes_used = _nbytes(f.weight, f.bias) + lora_bytes
-            self.note = "base once over 2n rows + delta on fine-tuned rows" if f.loras else "one GEMM over 2n rows"
-            return
-        self.kind = "stacked+lora" if f.loras else "stacked"
-        self.bytes_used = _nbytes(f.weight, f.bias, p.weight, p.bias) + lora_bytes
-        self.weights, self.biases = (f.weight, p.weight), (f.bias, p.bias)  # the models' own tensors
-        self.note = {"onednn": "two oneDNN GEMMs (bias, GELU fused) on prepacked copies",
-                     "mm": "two GEMMs into one output, no weight copy"}.get(gemm, "")
-        if gemm == "bmm":
-            self.make_stacked()
-        elif gemm == "onednn":
-            # oneDNN's blocked layout, made once: packing per call (what a plain weight costs)
-            # measured ~10% of these GEMMs. A copy of both weights, like stacking.
-            with torch.no_grad():
-                self.packed = tuple(torch.ops.mkldnn._reorder_linear_weight(w.detach()) for w in self.weights)
-            self.extra = _nbytes(*self.weights)
-
-    def make_stacked(self):
-        """One baddbmm over a (2, out, in) copy, used as its (2, in, out) transposed view (baddbmm
-        reads W^T directly). The models keep their own weights: this is extra memory."""
-        self.w2t = torch.stack(self.weights).transpose(1, 2)
-        self.b2 = None if self.biases[0] is None else torch.stack(self.biases).unsqueeze(1)  # (2, 1, out)
-        self.stacked, self.gemm, self.packed = True, "bmm", None
-        self.extra = _nbytes(self.w2t, self.b2)
-        self.note = "one baddbmm over a stacked (2,out,in) copy"
-
-    def __call__(self, x, shape=None, *, gelu: bool = False, halves: bool = False, backend: str = "auto",
-                 workspace=None):
-        """x: the 2M input rows -- one contiguous tensor (any leading shape, rows in order) or a
-        (fine-tuned, pre-trained) pair of halves. gelu: apply tanh-GELU to the output (fused into
-        oneDNN's epilogue when possible). Returns the output viewed as (*shape, out) (shape None:
-        as the GEMM left it), or the pair of halves when halves=True and the GEMMs made halves.
-        Reshapes that are already in place are skipped: every view is a dispatched op.
-        workspace(shape) -> a reusable buffer for the output of a baddbmm or a concatenation
-        (the caller guarantees the previous contents are dead)."""
-        kind, n_in = self.kind, self.in_features
-        # GELU in oneDNN's epilogue only where a oneDNN GEMM makes the whole output: not after a LoRA
-        # delta, not for "separate" layers (plain module calls, e.g. DoRA or a hooked fc1)
-        fuse = gelu and self.gemm == "onednn" and not self.loras and kind != "separate"
-        if kind == "shared" or kind == "lora":
-            x = _whole(x)
-            if x.shape[-1] != n_in:
-                x = x.reshape(2, -1, n_in)
-            if self.gemm == "onednn":                  # one GEMM over all 2M rows
-                out = _onednn_linear(x, self.weight, self.bias, fuse)
-            else:
-                out = F.linear(x, self.weight, self.bias)
-            if self.loras:
-                self._add_lora(x.view(2, -1, n_in).unbind(0)[0], out.view(2, -1, self.out_features).unbind(0)[0])
-        elif kind == "separate" or self.gemm == "onednn":
-            if isinstance(x, tuple):
-                xa, xb = x
-            else:                                      # (2n, ...) -> its fine-tuned and pre-trained halves
-                xa, xb = (x if x.shape[-1] == n_in else x.flatten(2)).chunk(2)
-            if kind == "separate":
-                ya, yb = self.ft_mod(xa), self.pre_mod(xb)
-            else:
-                ya = _onednn_linear(xa, self.packed[0], self.biases[0], fuse)
-                yb = _onednn_linear(xb, self.packed[1], self.biases[1], fuse)
-                if self.loras:
-                    self._add_lora(xa, ya)
-            if gelu and not fuse:
-                ya, yb = _gelu(ya, backend), _gelu(yb, backend)
-                gelu = False
-            if halves:
-                return ya, yb
-            out = torch.cat([ya, yb]) if workspace is None else \
-                torch.cat([ya, yb], out=workspace((ya.shape[0] * 2, *ya.shape[1:])))
-        else:
-            x = _whole(x)
-            x2 = x if x.dim() == 3 and x.shape[0] == 2 and x.shape[2] == n_in \
-                else x.reshape(2, -1, n_in)            # (2, M, in): [fine-tuned rows; pre-trained rows]
-            if self.stacked:
-                buf = None if workspace is None else workspace((2, x2.shape[1], self.out_features))
-                out = torch.baddbmm(self.b2, x2, self.w2t, out=buf) if self.b2 is not None else \
-                    torch.bmm(x2, self.w2t, out=buf)
-            else:
-                # Two GEMMs straight into the halves of one buffer: no torch.cat copy afterwards.
-                out = x.new_empty(2, x2.shape[1], self.out_features)
-                for xi, oi, w, b in zip(x2.unbind(0), out.unbind(0), self.weights, self.biases):
-                    if b is not None:
-                        torch.addmm(b, xi, w.t(), out=oi)
-                    else:
-                        torch.mm(xi, w.t(), out=oi)
-            if self.loras:
-                self._add_lora(x2[0], out[0])
-        if gelu and not fuse:
-            out = _gelu(out, backend)
-        if shape is not None and tuple(out.shape[:-1]) != tuple(shape):
-            out = out.view(*shape, -1)
-        return out
-
-    def _add_lora(self, x_ft, out_ft):
-        """peft's result + B(A(x)) * s, on the fine-tuned rows only, in place."""
-        x_ft = x_ft.reshape(-1, self.in_features)
-        o = out_ft.view(-1, self.out_features)
-        for At, Bt, b_B, s in self.loras:
-            o.addmm_(torch.mm(x_ft, At), Bt, alpha=s)
-            if b_B is not None:
-                o.add_(b_B, alpha=s)
-
-    def tensors(self):
-        """The tensors this object holds (for memory accounting)."""
-        if self.kind == "separate":
-            return list(self.ft_mod.parameters()) + list(self.pre_mod.parameters())
-        held = [t for lo in self.loras for t in lo[:3] if t is not None]
-        if self.kind in ("shared", "lora"):
-            return held + [t for t in (self.weight, self.bias) if t is not None]
-        return held + [t for t in (self.w2t, self.b2, *self.weights, *self.biases) if t is not None]
-
-
-class AdaLNGroup:
-    """Every stacked adaLN Linear (all blocks + final layer) as one baddbmm: they all read the
-    same SiLU(c), so their stacked weights are concatenated along `out` once, at pairing (the
-    copy stacking makes anyway), and one launch yields all blocks' shift/scale/gate rows."""
-
-    def __init__(self, layers: list[tuple[int, PairLinear]]):
-        self.index = [i for i, _ in layers]
-        self.sizes = [pl.out_features for _, pl in layers]
-        pls = [pl for _, pl in layers]
-        w = torch.stack([torch.cat([pl.weights[i] for pl in pls]) for i in (0, 1)])
-        self.w2t = w.transpose(1, 2)                                          # (2, D, sum out)
-        self.b2 = torch.stack([torch.cat([pl.biases[i] for pl in pls]) for i in (0, 1)]).unsqueeze(1)
-        for pl in pls:  # the group computes these layers; each row reports its share of the copy
-            pl.extra = 2 * _nbytes(pl.weights[0], pl.biases[0])
-            pl.note = "in one baddbmm with all stacked adaLN layers (concatenated stacked copy)"
-
-    def __call__(self, silu_c: torch.Tensor, D: int) -> dict[int, tuple]:
-        N = silu_c.shape[0]
-        out = torch.baddbmm(self.b2, silu_c.view(2, N // 2, D), self.w2t)   # (2, n, sum out)
-        rows = out.view(N, -1, D).unbind(1)                                  # (N, D) views, no copies
-        chunks, k = {}, 0
-        # out is (2, n, S) = (2n, S) row-major, so row r of the 2n batch is [ft rows; pre rows].
-        for i, size in zip(self.index, self.sizes):
-            chunks[i] = rows[k:k + size // D]
-            k += size // D
-        return chunks
-
-    def tensors(self):
-        return [self.w2t, self.b2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,142 +64,149 @@ class LayerRow:
     kind: str
     bytes_two_models: int  # weight bytes of this layer in the two models, counted separately
     bytes_used: int        # weight bytes the paired forward reads (a shared weight counted once)
-    bytes_extra: int       # bytes the pair itself allocated (stacked copies)
+    bytes_extra: int       # bytes the pair itself allocated (stacked or prepacked copies)
     note: str = ""
 
 
-def default_gemm(weight: torch.Tensor) -> str:
-    """CUDA: "bmm" -- one baddbmm launch instead of two GEMMs (launches are the cost there).
-    CPU (float32, torch with oneDNN): "onednn" -- the MLP as per-half oneDNN GEMMs with fused
-    bias/GELU, attention as stacked baddbmm; measured fastest here (bench/RESULTS.md)."""
-    if weight.device.type == "cuda":
+_BLOCK_LINEARS = (("ada", "adaLN_modulation.1"), ("qkv", "attn.qkv"), ("proj", "attn.proj"), ("fc1", "mlp.fc1"),
+                  ("fc2", "mlp.fc2"))
+_WORKSPACE_ROLES = ("qkv", "proj", "fc2")  # outputs that are dead once the next op has read them
+_ADALN_ROLES = ("ada", "final_ada")         # n rows (one per sample), not n * tokens
+_STRATEGY_NOTE = {"bmm": "one baddbmm over a stacked (2,out,in) copy",
+                  "onednn": "two oneDNN GEMMs (bias, GELU fused) on prepacked copies",
+                  "mm": "two GEMMs into one output, no weight copy"}
+_GEMM_NOTE = {"bmm": "stacked copies for baddbmm, adaLN concatenated",
+              "onednn": "MLP and output layer as per-half oneDNN GEMMs on prepacked copies, attention and "
+                        "adaLN as stacked baddbmm",
+              "mm": "no copies: stacked layers run as two GEMMs",
+              "auto": "the fastest strategy per layer shape, measured at the first forward of each batch size"}
+
+
+def forced_strategy(gemm: str, key: tuple) -> str:
+    """The strategy gemm= forces on a layer shape. "onednn" is the CPU layout of earlier versions:
+    the MLP and output layer as per-half oneDNN GEMMs; attention (SDPA wants one qkv tensor, which
+    per-half GEMMs would have to concatenate) and adaLN (one group) as stacked baddbmm."""
+    role, kind = key[:2]
+    if gemm != "onednn" or role in ("fc1", "fc2", "final"):
+        return gemm
+    if kind == "stacked":
         return "bmm"
-    return "onednn" if onednn_available(weight) else "mm"
+    return "onednn" if role in ("qkv", "proj") else "mm"
+
+
+def _sdpa(qkv: torch.Tensor, impl: str) -> torch.Tensor:
+    """Attention over a (N, T, 3, H, hd) qkv: one call for all N rows; returns (N, T, H, hd)."""
+    if impl == "xformers" and qkv.is_cuda:
+        import xformers.ops as xops
+        q, k, v = qkv.unbind(2)                   # (N, T, H, hd): xformers' layout, strided views
+        return xops.memory_efficient_attention(q, k, v)
+    # q, k, v as strided (N, H, T, hd) views of qkv: no permute copy; the output is (N, T, H, hd)
+    # after the transpose, which the proj GEMMs read as (2, nT, D) (a view).
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
 class PairedDiT:
-    """Both models as one: `forward_pair(x, t, y, null_label) -> (out_ft, out_pre)`.
+    """Both models as one: `forward_pair(x, t, y, null_label, backend=None) -> (out_ft, out_pre)`.
 
-    Build with `dgfast.pair(finetuned, pretrained)` or the cached `get_pair`. Holds the two
-    models' submodules and tensors, never the top-level modules themselves (so the cache in
-    get_pair does not keep the models alive).
+    Build with `dgfast.pair(finetuned, pretrained)` or the cached `dgfast.pair_cache.get_pair`.
+    Holds the two models' submodules and tensors, never the top-level modules themselves (so the
+    cache in get_pair does not keep the models alive).
     """
 
     def __init__(self, finetuned: DiT, pretrained: DiT, *, gemm: str = "auto"):
-        for name, m in (("finetuned", finetuned), ("pretrained", pretrained)):
-            if not isinstance(m, DiT):
-                raise TypeError(f"pair: {name} must be a dgfast DiT, got {type(m).__name__}; convert upstream "
-                                f"DiT modules, state_dicts and diffusers DiTTransformer2DModel with dgfast.to_dgfast")
-        why = pair_mismatch(finetuned, pretrained)
-        if why:
-            raise ValueError(f"pair: the two models cannot run as one batch: {why}")
         ft, pre = finetuned, pretrained
-        p0 = next(ft.parameters())
-        if gemm not in ("auto",) + GEMMS:
-            raise ValueError(f"pair: gemm must be 'auto' or one of {GEMMS}, got {gemm!r}")
-        if gemm == "onednn" and not onednn_available(p0):
-            raise ValueError("pair: gemm='onednn' needs float32 CPU weights and torch built with oneDNN")
-        self.gemm = default_gemm(p0) if gemm == "auto" else gemm
+        _check_pairable(ft, pre)
+        self.gemm = _check_gemm(gemm, next(ft.parameters()))
+        self._init_state(ft)
+        self._embed_rows = [self._pair_patch_embedding(ft, pre), self._pair_pos_embed(ft, pre),
+                            *self._pair_timestep_embedding(ft, pre), self._pair_label_tables(ft, pre)]
+        self._pair_linears(ft, pre)
+        covered = {id(t) for t in self._row_params(ft, pre)}  # what the rows do not cover: wrappers' parameters
+        self.uncovered = [n for m in (ft, pre) for n, p in m.named_parameters() if id(p) not in covered]
+        self._forced = None
+        if self.gemm != "auto":
+            self._forced = self._use_plan(Plan({pl.key: forced_strategy(self.gemm, pl.key)
+                                                for pl in self.linears() if pl.key is not None}, forced=self.gemm))
+
+    # -- construction steps -----------------------------------------------------------------------
+
+    def _init_state(self, ft: DiT):
         self._ft_ref = weakref.ref(ft)  # settings (backend, attention impl) are read per call
-        self._graphs: dict = {}  # captured CUDA graphs per shape (run_cuda_graph)
+        self._graphs: dict = {}     # captured CUDA graphs per shape (dgfast.cuda_graph.run_cuda_graph)
         self._null_rows: dict = {}  # the pre-trained model's null-label embedding, per (label, device)
         self._buffers: dict = {}    # reused sub-layer outputs, per (role, shape) (forward_pair)
+        self._plans: dict = {}      # gemm="auto": the measured Plan per batch size n
+        self._groups: dict = {}     # AdaLNGroup per member set (a plan's "bmm" adaLN layers)
+        self._last_plan = None
         self.num_heads, self.patch_size, self.out_channels = ft.num_heads, ft.patch_size, ft.out_channels
+        self.num_tokens = (ft.input_size // ft.patch_size) ** 2
         self.norm_eps, self.mlp_norm_eps = ft.norm_eps, ft.mlp_norm_eps
         self.backend, self.attn_impl = ft.backend, ft.blocks[0].attn.impl if len(ft.blocks) else "sdpa"
-        rows: list[LayerRow] = []
 
-        # --- patch embedding: x_t is the same for both halves --------------------------------------
+    def _pair_patch_embedding(self, ft, pre) -> LayerRow:
+        """x_t is the same for both halves: one conv on n rows when the weights match."""
         fe, pe = _parts(ft.x_embedder.proj, nn.Conv2d), _parts(pre.x_embedder.proj, nn.Conv2d)
         two = _param_bytes(ft.x_embedder) + _param_bytes(pre.x_embedder)
+        self.x_embedders = (ft.x_embedder, pre.x_embedder)
         if fe is not None and pe is not None and not pe.loras and _same(fe.weight, pe.weight) \
                 and _same(fe.bias, pe.bias) and _same_conv(fe.base, pe.base):
             self.x_kind = "lora" if fe.loras else "shared-activation"
             self.x_conv, self.x_loras = fe.base, fe.loras
             used = _nbytes(fe.weight, fe.bias) + sum(_param_bytes(A) + _param_bytes(B) for A, B, _ in fe.loras)
-            note = "conv once on n rows" + (" + delta on fine-tuned rows" if fe.loras else "")
-        else:
-            self.x_kind, used, note = "separate", two, "each model's conv on n rows"
-            if _hooked(ft.x_embedder) or _hooked(pre.x_embedder):
-                raise ValueError("pair: hooks on x_embedder itself are not supported (hook x_embedder.proj)")
-        self.x_embedders = (ft.x_embedder, pre.x_embedder)
-        rows.append(LayerRow("x_embedder.proj", self.x_kind, two, used, 0, note))
+            return LayerRow("x_embedder.proj", self.x_kind, two, used, 0,
+                            "conv once on n rows" + (" + delta on fine-tuned rows" if fe.loras else ""))
+        if _hooked(ft.x_embedder) or _hooked(pre.x_embedder):
+            raise ValueError("pair: hooks on x_embedder itself are not supported (hook x_embedder.proj)")
+        self.x_kind = "separate"
+        return LayerRow("x_embedder.proj", "separate", two, two, 0, "each model's conv on n rows")
 
-        # --- pos_embed ------------------------------------------------------------------------------
+    def _pair_pos_embed(self, ft, pre) -> LayerRow:
         self.pos = (ft.pos_embed, pre.pos_embed)
         self.pos_shared = _same(ft.pos_embed, pre.pos_embed)
-        pos_two = _nbytes(*self.pos)
-        rows.append(LayerRow("pos_embed", "shared-activation" if self.pos_shared else "separate", pos_two,
-                             pos_two // 2 if self.pos_shared else pos_two, 0,
-                             "added once on n rows" if self.pos_shared else "each model's table"))
+        two = _nbytes(*self.pos)
+        if self.pos_shared:
+            return LayerRow("pos_embed", "shared-activation", two, two // 2, 0, "added once on n rows")
+        return LayerRow("pos_embed", "separate", two, two, 0, "each model's table")
 
-        # --- timestep embedding: t is the same for both halves --------------------------------------
-        self.t_embedders = (ft.t_embedder, pre.t_embedder)
-        t_parts = [(_parts(ft.t_embedder.mlp[i], nn.Linear), _parts(pre.t_embedder.mlp[i], nn.Linear)) for i in (0, 2)]
-        self.t_shared = (ft.t_embedder.freq_divisor == pre.t_embedder.freq_divisor
-                         and ft.t_embedder.frequency_embedding_size == pre.t_embedder.frequency_embedding_size
-                         and not _hooked(ft.t_embedder) and not _hooked(pre.t_embedder)
-                         and not _hooked(ft.t_embedder.mlp) and not _hooked(pre.t_embedder.mlp)
+    def _pair_timestep_embedding(self, ft, pre) -> list[LayerRow]:
+        """t is the same for both halves: the sinusoid depends on t and the frequency table only
+        (shared whenever those match), the MLP on its weights."""
+        fte, pte = ft.t_embedder, pre.t_embedder
+        self.t_embedders = (fte, pte)
+        self.t_freq_shared = (fte.freq_divisor == pte.freq_divisor
+                              and fte.frequency_embedding_size == pte.frequency_embedding_size
+                              and not _hooked(fte) and not _hooked(pte))
+        t_parts = [(_parts(fte.mlp[i], nn.Linear), _parts(pte.mlp[i], nn.Linear)) for i in (0, 2)]
+        self.t_shared = (self.t_freq_shared and not _hooked(fte.mlp) and not _hooked(pte.mlp)
                          and all(a is not None and b is not None and not a.loras and not b.loras
                                  and _same(a.weight, b.weight) and _same(a.bias, b.bias) for a, b in t_parts))
-        # The sinusoid depends on t and the frequency table only: shared whenever those match.
-        self.t_freq_shared = (ft.t_embedder.freq_divisor == pre.t_embedder.freq_divisor
-                              and ft.t_embedder.frequency_embedding_size == pre.t_embedder.frequency_embedding_size
-                              and not _hooked(ft.t_embedder) and not _hooked(pre.t_embedder))
+        rows = []
         for i in (0, 2):
-            two = _param_bytes(ft.t_embedder.mlp[i]) + _param_bytes(pre.t_embedder.mlp[i])
+            two = _param_bytes(fte.mlp[i]) + _param_bytes(pte.mlp[i])
+            note = "once on n rows" if self.t_shared else \
+                "each model's MLP" + (" (sinusoid once)" if self.t_freq_shared else "")
             rows.append(LayerRow(f"t_embedder.mlp.{i}", "shared-activation" if self.t_shared else "separate",
-                                 two, two // 2 if self.t_shared else two, 0,
-                                 "once on n rows" if self.t_shared else
-                                 "each model's MLP" + (" (sinusoid once)" if self.t_freq_shared else "")))
+                                 two, two // 2 if self.t_shared else two, 0, note))
+        return rows
 
-        # --- label tables: y vs null always differ --------------------------------------------------
+    def _pair_label_tables(self, ft, pre) -> LayerRow:
+        """Labels y vs the null label always differ: each model's own table."""
         self.y_embedders = (ft.y_embedder, pre.y_embedder)
         two = _param_bytes(ft.y_embedder) + _param_bytes(pre.y_embedder)
-        rows.append(LayerRow("y_embedder.embedding_table", "separate", two, two, 0,
-                             "labels y vs null: each model's table"))
+        return LayerRow("y_embedder.embedding_table", "separate", two, two, 0, "labels y vs null: each model's table")
 
-        # --- blocks and final layer -----------------------------------------------------------------
-        def lin(name, get, gemm=self.gemm):
-            return PairLinear(name, get(ft), get(pre), gemm)
+    def _pair_linears(self, ft, pre):
+        """Every block's Linears and the final layer's, as PairLinears (upstream names and roles)."""
+        def lin(name, role):
+            return PairLinear(name, role, ft.get_submodule(name), pre.get_submodule(name))
 
-        def block_mod(i, path):
-            return lambda m: m.blocks[i].get_submodule(path)
-
-        self.blocks = [{key: lin(f"blocks.{i}.{path}", block_mod(i, path), "mm" if key == "ada" else self.gemm)
-                        for key, path in (("ada", "adaLN_modulation.1"), ("qkv", "attn.qkv"), ("proj", "attn.proj"),
-                                          ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"))} for i in range(len(ft.blocks))]
-        self.final_ada = lin("final_layer.adaLN_modulation.1", lambda m: m.final_layer.adaLN_modulation[1], "mm")
-        self.final_linear = lin("final_layer.linear", lambda m: m.final_layer.linear)
-        # adaLN: every block's modulation reads the same SiLU(c) (n rows: tiny GEMMs), so all the
-        # stacked ones run as one baddbmm over a concatenated copy -- one op instead of one per block.
-        # gemm="mm" is the zero-copy mode: there they stay two GEMMs each.
-        ada = [(i, blk["ada"]) for i, blk in enumerate(self.blocks)] + [(len(self.blocks), self.final_ada)]
-        grouped = [(i, pl) for i, pl in ada if pl.kind == "stacked" and pl.biases[0] is not None]
-        self.ada_group = AdaLNGroup(grouped) if self.gemm != "mm" and len(grouped) > 1 else None
-        if self.gemm == "onednn":
-            # The attention layers stay stacked baddbmms on CPU too: SDPA wants one (2n, T, 3D) qkv
-            # tensor and hands back one (2n, T, D), which baddbmm reads and writes as views, where
-            # per-half GEMMs need a concatenation -- an extra read+write pass that, on this memory-
-            # starved machine, cost more than oneDNN's faster GEMM saved (and two more ops per layer).
-            # The MLP is where oneDNN pays: fc1's bias and GELU run in the GEMM's epilogue, and its
-            # two halves feed fc2's two GEMMs directly (bench/RESULTS.md).
-            for blk in self.blocks:
-                for key in ("qkv", "proj"):
-                    if blk[key].kind == "stacked":
-                        blk[key].make_stacked()
-        if self.gemm == "bmm":
-            for i, pl in ada:
-                if pl.kind.startswith("stacked") and not any(pl is q for _, q in grouped):
-                    pl.make_stacked()
-        for pl in [lin for blk in self.blocks for lin in blk.values()] + [self.final_ada, self.final_linear]:
-            rows.append(LayerRow(pl.name, pl.kind, pl.bytes_two, pl.bytes_used, pl.extra, pl.note))
-        self.rows = rows
-
-        # Everything the models hold that the rows above do not cover (wrappers' extra parameters).
-        covered = {id(t) for t in self._row_params(ft, pre)}
-        self.uncovered = [n for m, tag in ((ft, "finetuned"), (pre, "pretrained"))
-                          for n, p in m.named_parameters() if id(p) not in covered]
+        self.blocks = [{role: lin(f"blocks.{i}.{path}", role) for role, path in _BLOCK_LINEARS}
+                       for i in range(len(ft.blocks))]
+        for blk in self.blocks:
+            blk["fc2"].fed_by = blk["fc1"]  # fc2's input form (halves or one tensor) follows fc1's strategy
+        self.final_ada = lin("final_layer.adaLN_modulation.1", "final_ada")
+        self.final_linear = lin("final_layer.linear", "final")
 
     @staticmethod
     def _row_params(ft, pre):
@@ -476,70 +218,95 @@ class PairedDiT:
             yield from m.blocks.parameters()
             yield from m.final_layer.parameters()
 
+    def linears(self) -> list[PairLinear]:
+        """Every PairLinear in forward order."""
+        return [pl for blk in self.blocks for pl in blk.values()] + [self.final_ada, self.final_linear]
+
     # -- settings ---------------------------------------------------------------------------------
 
-    def _settings(self):
+    def _settings(self, backend=None):
+        """(backend, attention impl) for this call: the fine-tuned model's current settings
+        (set_backend / set_attention made after pairing), `backend` overriding its backend."""
         ft = self._ft_ref()
-        if ft is not None:  # follow set_backend / set_attention made after pairing
+        if ft is not None:
             self.backend = ft.backend
             if len(ft.blocks):
                 self.attn_impl = ft.blocks[0].attn.impl
-        return self.backend, self.attn_impl
+        if backend is None:
+            return self.backend, self.attn_impl
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"forward_pair: backend must be None or one of {ops.BACKENDS}, got {backend!r}")
+        return backend, self.attn_impl
 
     # -- forward ----------------------------------------------------------------------------------
 
     def __call__(self, x, t, y, null_label=1000, backend=None):
-        return self.forward_pair(x, t, y, null_label, backend=backend)
+        return self.forward_pair(x, t, y, null_label, backend)
 
-    @torch.inference_mode()
     def forward_pair(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null_label=1000, backend=None):
         """(out_ft, out_pre): finetuned(x, t, y) and pretrained(x, t, null_label), one 2n batch.
 
-        x (n, C, H, W), t (n,), y (n,) int64; null_label an int or an (n,) tensor.
-        backend: the fused ops' implementation for this call (None: the fine-tuned model's setting).
-        Outputs are inference tensors (computed under torch.inference_mode).
+        x (n, C, H, W), t (n,), y (n,) int64; null_label an int or an (n,) tensor. backend: the
+        fused ops' implementation for this call (dgfast.ops.BACKENDS; None: the models' setting).
+        Outputs are inference tensors (computed under torch.inference_mode). The first call with
+        a new n measures the GEMM strategies (gemm="auto"; dgfast.gemm_choice); a pair whose
+        GEMMs measured slower than two separate passes runs two passes (report() says which).
+        Under torch.compile the forward traces a functional form (no workspace buffers, copies
+        or caches: inductor plans memory and GEMMs itself).
         """
-        own, impl = self._settings()
-        backend = own if backend is None else backend
-        n = x.shape[0]
-        h = self._embed_tokens(x)                         # (2n, T, D): fine-tuned rows first
-        c = self._embed_cond(t, y, null_label, n)         # (2n, D)
-        N, T, D = h.shape
-        H = self.num_heads
-        silu_c = F.silu(c)                                # read by every adaLN GEMM
-        mods, final = self._modulation(silu_c, D)
-        blocks = self.blocks
+        if torch.compiler.is_compiling():
+            return self._forward_traced(x, t, y, null_label, backend)
+        with torch.inference_mode():
+            backend, impl = self._settings(backend)
+            plan = self._plan_for(x, backend)
+            n = x.shape[0]
+            h, c = self._embed_tokens(x), self._embed_cond(t, y, null_label, n)
+            if plan.two_pass:  # each model on its own n rows; the embeddings of equal inputs stay shared
+                return tuple(self._run(h[k * n:(k + 1) * n], c[k * n:(k + 1) * n], _half_call(k, backend), backend,
+                                       impl) for k in (0, 1))
+            out = self._run(h, c, self._paired_call(plan, backend, h), backend, impl, plan.group)
+        return out[:n], out[n:]
 
-        def ws(role):
+    def _forward_traced(self, x, t, y, null_label, backend):
+        with torch.no_grad():
+            backend, impl = self._settings(backend)
+            n = x.shape[0]
+            h, c = self._embed_tokens(x), self._embed_cond(t, y, null_label, n, cache=False)
+            out = self._run(h, c, _traced_call(backend), backend, impl)
+        return out[:n], out[n:]
+
+    def _paired_call(self, plan, backend, like):
+        strategies = plan.strategies
+
+        def call(pl, z, shape=None, *, gelu=False, halves=False, role=None):
             # Sub-layer outputs go to buffers reused block after block: each is dead once the next
             # op has read it (SDPA reads qkv; the residual op reads proj / fc2). A fresh multi-MB
-            # tensor per call costs page faults on first touch -- on this VM a large share of
-            # every eager op's time (see "Fused ops (CPU)" in bench/RESULTS.md).
-            return lambda shape: self._workspace(role, shape, h)
+            # tensor per call costs page faults on first touch (see "Fused ops (CPU)" in bench/RESULTS.md).
+            ws = None if role is None else (lambda shape: self._workspace(role, shape, like))
+            return pl(z, shape, strategy=strategies.get(pl.key, "mm"), gelu=gelu, halves=halves, backend=backend,
+                      workspace=ws)
+        return call
+
+    def _run(self, h, c, call, backend, impl, group=None):
+        """Blocks and final layer on tokens h (N, T, D) and conditioning c (N, D); every Linear
+        through call(pair_linear, input, shape, gelu=, halves=, role=). Returns (N, C, H, W)."""
+        N, T, D = h.shape
+        H, blocks = self.num_heads, self.blocks
+        mods, final = self._modulation(F.silu(c), D, call, group)  # SiLU(c) is read by every adaLN GEMM
 
         def attn(i, xm):
-            qkv = blocks[i]["qkv"](xm, (N, T, 3, H), workspace=ws("qkv"))  # (2n, T, 3, H, hd): one SDPA
-            if impl == "xformers" and qkv.is_cuda:
-                import xformers.ops as xops
-                q, k, v = qkv.unbind(2)                   # (2n, T, H, hd): xformers' layout, strided views
-                o = xops.memory_efficient_attention(q, k, v)
-            else:
-                # q, k, v as strided (2n, H, T, hd) views of qkv: no permute copy. One SDPA over both
-                # halves (batch 2n); its output is (2n, T, H, hd)-contiguous after the transpose.
-                q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-                o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-            return blocks[i]["proj"](o, (N, T), workspace=ws("proj"))  # o read as (2, nT, D): a view
+            qkv = call(blocks[i]["qkv"], xm, (N, T, 3, H), role="qkv")  # (N, T, 3, H, hd): one SDPA
+            return call(blocks[i]["proj"], _sdpa(qkv, impl), (N, T), role="proj")
 
         def mlp(i, xm):
-            # fc1's output (GELU applied, fused into oneDNN's epilogue on CPU) goes to fc2 as the
-            # GEMMs left it: per-half outputs stay halves, no concatenation in between.
-            z = blocks[i]["fc1"](xm, gelu=True, halves=True, backend=backend)
-            return blocks[i]["fc2"](z, (N, T), workspace=ws("fc2"))
+            # fc1's output (GELU applied, fused into oneDNN's epilogue where it runs) goes to fc2 as
+            # the GEMMs left it: per-half outputs stay halves, no concatenation in between.
+            z = call(blocks[i]["fc1"], xm, gelu=True, halves=True)
+            return call(blocks[i]["fc2"], z, (N, T), role="fc2")
 
         xm = blocks_forward(h, mods, final, attn, mlp, eps=self.norm_eps, mlp_eps=self.mlp_norm_eps,
                             backend=backend)
-        out = self._unpatchify(self.final_linear(xm, (N, T)))
-        return out[:n], out[n:]
+        return unpatchify(call(self.final_linear, xm, (N, T)), self.patch_size, self.out_channels)
 
     def _workspace(self, role, shape, like):
         key = (role, tuple(shape), like.dtype, like.device)
@@ -548,13 +315,13 @@ class PairedDiT:
             buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return buf
 
-    def _modulation(self, silu_c, D):
-        """Every block's six (2n, D) adaLN chunks and the final layer's two."""
-        grouped = self.ada_group(silu_c, D) if self.ada_group is not None else {}
+    def _modulation(self, silu_c, D, call, group):
+        """Every block's six (N, D) adaLN chunks and the final layer's two."""
+        grouped = group(silu_c, D) if group is not None else {}
         N = silu_c.shape[0]
-        mods = [grouped[i] if i in grouped else blk["ada"](silu_c, (N,)).chunk(6, dim=1)
+        mods = [grouped[i] if i in grouped else call(blk["ada"], silu_c, (N,)).chunk(6, dim=1)
                 for i, blk in enumerate(self.blocks)]
-        final = grouped.get(len(self.blocks)) or self.final_ada(silu_c, (N,)).chunk(2, dim=1)
+        final = grouped.get(len(self.blocks)) or call(self.final_ada, silu_c, (N,)).chunk(2, dim=1)
         return mods, final
 
     def _embed_tokens(self, x):
@@ -577,7 +344,7 @@ class PairedDiT:
         e_ft, e_pre = (e, e) if len(e) == n else e.chunk(2)
         return torch.cat([e_ft + pos_ft, e_pre + pos_pre])
 
-    def _embed_cond(self, t, y, null_label, n):
+    def _embed_cond(self, t, y, null_label, n, cache: bool = True):
         t_ft_mod, t_pre_mod = self.t_embedders
         if self.t_shared:                                 # once for n rows
             t_ft = t_pre = t_ft_mod(t)
@@ -589,6 +356,8 @@ class PairedDiT:
         y_ft = self.y_embedders[0](y, False)
         if isinstance(null_label, torch.Tensor):
             y_pre = self.y_embedders[1](null_label.to(y.device).expand(n), False)
+        elif not cache:
+            y_pre = self.y_embedders[1](torch.full((1,), int(null_label), dtype=torch.long, device=y.device), False)
         else:  # one table row, broadcast over the n rows; looked up once per label and device
             key = (int(null_label), y.device)
             if key not in self._null_rows:
@@ -598,10 +367,150 @@ class PairedDiT:
             y_pre = self._null_rows[key]
         return torch.cat([t_ft + y_ft, t_pre + y_pre])    # upstream's c = t_emb + y_emb
 
-    def _unpatchify(self, z):
-        return unpatchify(z, self.patch_size, self.out_channels)
+    # -- GEMM strategy ----------------------------------------------------------------------------
+
+    def _plan_for(self, x, backend) -> Plan:
+        """The strategies for this batch size: forced by gemm=, or measured at its first forward."""
+        if self._forced is not None:
+            return self._forced
+        n = x.shape[0]
+        plan = self._plans.get(n)
+        if plan is None:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("forward_pair: run one forward of this batch size before capturing a CUDA "
+                                   "graph (the GEMM strategy is measured at the first forward)")
+            like = next(iter(self.pos))
+            plan = self._plans[n] = self._use_plan(self._measure(n, backend, like))
+        self._last_plan = plan
+        return plan
+
+    def _by_key(self) -> dict:
+        """{layer shape key: its PairLinears}, in forward order ("separate" layers have no choice)."""
+        groups: dict = {}
+        for pl in self.linears():
+            if pl.key is not None:
+                groups.setdefault(pl.key, []).append(pl)
+        return groups
+
+    def measurement_entries(self, n: int) -> list[Entry]:
+        """What the measurement at batch size n times: one Entry per layer shape, cut to the
+        budget (gemm_choice.measured_size). Shapes only: no tensor is touched (so DiT-XL/2's bound
+        can be checked on meta models)."""
+        like = next(iter(self.pos))
+        full = [Entry(key, len(pls), n if key[0] in _ADALN_ROLES else n * self.num_tokens, key[2], key[3],
+                      pls[0].strategies(), sliceable=key[0] not in _ADALN_ROLES)
+                for key, pls in self._by_key().items()]
+        rows, cols = gemm_choice.measured_size(full, like.device.type, like.element_size())
+        return [e.cut(rows, cols) for e in full]
+
+    def _measure(self, n, backend, like) -> Plan:
+        t0 = time.perf_counter()
+        reps = {key: pls[0] for key, pls in self._by_key().items()}  # one layer per shape is timed
+        picks, chosen = [], {}
+        for e in self.measurement_entries(n):
+            pl = reps[e.key]
+            form = self._input_form(pl, chosen)
+            gelu = ops.resolve_backend(backend, like) if pl.role == "fc1" else ""  # the unfused GELU's cost
+            e = replace(e, key=e.key + (form, gelu), candidates=functools.partial(
+                self._candidate_runs, pl.sliced(e.out_features), e.rows, form, backend, like))
+            with torch.inference_mode():  # as in the forward (out= GEMMs on the weights need it)
+                p = gemm_choice.pick(e, like.device, like.dtype)
+            picks.append(p)
+            chosen[pl.key] = p.choice
+        return Plan(chosen, two_pass=gemm_choice.decide(picks), picks=picks, seconds=time.perf_counter() - t0)
+
+    @staticmethod
+    def _input_form(pl: PairLinear, chosen: dict) -> str:
+        """How the forward hands this layer its input: SDPA's transposed heads (proj), fc1's halves
+        (fc2 after per-half GEMMs), else one contiguous tensor."""
+        if pl.role == "proj":
+            return "heads"
+        if pl.role == "fc2" and pl.fed_by is not None and pl.fed_by.gives_halves(chosen.get(pl.fed_by.key, "mm")):
+            return "halves"
+        return "full"
+
+    def _candidate_runs(self, pl: PairLinear, rows: int, form: str, backend: str, like) -> dict:
+        """{strategy: run} for timing pl (a PairLinear.sliced copy: its copies are the measurement's
+        own) on `rows` rows per half of random input in the forward's form (a private generator:
+        the sampler's random stream is not touched), plus two-pass."""
+        g = torch.Generator(device=like.device).manual_seed(0)
+
+        def rand(*shape):
+            return torch.randn(shape, generator=g, device=like.device, dtype=like.dtype)
+
+        n_in, H = pl.in_features, self.num_heads
+        x = rand(2, H, rows, n_in // H).transpose(1, 2) if form == "heads" else \
+            (rand(rows, n_in), rand(rows, n_in)) if form == "halves" else rand(2, rows, n_in)
+        bufs: dict = {}
+
+        def workspace(shape):
+            if tuple(shape) not in bufs:
+                bufs[tuple(shape)] = torch.empty(shape, device=like.device, dtype=like.dtype)
+            return bufs[tuple(shape)]
+
+        gelu, ws = pl.role == "fc1", workspace if pl.role in _WORKSPACE_ROLES else None
+        runs = {}
+        for s in pl.strategies():
+            pl.prepare(s)
+            runs[s] = functools.partial(pl, x, strategy=s, gelu=gelu, halves=gelu, backend=backend, workspace=ws)
+        sides = x if isinstance(x, tuple) else x.unbind(0)
+        runs[TWO_PASS] = lambda: [pl.half(xk, k, gelu=gelu, backend=backend) for k, xk in enumerate(sides)]
+        return runs
+
+    def _use_plan(self, plan: Plan) -> Plan:
+        """Make the copies the plan's strategies read (and drop the ones no plan reads any more); the
+        stacked adaLN layers whose strategy is "bmm" run as one AdaLNGroup."""
+        s = plan.strategies
+        ada = [blk["ada"] for blk in self.blocks] + [self.final_ada]
+        grouped = [(i, pl) for i, pl in enumerate(ada)
+                   if pl.kind == "stacked" and pl.biases[0] is not None and s.get(pl.key) == "bmm"]
+        if not plan.two_pass and len(grouped) > 1:
+            key = tuple(i for i, _ in grouped)
+            plan.group = self._groups.get(key) or self._groups.setdefault(key, AdaLNGroup(grouped))
+        for pl in self.linears():
+            if pl.key is not None and not plan.two_pass and not (plan.group and pl in plan.group.members):
+                pl.prepare(s[pl.key])
+        self._drop_unused_copies(plan)
+        return plan
+
+    def _drop_unused_copies(self, new: Plan):
+        plans = [p for p in (self._forced, *self._plans.values(), new) if p is not None and not p.two_pass]
+        for pl in self.linears():
+            if pl.key is None:
+                continue
+            needed = {p.strategies[pl.key] for p in plans if not (p.group and pl in p.group.members)}
+            for s in ("bmm", "onednn"):
+                if s not in needed:
+                    pl.release(s)
+
+    def choices(self) -> dict:
+        """{batch size n: {"strategies": {"role/kind in->out": strategy}, "two_pass": bool, "seconds": s}}
+        (gemm forced: one entry under the key "forced")."""
+        plans = {"forced": self._forced} if self._forced is not None else self._plans
+        return {n: dict(strategies={f"{k[0]}/{k[1]} {k[2]}->{k[3]}": v for k, v in p.strategies.items()},
+                        two_pass=p.two_pass, seconds=p.seconds) for n, p in plans.items()}
 
     # -- report -----------------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> list[LayerRow]:
+        """One row per layer: kind, weight bytes (two models, used, copied) and how it runs now."""
+        return self._embed_rows + [LayerRow(pl.name, pl.kind, pl.bytes_two, pl.bytes_used, pl.extra_bytes(),
+                                            self._note(pl)) for pl in self.linears()]
+
+    def _note(self, pl: PairLinear) -> str:
+        if pl.kind == "separate":
+            return "module calls (a wrapper the pair does not fuse)"
+        if pl.shared:
+            return "base once over 2n rows + delta on fine-tuned rows" if pl.loras else "one GEMM over 2n rows"
+        plan = self._forced or self._last_plan
+        if plan is None:
+            return "strategy measured at the first forward"
+        if plan.two_pass:
+            return "two-pass: each model's GEMM on its own rows"
+        if plan.group is not None and pl in plan.group.members:
+            return "in one baddbmm with all stacked adaLN layers (concatenated stacked copy)"
+        return _STRATEGY_NOTE[plan.strategies[pl.key]]
 
     def kinds(self) -> dict[str, str]:
         """{layer name: kind} for every layer (upstream state_dict names, without .weight/.bias)."""
@@ -609,31 +518,32 @@ class PairedDiT:
 
     def memory(self) -> dict[str, int]:
         """Weight bytes: two separate models vs what the paired forward uses and holds."""
-        return dict(two_models=sum(r.bytes_two_models for r in self.rows),
-                    used=sum(r.bytes_used for r in self.rows),
-                    extra=sum(r.bytes_extra for r in self.rows))
+        rows = self.rows
+        return dict(two_models=sum(r.bytes_two_models for r in rows), used=sum(r.bytes_used for r in rows),
+                    extra=sum(r.bytes_extra for r in rows))
 
     def tensors(self) -> list[torch.Tensor]:
         """Every weight tensor the pair references (its own copies included)."""
         out = [*self.pos]
-        for pl in [lin for blk in self.blocks for lin in blk.values()] + [self.final_ada, self.final_linear]:
+        for pl in self.linears():
             out += pl.tensors()
         for m in (*self.x_embedders, *self.t_embedders, *self.y_embedders):
             out += list(m.parameters())
-        if self.ada_group is not None:
-            out += self.ada_group.tensors()
+        for group in self._groups.values():
+            out += group.tensors()
         return out  # (oneDNN's prepacked weights are opaque tensors: counted in memory()["extra"] only)
 
     def report(self) -> str:
-        """Per layer: kind and weight bytes, two separate models vs the pair; totals."""
-        mib = 1 << 20
-        width = max(len(r.name) for r in self.rows)
+        """Per layer: kind and weight bytes, two separate models vs the pair; totals; the GEMM
+        strategy per layer shape and batch size with its measured times."""
+        mib, rows = 1 << 20, self.rows
+        width = max(len(r.name) for r in rows)
         lines = [f"{'layer':<{width}}  {'kind':<17} {'2 models MiB':>12} {'pair uses':>10} {'pair copy':>10}  note"]
-        for r in self.rows:
+        for r in rows:
             lines.append(f"{r.name:<{width}}  {r.kind:<17} {r.bytes_two_models / mib:12.3f} "
                          f"{r.bytes_used / mib:10.3f} {r.bytes_extra / mib:10.3f}  {r.note}")
         mem = self.memory()
-        counts = {k: sum(r.kind == k for r in self.rows) for k in KINDS}
+        counts = {k: sum(r.kind == k for r in rows) for k in KINDS}
         lines.append("")
         lines.append("layers: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
         lines.append(f"weights of two separate models: {mem['two_models'] / mib:.2f} MiB; the paired forward reads "
@@ -641,13 +551,30 @@ class PairedDiT:
                      f"(gemm={self.gemm!r}: {_GEMM_NOTE[self.gemm]})")
         if self.uncovered:
             lines.append(f"parameters outside these layers (used by the models' own modules): {self.uncovered}")
+        for n, plan in sorted(self._plans.items()):
+            lines += _plan_lines(n, plan)
+        if self.gemm == "auto" and not self._plans:
+            lines.append("GEMM strategy: not measured yet (at the first forward of each batch size)")
         return "\n".join(lines)
 
 
-_GEMM_NOTE = {"bmm": "stacked copies for baddbmm, adaLN concatenated",
-              "onednn": "MLP and output layer as per-half oneDNN GEMMs on prepacked copies, attention and "
-                        "adaLN as stacked baddbmm",
-              "mm": "no copies: stacked layers run as two GEMMs"}
+def _plan_lines(n: int, plan: Plan) -> list[str]:
+    """A measured plan: per layer shape its choice and times, the totals and the verdict."""
+    sources = sorted({p.source for p in plan.picks})
+    lines = [f"GEMM strategy for batch {n}: measured in {plan.seconds:.3f} s (timings from {', '.join(sources)}; "
+             f"ms per call of both halves, on the rows (and output columns) shown)"]
+    for p in plan.picks:
+        role, kind, n_in, n_out = p.entry.key[:4]
+        times = ", ".join(f"{s} {1e3 * v:.3f}" for s, v in p.times.items())
+        cols = "" if p.entry.out_features == n_out else f" cols {p.entry.out_features}"
+        lines.append(f"  {role:<9} {kind:<7} {n_in}->{n_out} x{p.entry.count} rows {p.entry.rows}{cols}: "
+                     f"{p.choice:<6} [{times}; two-pass {1e3 * p.two_pass:.3f}]")
+    pair, two = plan.totals()
+    verdict = ("runs as two separate passes: its GEMMs measured slower than two-pass" if plan.two_pass
+               else "runs paired")
+    lines.append(f"  GEMMs of one forward (each timing scaled to its layers' full size): pair {1e3 * pair:.3f} ms, "
+                 f"two-pass {1e3 * two:.3f} ms -> {verdict}")
+    return lines
 
 
 def _same_conv(a: nn.Conv2d, b: nn.Conv2d) -> bool:
@@ -655,14 +582,41 @@ def _same_conv(a: nn.Conv2d, b: nn.Conv2d) -> bool:
         (b.stride, b.padding, b.dilation, b.groups, b.padding_mode)
 
 
-def _gelu(z, backend):
-    from dgfast import ops
-    return ops.gelu_tanh(z, backend=backend)
+def _half_call(side: int, backend: str):
+    """call(pair_linear, x, ...) of the two-pass path: one model's layer on its own rows."""
+    def call(pl, z, shape=None, *, gelu=False, halves=False, role=None):
+        return pl.half(z, side, shape, gelu=gelu, backend=backend)
+    return call
+
+
+def _traced_call(backend: str):
+    """call(pair_linear, x, ...) under torch.compile: functional ops only."""
+    def call(pl, z, shape=None, *, gelu=False, halves=False, role=None):
+        return pl.traced(z, shape, gelu=gelu, backend=backend)
+    return call
 
 
 # ----------------------------------------------------------------------------------------------
-# Building and caching
+# Building
 # ----------------------------------------------------------------------------------------------
+
+def _check_pairable(ft, pre):
+    for name, m in (("finetuned", ft), ("pretrained", pre)):
+        if not isinstance(m, DiT):
+            raise TypeError(f"pair: {name} must be a dgfast DiT, got {type(m).__name__}; convert upstream "
+                            f"DiT modules, state_dicts and diffusers DiTTransformer2DModel with dgfast.to_dgfast")
+    why = pair_mismatch(ft, pre)
+    if why:
+        raise ValueError(f"pair: the two models cannot run as one batch: {why}")
+
+
+def _check_gemm(gemm, weight: torch.Tensor) -> str:
+    if gemm not in ("auto",) + GEMMS:
+        raise ValueError(f"pair: gemm must be 'auto' or one of {GEMMS}, got {gemm!r}")
+    if gemm == "onednn" and not onednn_available(weight):
+        raise ValueError("pair: gemm='onednn' needs float32 CPU weights and torch built with oneDNN")
+    return gemm
+
 
 def pair_mismatch(ft: DiT, pre: DiT) -> str:
     """Why two dgfast DiTs cannot run as one concatenated batch ('' when they can): a different
@@ -680,8 +634,9 @@ def pair_mismatch(ft: DiT, pre: DiT) -> str:
 def pair(finetuned: DiT, pretrained: DiT, *, gemm: str = "auto") -> PairedDiT:
     """A new paired model for (finetuned, pretrained); see the module docstring.
 
-    gemm: how layers whose weights differ run -- "bmm" (one baddbmm over stacked copies; the
-    default on CUDA), "onednn" (two oneDNN GEMMs with fused bias/GELU; the default on CPU) or
-    "mm" (two GEMMs, no weight copies at all). See PairLinear.
+    gemm: how layers whose weights differ run -- "auto" (the default: each layer shape's fastest
+    strategy, timed on this machine at the first forward of each batch size; dgfast.gemm_choice),
+    or forced: "bmm" (one baddbmm over stacked copies), "onednn" (the MLP as two oneDNN GEMMs with
+    fused bias/GELU; CPU float32), "mm" (two GEMMs, no weight copies at all). See PairLinear.
     """
     return PairedDiT(finetuned, pretrained, gemm=gemm)

@@ -320,19 +320,14 @@ def test_exact_refuses_what_would_change_its_bits():
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's imports
 def test_compile_runs_the_paired_forward_compiled_once():
-    """One inductor compile of a tiny pair (C++ codegen on CPU: the slow test of this file). The fused
-    ops are not yet custom ops torch.compile can trace, so backend='torch'; the pair's oneDNN GEMMs
-    (mkldnn._linear_pointwise on non-constant weights) do not lower in inductor, so the stacked GEMM."""
+    """One inductor compile of a tiny pair (C++ codegen on CPU: the slow test of this file)."""
     from torch._dynamo.utils import counters
     ft, pre = upstream_pair(90)
     z, y = latents(seed=9), torch.tensor([2, 0, 1])
     want, _ = seeded(lambda: dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps="6", exact=True))
-    with mock.patch("dgfast.paired.default_gemm", lambda w: "bmm"):
-        got, _ = seeded(lambda: dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps="6", backend="torch",
-                                              compile=True))
-        graphs = counters["stats"]["unique_graphs"]
-        again, _ = seeded(lambda: dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps="6", backend="torch",
-                                                compile=True))
+    got, _ = seeded(lambda: dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps="6", compile=True))
+    graphs = counters["stats"]["unique_graphs"]
+    again, _ = seeded(lambda: dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps="6", compile=True))
     assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs  # the second call compiled nothing
     assert rel(got, want) <= TOL and torch.equal(again, got)
     pair = pair_cache.get_pair(*convert.dgfast_models(ft, pre))

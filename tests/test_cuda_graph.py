@@ -98,6 +98,30 @@ def test_cached_step_is_reused(models, uncaptured):
     p._graphs.clear()
 
 
+def test_backend_reaches_the_graphed_forward(models, monkeypatch):
+    """run_cuda_graph(backend="torch") passes it to forward_pair: no fused op runs in the step's
+    forward (the models' own setting would run the C++ ops), and the result is the eager torch loop's."""
+    ft, pre, z, y = models
+    plan = samplers.native_plan("ddpm", STEPS)
+    forward = get_pair(ft, pre).forward_pair
+    draw = ReferenceNoise(len(z), 2 * len(z), z.shape, z.device, z.dtype)
+    torch.manual_seed(0)
+    with torch.no_grad():  # the eager torch loop: the step and both models' forwards on the torch twins
+        ft.set_backend("torch"), pre.set_backend("torch")
+        want = dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps=STEPS, backend="torch", paired=False)
+        ft.set_backend("auto"), pre.set_backend("auto")
+
+    class NoFusedOps:
+        def __getattr__(self, name):
+            pytest.fail(f"a fused op ran: {name}")
+    monkeypatch.setattr(ops, "cpp_extension", lambda: NoFusedOps())
+    monkeypatch.setattr(ops, "triton_kernels", lambda: NoFusedOps())
+    torch.manual_seed(0)
+    got = run_cuda_graph(forward, z, y, 1000, plan, draw, scale=1.5, guidance_channels=3, backend="torch",
+                         _capture=False)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
 def _dpm2m_inputs(models, scale=1.5):
     ft, pre, z, y = models
     plan = samplers.native_plan("dpm2m", STEPS)
