@@ -69,6 +69,13 @@ def dgfast_models(finetuned, pretrained=None) -> tuple:
     return tuple(s if isinstance(s, DiT) else conv for s, conv in zip(srcs, entry.models))
 
 
+def converted(given: tuple, run: tuple) -> bool:
+    """Whether every model in `run` is a conversion that dgfast_models made of the model in `given`
+    in this call: their weights were just checked against the sources (whose tensors they share or
+    copy), so the pair cache need not read them all again (pair_cache.get_pair(checked=True))."""
+    return all(r is not g and isinstance(r, DiT) and r in _OWNED for g, r in zip(given, run))
+
+
 def _convertible_kind(s) -> bool:
     return isinstance(s, nn.Module) and not isinstance(s, DiT)
 

@@ -144,8 +144,9 @@ class DoGDiTPipeline(DiTPipeline):
         if guided and self.transformer_pre is None:
             pair_forward = samplers.cfg_pair_forward(finetuned, "transformer")
         elif guided:  # one paired batch when both run as dgfast DiTs
-            pair_forward = (make_pair_forward(ft_dit, pre_dit, True, backend=fb) if ft_dit is not None and
-                            pre_dit is not None else
+            checked = convert.converted((self.transformer, self.transformer_pre), (ft_dit, pre_dit))
+            pair_forward = (make_pair_forward(ft_dit, pre_dit, True, backend=fb, checked=checked)
+                            if ft_dit is not None and pre_dit is not None else
                             make_pair_forward(finetuned, transformer_fn(self.transformer_pre) if pre_dit is None
                                               else convert.runner(pre_dit, fb, None), False))
 

@@ -219,16 +219,19 @@ def cache_entry(finetuned: DiT, pretrained: DiT) -> CacheEntry | None:
     return None if inner is None else inner.get(pretrained)
 
 
-def get_pair(finetuned: DiT, pretrained: DiT, *, rebuild: bool = False, exact: bool | None = None) -> PairedDiT:
+def get_pair(finetuned: DiT, pretrained: DiT, *, rebuild: bool = False, exact: bool | None = None,
+             checked: bool = False) -> PairedDiT:
     """The cached pair for these two model objects, rebuilt when their weights changed: new
     tensors, in-place edits, and (exact, the default) any changed value, however it was written;
-    exact=False (or DGFAST_WEIGHTS_CHECK=sampled) checks sampled values only (WeightsIdentity)."""
+    exact=False (or DGFAST_WEIGHTS_CHECK=sampled) checks sampled values only (WeightsIdentity).
+    checked=True: the caller has just found these weights unchanged (dgfast.convert checks the
+    source modules its DiTs share every tensor with), so the same check is not run twice."""
     inner = _PAIRS.get(finetuned)
     if inner is None:
         inner = _PAIRS[finetuned] = weakref.WeakKeyDictionary()
     entry = inner.get(pretrained)
     if entry is not None and entry.identity.exact != _exact_by_default(exact):
         entry = None  # the other kind of check: start from a fresh identity
-    if entry is None or rebuild or entry.stale(finetuned, pretrained):
+    if entry is None or rebuild or (not checked and entry.stale(finetuned, pretrained)):
         entry = inner[pretrained] = CacheEntry.build(finetuned, pretrained, exact)
     return entry.pair

@@ -246,16 +246,17 @@ def _is_dgfast_dit(m) -> bool:
 
 
 def make_pair_forward(finetuned, pretrained, paired, *, backend: str | None = None,
-                      compile_mode: str | None = None) -> Callable:
+                      compile_mode: str | None = None, checked: bool = False) -> Callable:
     """f(x, t, y, null) -> (out_ft, out_pre): one concatenated batch when possible, else two calls.
-    backend (None: the models' own) reaches a paired forward here; compile_mode: convert.compiled."""
+    backend (None: the models' own) reaches a paired forward here; compile_mode: convert.compiled;
+    checked: the models' weights were checked in this call already (convert.converted)."""
     pair = paired if paired is not False and not isinstance(paired, bool) else None  # a prebuilt paired model
     if paired is True and _is_dgfast_dit(finetuned) and _is_dgfast_dit(pretrained):
         from dgfast.pair_cache import get_pair
         from dgfast.paired import pair_mismatch
         why = pair_mismatch(finetuned, pretrained)
         if not why:
-            pair = get_pair(finetuned, pretrained)
+            pair = get_pair(finetuned, pretrained, checked=checked)
         else:
             warnings.warn(f"the fine-tuned and pre-trained models run as two forwards, not one batch: {why}",
                           stacklevel=3)
@@ -373,13 +374,15 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
         draw = (PerSampleNoise(seeds, z.shape, z.device, z.dtype) if noise == "per-sample"
                 else ReferenceNoise(n, 2 * n if guided and plan.doubled_noise else n, z.shape, z.device, z.dtype))
     fb = None if backend == "auto" else backend  # "auto": each model's own setting for its forward
-    finetuned, pretrained = convert.models_to_run(finetuned, pretrained if guided and mode == "dog" else None, exact)
+    given = (finetuned, pretrained if guided and mode == "dog" else None)
+    finetuned, pretrained = convert.models_to_run(*given, exact)
     ft_alone = convert.runner(finetuned, fb, cmode)
     pair_forward = None
     if guided:
         pair_forward = (samplers.cfg_pair_forward(ft_alone) if mode == "cfg"
                         else make_pair_forward(finetuned, pretrained, False if exact else paired, backend=fb,
-                                               compile_mode=cmode))
+                                               compile_mode=cmode,
+                                               checked=convert.converted(given, (finetuned, pretrained))))
     if cuda_graph:
         if scheduler is not None or interval != (0.0, 1.0) or pretrained_every != 1 or guidance_rescale or cmode:
             raise ValueError("cuda_graph=True runs the native ddpm/ddim/dpm2m loop; it does not combine with "
@@ -455,7 +458,8 @@ def dog_forward(finetuned, pretrained, null_label: int = 1000, guidance_channels
     def forwards():
         """(fine-tuned, pre-trained, paired forward) as they run now (conversions are cached)."""
         ft, pre = convert.models_to_run(finetuned, pretrained, exact)
-        return ft, pre, make_pair_forward(ft, pre, False if exact else paired)
+        checked = convert.converted((finetuned, pretrained), (ft, pre))
+        return ft, pre, make_pair_forward(ft, pre, False if exact else paired, checked=checked)
 
     state = {"forwards": forwards(), "t": None, "dir": 0}  # built now
 

@@ -444,3 +444,19 @@ def test_half_precision_upstream_modules_convert(caplog):
         run_ft, run_pre = convert.dgfast_models(ft, pre)
     assert isinstance(run_ft, dgfast.DiT) and isinstance(run_pre, dgfast.DiT), caplog.text
     assert run_ft.x_embedder.proj.weight.dtype == torch.bfloat16
+
+
+def test_converted_weights_are_read_once_per_call():
+    """The converted DiTs share every tensor with the sources, whose values convert checks: the pair
+    cache must not read all the values a second time in the same call (the exact check is a full
+    pass over both models' weights). A dgfast DiT pair given directly is still checked by the cache."""
+    ft, pre = upstream_pair(40)
+    z, y = latents(2), torch.tensor([1, 2])
+    dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps="2")            # builds and caches
+    with mock.patch.object(pair_cache, "content_digest", wraps=pair_cache.content_digest) as digest:
+        dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps="2")
+    assert digest.call_count == 1
+    run_ft, run_pre = convert.dgfast_models(ft, pre)
+    with mock.patch.object(pair_cache, "content_digest", wraps=pair_cache.content_digest) as digest:
+        dgfast.sample(run_ft, run_pre, z, y, guidance_scale=1.5, steps="2")
+    assert digest.call_count == 1  # dgfast DiTs passed in: convert checks nothing, the cache checks
