@@ -29,9 +29,10 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 BACKEND_ENV = "DGFAST_BACKEND"
+# The step modes, defined here once: a mode's number in the compiled kernels (the Triton kernel's MODE,
+# csrc's StepMode) is its index. linear/flow_*: dgfast.samplers builds their coefficient rows. A C++
+# build that predates a mode runs the twin for it (backend_modes).
 SAMPLER_MODES = ("ddpm", "ddim", "linear", "flow_euler", "flow_heun")
-# linear/flow_*: dgfast.samplers builds their coefficient rows. A C++ build that predates a mode runs
-# the twin for it (backend_modes).
 DIT_MODES = ("ddpm", "ddim")            # DiT's own steps: always read a noise draw
 STATE_MODES = ("linear", "flow_euler")  # modes that can also return their per-step state
 PREV_MODES = ("linear", "flow_heun")    # modes that read an earlier step's state (prev)
@@ -330,15 +331,12 @@ def _torch_step(x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_den
                             return_state=return_state)
 
 
-_CPP_MODE_IDS = {"linear": 2, "flow_euler": 3, "flow_heun": 4}  # csrc's StepMode
-
-
 def _cpp_step(x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_denoised, return_state=False):
     ext, c, noise = cpp_extension(), coefs.tolist(), _dit_noise(x, noise, mode)
     if mode in DIT_MODES:
         return ext.guided_step(x, out_ft, out_pre, noise, c, scale, k, mode == "ddim", clip_denoised)
-    res = ext.guided_step_modes(x, out_ft, out_pre, noise, prev, c, scale, k, _CPP_MODE_IDS[mode], clip_denoised,
-                                return_state)
+    res = ext.guided_step_modes(x, out_ft, out_pre, noise, prev, c, scale, k, SAMPLER_MODES.index(mode),
+                                clip_denoised, return_state)
     return tuple(res) if return_state else res[0]
 
 

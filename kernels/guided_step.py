@@ -19,10 +19,11 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from dgfast.ops import DIT_MODES, PREV_MODES, SAMPLER_MODES, STATE_MODES  # the modes, defined once
+
 from .exp import exp as _exp  # libdevice expf on the GPU, tl.exp under the interpreter
 
-
-MODES = {"ddpm": 0, "ddim": 1, "linear": 2, "flow_euler": 3, "flow_heun": 4}  # MODE branches below
+MODES = {mode: i for i, mode in enumerate(SAMPLER_MODES)}  # the kernel's MODE: ddpm 0, ddim 1, linear 2, ...
 NUM_SLOTS = 7                   # per-step float32 scalars c0..c6 the kernel reads (flow modes use c0)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -147,19 +148,19 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm"
     n, C, H, W = x.shape
     _check("x", x, n, C, H, W, x.device)
     _check("out_ft", out_ft, n, 2 * C if mode == "ddpm" else C, H, W, x.device)
-    if noise is not None or mode in ("ddpm", "ddim"):  # the DiT modes always take a draw
+    if noise is not None or mode in DIT_MODES:  # the DiT modes always take a draw
         _check("noise", noise, n, C, H, W, x.device)
         if noise.shape[1] != C:
             raise ValueError(f"guided_step: noise must have {C} channels, got {noise.shape[1]}")
     if mode == "flow_heun" and prev is None:
         raise ValueError("guided_step: mode 'flow_heun' needs prev (the first stage's d)")
     if prev is not None:
-        if mode not in ("linear", "flow_heun"):
+        if mode not in PREV_MODES:
             raise ValueError(f"guided_step: mode {mode!r} takes no prev")
         _check("prev", prev, n, C, H, W, x.device)
         if prev.shape[1] != C:
             raise ValueError(f"guided_step: prev must have {C} channels, got {prev.shape[1]}")
-    if return_state and mode not in ("linear", "flow_euler"):
+    if return_state and mode not in STATE_MODES:
         raise ValueError(f"guided_step: mode {mode!r} has no state to return")
     k = int(k)
     if not 0 <= k <= C:
