@@ -1,7 +1,7 @@
 // dgfast C++ CPU ops: the fused DoG sampler step and the DiT block's elementwise work.
 //
 // Each op is the one-pass twin of a plain-torch formula in dgfast/ops.py and is tested against it
-// (tests/test_ops_cpp.py). Built by setup.py as dgfast._C, or JIT-loaded by dgfast/_build.py, with
+// (tests/test_op_<op>.py). Built by setup.py as dgfast._C, or JIT-loaded by dgfast/_build.py, with
 // -O3 -fopenmp -ffp-contract=off -fno-trapping-math. No FMA contraction: every float op rounds
 // where torch's op-by-op kernels round, which makes guided_step bit-equal to the reference.
 // -fno-trapping-math changes no value; it lets GCC if-convert the clamps so those loops vectorize.

@@ -1,11 +1,11 @@
 """torch.ops.dgfast.<op>: the custom ops of dgfast.ops, and what backend= / DGFAST_BACKEND select.
 
 Every op passes torch.library.opcheck (schema, no aliasing, the fake implementation against the
-real one, AOT tracing) on awkward shapes, strided inputs and every step mode, and equals its torch
-twin: bit for bit where the C++ kernel is (guided_step, the residual of gated_residual_modulate),
-within the C++ tests' tolerances otherwise (LayerNorm 1e-5, GELU 1e-6; tests/test_ops_cpp.py).
-Float32 CPU inputs run the C++ kernel, other dtypes the twin. backend="torch" runs no dgfast op;
-DGFAST_BACKEND replaces "auto" only and an error it causes names it.
+real one, AOT tracing) on the shape tables of tests/op_cases.py, strided inputs and every step mode,
+and equals its torch twin: bit for bit where the C++ kernel is (guided_step, the residual of
+gated_residual_modulate), within the per-op tests' tolerances otherwise (LayerNorm 1e-5, GELU 1e-6;
+tests/test_op_<op>.py). Float32 CPU inputs run the C++ kernel, other dtypes the twin.
+backend="torch" runs no dgfast op; DGFAST_BACKEND replaces "auto" only and an error it causes names it.
 CUDA tests (marked cuda) check the Triton implementation the same way.
 """
 import numpy as np
@@ -16,73 +16,28 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dgfast import ops
 from dgfast.models import DiT
-from dgfast.schedule import Schedule
+from op_cases import (DDIM, DDPM, EXT, ROW_CASES, ROWS, STEP_CASES, STEP_LAYOUTS, STEP_VARIANTS, assert_bits,
+                      assert_gelu_close, gelu_inputs, gen, row_inputs, step_inputs)
 
 OPS = ("guided_step", "guided_step_with_state", "adaln_modulate", "gated_residual_modulate", "gelu_tanh")
-HAS_CPP = ops.cpp_extension() is not None
+HAS_CPP = EXT is not None
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="the C++ extension could not be built or loaded")
-DDPM = Schedule.from_steps("250").ddpm_coefs()
-DDIM = Schedule.from_steps("ddim50").ddim_coefs(1.0)
-ROWS = {"ddpm": DDPM[100], "ddim": DDIM[20], "linear": np.array([1.3, 0.7, 0.9, 0.4, -0.2, 0.25, 0.3], np.float32),
-        "flow_euler": np.array([-0.0625], np.float32), "flow_heun": np.array([0.03125], np.float32)}
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def assert_bits(a, b):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-
-
-# ----------------------------------------------------------------------------------------------
-# Inputs: one shape table per kind of op, in several memory layouts
-# ----------------------------------------------------------------------------------------------
-
-STEP_SHAPES = [(1, 4, 1, 1), (3, 4, 7, 5), (2, 3, 17, 1)]
-STEP_LAYOUTS = ["contiguous", "strided", "planes"]
-# (mode, reads prev, takes noise, returns state): every mode, with and without its optional parts
-STEP_VARIANTS = [("ddpm", False, True, False), ("ddim", False, True, False), ("linear", True, True, True),
-                 ("linear", False, False, False), ("flow_euler", False, False, True),
-                 ("flow_euler", False, False, False), ("flow_heun", True, False, False)]
-
-
-def step_tensors(shape, layout, seed=0, dtype=torch.float32):
-    """x, out_ft (2C + 1 channels), out_pre (C + 1), noise, prev of `shape` in a memory layout:
-    strided = channel slices and every other row of bigger tensors; planes = transposed (H, W) planes."""
-    g = gen(seed)
-    n, C, H, W = shape
-
-    def r(*s):
-        return torch.randn(*s, generator=g).to(dtype)
-
-    if layout == "contiguous":
-        return r(n, C, H, W), r(n, 2 * C + 1, H, W), r(n, C + 1, H, W), r(n, C, H, W), r(n, C, H, W)
-    if layout == "strided":
-        return (r(n, C + 2, H, W)[:, 1:C + 1], r(2 * n, 2 * C + 2, H, W)[::2, 1:], r(n, C + 3, H, W)[:, 2:],
-                r(2 * n, C, H, W)[n:], r(2 * n, C, H, W)[1::2])
-    assert layout == "planes"
-    return tuple(r(n, c, W, H).transpose(2, 3) for c in (C, 2 * C + 1, C + 1, C, C))
 
 
 def step_args(variant, shape, layout, k, seed=0, dtype=torch.float32):
     """The op's schema arguments (x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip)."""
     mode, reads_prev, takes_noise, _ = variant
-    x, ft, pre, z, prev = step_tensors(shape, layout, seed, dtype)
-    if mode == "ddpm":  # variance values mostly in [-1, 1], as the model's
-        ft[:, shape[1]:] = torch.rand(ft[:, shape[1]:].shape, generator=gen(seed + 1)).to(dtype) * 3 - 1.5
-    coefs = torch.as_tensor(ROWS[mode])
-    return (x, ft, pre if k else None, z if takes_noise else None, prev if reads_prev else None, coefs,
-            1.37, k, mode, mode == "linear" and k == shape[1])
+    x, ft, pre, z, prev = step_inputs(shape, layout, dtype=dtype, seed=seed)
+    return (x, ft, pre if k else None, z if takes_noise else None, prev if reads_prev else None,
+            torch.as_tensor(ROWS[mode]), 1.37, k, mode, mode == "linear" and k == shape[1])
 
 
 def step_cases():
-    """Each variant with each layout; shape and k change along, so every variant meets every shape and k."""
+    """Each variant in each layout (the table's shapes for it, alternating), with k changing along."""
     cases = []
     for v, variant in enumerate(STEP_VARIANTS):
         for j, layout in enumerate(STEP_LAYOUTS):
-            shape = STEP_SHAPES[(v + j) % 3]
+            shape = [s for s, lay in STEP_CASES if lay == layout][v % 2]
             k = (shape[1], shape[1] - 1, 0)[(v + 2 * j) % 3]
             name = f"{variant[0]}-{'prev' * variant[1]}{'noise' * variant[2]}{'state' * variant[3]}"
             dims = "x".join(map(str, shape))
@@ -94,35 +49,13 @@ def step_op(variant):
     return torch.ops.dgfast.guided_step_with_state.default if variant[3] else torch.ops.dgfast.guided_step.default
 
 
-ROW_SHAPES = [(1, 1, 1), (2, 3, 7), (3, 5, 33), (1, 17, 384)]
-ROW_LAYOUTS = ["plain", "every-other-token", "transposed", "strided-last-dim"]
-
-
-def tokens(g, N, T, D, layout, dtype=torch.float32):
-    if layout == "plain":
-        h = torch.randn(N, T, D, generator=g)
-    elif layout == "every-other-token":
-        h = torch.randn(N, 2 * T, D, generator=g)[:, ::2]
-    elif layout == "transposed":
-        h = torch.randn(T, N, D, generator=g).transpose(0, 1)
-    else:
-        h = torch.randn(N, T, 2 * D, generator=g)[..., ::2]
-    return (h * 3 + torch.randn(N, 1, 1, generator=g) * 5).to(dtype)
+def row_cases():
+    """Every third row case of the table: each layout, most shapes."""
+    return [pytest.param(shape, layout, id=f"{layout}-{'x'.join(map(str, shape))}") for shape, layout in ROW_CASES[::3]]
 
 
 def row_args(shape, layout, seed=0, dtype=torch.float32):
-    """h, y (N, T, D) in `layout`; gate, shift, scale: chunks of one (N, 6D) adaLN output (row stride 6D)."""
-    g = gen(seed)
-    h = tokens(g, *shape, layout, dtype)
-    y = tokens(g, *shape, ROW_LAYOUTS[(ROW_LAYOUTS.index(layout) + 1) % 4], dtype)
-    shift, scale, gate = torch.randn(shape[0], 6 * shape[2], generator=g).to(dtype).chunk(6, dim=1)[:3]
-    return h, y, gate, shift, scale
-
-
-def row_cases():
-    """Each layout with two of the shapes, alternating, so every shape meets two layouts."""
-    return [pytest.param(shape, layout, id=f"{layout}-{'x'.join(map(str, shape))}")
-            for j, layout in enumerate(ROW_LAYOUTS) for shape in ROW_SHAPES[j % 2::2]]
+    return row_inputs(shape, layout, dtype=dtype, seed=seed)
 
 
 GELU_CASES = [((3, 5, 7), True, "plain"), ((1,), False, "plain"), ((65, 33), True, "strided"),
@@ -130,15 +63,7 @@ GELU_CASES = [((3, 5, 7), True, "plain"), ((1,), False, "plain"), ((65, 33), Tru
 
 
 def gelu_args(shape, bias, layout, seed=0, dtype=torch.float32):
-    g = gen(seed)
-    if layout == "strided":
-        x = torch.randn(*shape[:-1], 2 * shape[-1], generator=g)[..., ::2]
-    elif layout == "transposed":
-        x = torch.randn(shape[::-1], generator=g).t()
-    else:
-        x = torch.randn(shape, generator=g)
-    b = torch.randn(2 * shape[-1], generator=g)[1::2] if bias else None
-    return (x * 3).to(dtype), None if b is None else b.to(dtype)
+    return gelu_inputs(shape, bias, dtype=dtype, seed=seed, layout=layout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +160,6 @@ def test_row_ops_op_is_the_cpp_kernel_and_matches_the_twin(shape, layout, spy):
 @needs_cpp
 @pytest.mark.parametrize("shape,bias,layout", GELU_CASES)
 def test_gelu_tanh_op_is_the_cpp_kernel_and_matches_the_twin(shape, bias, layout, spy):
-    from test_ops_cpp import assert_gelu_close
     x, b = gelu_args(shape, bias, layout, seed=5)
     calls = spy("cpp", "gelu_tanh")
     got = torch.ops.dgfast.gelu_tanh(x, b)
@@ -262,7 +186,7 @@ def test_other_cpu_dtypes_run_the_twin(dtype, spy):
 
 @needs_cpp
 def test_mixed_dtypes_run_the_twin_and_return_the_first_inputs_dtype():
-    x, ft, pre, z, _ = step_tensors((2, 4, 3, 3), "contiguous")
+    x, ft, pre, z, _ = step_inputs((2, 4, 3, 3), "contiguous")
     out = torch.ops.dgfast.guided_step(x, ft.double(), pre, z, None, torch.as_tensor(DDPM[9]), 1.5, 3, "ddpm", False)
     want = ops.guided_step_torch(x, ft.double(), pre, z, DDPM[9], scale=1.5, guidance_channels=3)
     assert out.dtype == torch.float32 and torch.equal(out, want.float())
@@ -270,7 +194,7 @@ def test_mixed_dtypes_run_the_twin_and_return_the_first_inputs_dtype():
 
 def test_outputs_never_alias_inputs():
     """Unguided flow_euler's state is the model's eps: the op hands out a copy (the twin clones it)."""
-    x, ft, _, _, _ = step_tensors((2, 4, 3, 3), "contiguous")
+    x, ft, _, _, _ = step_inputs((2, 4, 3, 3), "contiguous")
     for backend in ("auto", "torch"):
         out, d = ops.guided_step(x, ft, None, None, (0.5,), mode="flow_euler", return_state=True, backend=backend)
         assert d.untyped_storage().data_ptr() != ft.untyped_storage().data_ptr()
@@ -280,9 +204,9 @@ def test_outputs_never_alias_inputs():
 def test_dit_modes_without_noise_read_zeros():
     """A DiT step with no draw (the last step's noise is multiplied by 0 anyway) reads zeros, called
     through the public op or the custom op directly."""
-    x, ft, pre, _, _ = step_tensors((2, 4, 3, 3), "contiguous")
+    x, ft, pre, _, _ = step_inputs((2, 4, 3, 3), "contiguous")
     zeros = torch.zeros_like(x)
-    for mode, row in (("ddpm", DDPM[0]), ("ddim", DDIM[0])):
+    for mode, row in (("ddpm", DDPM[0]), ("ddim", DDIM[1.0][0])):
         want = ops.guided_step_torch(x, ft, pre, zeros, row, scale=2.0, guidance_channels=3, mode=mode)
         assert torch.equal(ops.guided_step(x, ft, pre, None, row, scale=2.0, guidance_channels=3, mode=mode), want)
         got = torch.ops.dgfast.guided_step(x, ft, pre, None, None, torch.as_tensor(row), 2.0, 3, mode, False)
@@ -293,7 +217,7 @@ def test_dit_modes_without_noise_read_zeros():
 def test_coefficient_rows(backend):
     """A row may be a numpy row, a list, a tuple or a tensor: the same float32 values, the same step.
     Too short or too long a row is an error naming coefs; so is prev for a mode that reads none."""
-    x, ft, pre, z, prev = step_tensors((2, 4, 3, 3), "strided")
+    x, ft, pre, z, prev = step_inputs((2, 4, 3, 3), "strided")
     row = DDPM[50]
     want = ops.guided_step(x, ft, pre, z, row, scale=1.5, guidance_channels=3, backend=backend)
     for same in (row.tolist(), tuple(row.tolist()), torch.from_numpy(row), torch.from_numpy(row).double()):
@@ -361,7 +285,7 @@ def test_backend_torch_runs_no_dgfast_op(monkeypatch):
 
 
 def test_explicit_backend_wins_over_the_variable(monkeypatch, spy):
-    x, ft, pre, z, _ = step_tensors((2, 4, 3, 3), "contiguous")
+    x, ft, pre, z, _ = step_inputs((2, 4, 3, 3), "contiguous")
     twin_calls = spy("torch", "guided_step")
     monkeypatch.setenv("DGFAST_BACKEND", "no-such-backend")  # never read for an explicit choice
     want = ops.guided_step_torch(x, ft, pre, z, DDPM[4], scale=1.5, guidance_channels=3)
@@ -396,7 +320,7 @@ def test_errors_caused_by_the_variable_name_it(monkeypatch):
 
 
 def test_a_mode_a_forced_backend_lacks_is_an_error_naming_the_choice(monkeypatch):
-    x, ft, _, _, prev = step_tensors((2, 4, 3, 3), "contiguous")
+    x, ft, _, _, prev = step_inputs((2, 4, 3, 3), "contiguous")
     monkeypatch.setattr(ops, "backend_modes", lambda which: ops.DIT_MODES)  # an older build
     monkeypatch.setenv("DGFAST_BACKEND", "cpp" if HAS_CPP else "triton")
     with pytest.raises(ValueError, match="DGFAST_BACKEND=(cpp|triton) does not implement mode 'linear'"):
