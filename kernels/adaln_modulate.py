@@ -83,7 +83,7 @@ def adaln_modulate(h, shift, scale, eps=1e-6, out=None, traceable=False):
     if h.numel() == 0:
         return out
     h, shift, scale = unit_last(h), unit_last(shift), unit_last(scale)
-    block_d = triton.next_power_of_2(D)
+    block_d = triton.next_power_of_2(int(D))  # int(): a traced size is specialized here (constexpr block)
     kernel = wrap_triton(_adaln_modulate_kernel) if traceable else _adaln_modulate_kernel
     kernel[(N * T,)](
         h, shift, scale, out, T, D, float(eps),

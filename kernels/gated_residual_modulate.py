@@ -55,7 +55,7 @@ def gated_residual_modulate(h, gate, y, shift, scale, eps=1e-6, out=None, tracea
     if h.numel() == 0:
         return h_out, x_out
     h, gate, y, shift, scale = (unit_last(t) for t in (h, gate, y, shift, scale))
-    block_d = triton.next_power_of_2(D)
+    block_d = triton.next_power_of_2(int(D))  # int(): a traced size is specialized here (constexpr block)
     kernel = wrap_triton(_gated_residual_modulate_kernel) if traceable else _gated_residual_modulate_kernel
     kernel[(N * T,)](
         h, gate, y, shift, scale, h_out, x_out, T, D, float(eps),

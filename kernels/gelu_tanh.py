@@ -62,7 +62,7 @@ def gelu_tanh(x, bias=None, out=None, block=1024, traceable=False):
     if x.numel() == 0:
         return out
     x = x.contiguous()  # flat indexing; activations from a GEMM are contiguous already
-    block = min(block, triton.next_power_of_2(D))
+    block = min(block, triton.next_power_of_2(int(D)))  # int(): a traced size is specialized (constexpr block)
     kernel = wrap_triton(_gelu_tanh_kernel) if traceable else _gelu_tanh_kernel
     kernel[(x.numel() // D, triton.cdiv(D, block))](
         x, bias if bias is not None else x, out, D,

@@ -188,7 +188,7 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm"
     prev_t = _planes(prev) if prev is not None else x
     state_t = state if state is not None else out
     HW = H * W
-    block = min(block, triton.next_power_of_2(HW))
+    block = min(block, triton.next_power_of_2(int(HW)))  # int(): a traced size is specialized (constexpr block)
     grid = (n * C, triton.cdiv(HW, block))
     kernel = wrap_triton(_guided_step_kernel) if traceable else _guided_step_kernel
     kernel[grid](

@@ -2,9 +2,14 @@
 dgfast DiT forward and a guided step each trace into one graph (0 graph breaks: torch._dynamo.explain,
 which only traces), one compiled step serves every step of a schedule (the coefficient row is a
 tensor input, not a constant), and a compiled run (inductor, CPU) matches eager, with the C++ kernels
-still running inside the compiled graph.
+still running inside the compiled graph. On CUDA the ops trace into their Triton kernels: run on a GPU
+(marked cuda), and dry-run here on fake CUDA tensors (tests/triton_trace_cuda.py).
 """
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -163,6 +168,34 @@ def test_compiled_forward_and_step_match_eager():
     ran = {e.name for e in prof.events()}
     assert {"dgfast::adaln_modulate", "dgfast::gated_residual_modulate", "dgfast::gelu_tanh",
             "dgfast::guided_step"} <= ran, sorted(n for n in ran if "dgfast" in n)
+
+
+def _triton_has_nvidia_backend():
+    try:
+        from triton.backends import backends
+        return "nvidia" in backends
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _triton_has_nvidia_backend(), reason="needs triton with its nvidia backend (compiles, no GPU)")
+def test_compile_traces_into_the_triton_kernels_on_cuda_and_keeps_the_op_on_cpu():
+    """A dry run of the CUDA path without a GPU (tests/triton_trace_cuda.py): torch.compile's tracing
+    on fake CUDA tensors turns every op into its Triton kernel, on CPU tensors it keeps the op."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "triton_trace_cuda.py")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    report = json.loads(res.stdout)
+    kernels = {"ddpm": 1, "linear_multistep": 2, "heun": 2, "block": 3}
+    ops_on_cpu = {"ddpm": ["dgfast.guided_step.default"],
+                  "linear_multistep": ["dgfast.guided_step.default", "dgfast.guided_step_with_state.default"],
+                  "heun": ["dgfast.guided_step.default", "dgfast.guided_step_with_state.default"],
+                  "block": ["dgfast.adaln_modulate.default", "dgfast.gated_residual_modulate.default",
+                            "dgfast.gelu_tanh.default"]}
+    for case, n in kernels.items():
+        assert report[f"{case} cuda"] == {"dgfast": [], "triton_kernels": n}, case
+        assert report[f"{case} cpu"] == {"dgfast": ops_on_cpu[case], "triton_kernels": 0}, case
 
 
 @pytest.mark.cuda
