@@ -103,7 +103,10 @@ def _triton_launcher(name):
     reads the kernels out of each CUDA implementation's source when the op is defined, and
     torch.compile's caches key on their source. Elsewhere they load at the first call (on CPU they run
     only under TRITON_INTERPRET=1, which a test may set after dgfast is imported)."""
-    kernels = triton_kernels() if torch.version.cuda else None
+    try:
+        kernels = triton_kernels() if torch.version.cuda else None
+    except Exception:  # a broken triton install: the error comes at the first call, not at `import dgfast`
+        kernels = None
     if kernels is not None:
         return getattr(kernels, name)
 
@@ -173,7 +176,7 @@ def resolve_backend(backend: str, tensor: Tensor) -> str:
     return "cpp" if cpp else "torch"
 
 
-def _run(name: str, backend: str, which: str, args: tuple):
+def _run(name: str, which: str, args: tuple):
     """Op `name` on its schema arguments: through the dispatcher ("auto") or the forced implementation."""
     if which == "auto":
         return _OPS[name](*args)
@@ -225,7 +228,7 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale: float = 1.0, guidanc
         raise ValueError(f"{_origin(backend, which)} does not implement mode {mode!r}; use backend='torch'")
     args = (x, out_ft, out_pre, noise, prev, coef_row(coefs, mode, x), float(scale), int(k), mode,
             bool(clip_denoised))
-    return _run("guided_step_with_state" if return_state else "guided_step", backend, which, args)
+    return _run("guided_step_with_state" if return_state else "guided_step", which, args)
 
 
 def _check_step_mode(mode, prev, return_state):
@@ -352,7 +355,7 @@ def _triton_step(x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_de
 
 def adaln_modulate(h, shift, scale, *, eps: float = LN_EPS, backend: str = "auto") -> Tensor:
     """LayerNorm(h) (no affine) * (1 + scale) + shift, per sample. h (N, T, D); shift, scale (N, D)."""
-    return _run("adaln_modulate", backend, _chosen(backend, h), (h, shift, scale, float(eps)))
+    return _run("adaln_modulate", _chosen(backend, h), (h, shift, scale, float(eps)))
 
 
 def adaln_modulate_torch(h, shift, scale, eps=LN_EPS):
@@ -362,7 +365,7 @@ def adaln_modulate_torch(h, shift, scale, eps=LN_EPS):
 
 def gated_residual_modulate(h, gate, y, shift, scale, *, eps: float = LN_EPS, backend: str = "auto"):
     """(h + gate * y, adaln_modulate(h + gate * y, shift, scale)): residual and the next sub-layer's input."""
-    return _run("gated_residual_modulate", backend, _chosen(backend, h), (h, gate, y, shift, scale, float(eps)))
+    return _run("gated_residual_modulate", _chosen(backend, h), (h, gate, y, shift, scale, float(eps)))
 
 
 def gated_residual_modulate_torch(h, gate, y, shift, scale, eps=LN_EPS):
@@ -372,7 +375,7 @@ def gated_residual_modulate_torch(h, gate, y, shift, scale, eps=LN_EPS):
 
 def gelu_tanh(x, bias=None, *, backend: str = "auto") -> Tensor:
     """GELU with the tanh approximation of (x + bias); bias (D,) broadcasts over the last dim."""
-    return _run("gelu_tanh", backend, _chosen(backend, x), (x, bias))
+    return _run("gelu_tanh", _chosen(backend, x), (x, bias))
 
 
 def gelu_tanh_torch(x, bias=None):
