@@ -1,7 +1,7 @@
 // dgfast C++ CPU ops: the fused DoG sampler step and the DiT block's elementwise work.
 //
 // Each op is the one-pass twin of a plain-torch formula in dgfast/ops.py and is tested against it
-// (tests/test_ops_cpp.py). Built by setup.py as dgfast._C, or JIT-loaded by dgfast/_build.py, with
+// (tests/test_op_<op>.py). Built by setup.py as dgfast._C, or JIT-loaded by dgfast/_build.py, with
 // -O3 -fopenmp -ffp-contract=off -fno-trapping-math. No FMA contraction: every float op rounds
 // where torch's op-by-op kernels round, which makes guided_step bit-equal to the reference.
 // -fno-trapping-math changes no value; it lets GCC if-convert the clamps so those loops vectorize.
@@ -210,6 +210,7 @@ at::Tensor guided_step(const at::Tensor& x_in, const at::Tensor& ft_in,
 // flow_heun   out = x + h*(prev + d)
 // prev, z, state may be null (term skipped / not written).
 
+// A mode's number is its index in dgfast.ops.SAMPLER_MODES (ddpm 0, ddim 1: the guided_step above).
 enum StepMode : int64_t { kLinear = 2, kFlowEuler = 3, kFlowHeun = 4 };
 
 DGFAST_SIMD void step_chunk_modes(const float* x, const float* ft, const float* pre, const float* z,
@@ -600,7 +601,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bit-equal to ops.guided_step_torch",
         arg("x"), arg("out_ft"), arg("out_pre"), arg("noise"), arg("prev"), arg("coefs"),
         arg("scale"), arg("k"), arg("mode"), arg("clip"), arg("return_state"));
-  // ops.guided_step runs a mode here only if it is listed (older builds: ddpm/ddim only).
+  // The modes this build implements: dgfast.ops runs a mode here only if it is listed (older builds:
+  // ddpm/ddim only; modes added to dgfast.ops.SAMPLER_MODES later run the twin until built here).
   m.attr("GUIDED_STEP_MODES") = py::make_tuple("ddpm", "ddim", "linear", "flow_euler", "flow_heun");
   m.def("adaln_modulate", &adaln_modulate, nogil, "LayerNorm(h) * (1 + scale) + shift", arg("h"),
         arg("shift"), arg("scale"), arg("eps"));

@@ -30,7 +30,8 @@ def timestep_frequencies(dim: int = 256, max_period: int = 10000, divisor: float
     """
     half = dim // 2
     div = half if divisor is None else divisor
-    return torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / div)
+    steps = torch.arange(start=0, end=half, dtype=torch.float32, device="cpu")  # also under torch.device("meta")
+    return torch.exp(-math.log(max_period) * steps / div)
 
 
 class TimestepEmbedder(nn.Module):
@@ -40,13 +41,19 @@ class TimestepEmbedder(nn.Module):
                                  nn.Linear(hidden_size, hidden_size, bias=True))
         self.frequency_embedding_size = frequency_embedding_size
         self.freq_divisor = freq_divisor
-        self._freqs: dict[torch.device, torch.Tensor] = {}
+        # Computed on CPU once, copied to a device once, as upstream computes and copies per call. Not a
+        # buffer: model.to(bfloat16) must not round them.
+        self._freqs: dict[torch.device, torch.Tensor] = {
+            torch.device("cpu"): timestep_frequencies(frequency_embedding_size, divisor=freq_divisor)}
 
     def freqs(self, device) -> torch.Tensor:
-        if device not in self._freqs:  # computed on CPU once, then copied, as upstream does per call
-            self._freqs[device] = timestep_frequencies(self.frequency_embedding_size,
-                                                       divisor=self.freq_divisor).to(device)
-        return self._freqs[device]
+        device = torch.device(device)
+        cached = self._freqs.get(device)
+        if cached is None:
+            cached = self._freqs[torch.device("cpu")].to(device)
+            if not torch.compiler.is_compiling():  # a trace that filled the cache would be retraced at once
+                self._freqs[device] = cached
+        return cached
 
     def frequency_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """The sinusoidal features (N, frequency_embedding_size), before the MLP."""

@@ -1,32 +1,48 @@
-"""Fused ops: one dispatch point per op, three implementations that must agree.
+"""Fused ops: each one torch custom op, torch.ops.dgfast.<op>, with implementations that must agree.
 
-- "torch":  the plain formulas below. The reference every other backend is tested against.
-- "cpp":    csrc/ (OpenMP + SIMD), for CPU tensors. Built by setup.py or JIT-loaded with ninja.
-- "triton": kernels/ (installed as dgfast.kernels), for CUDA tensors; on CPU only under
-            TRITON_INTERPRET=1 (how the kernels are tested on machines without a GPU).
+- plain torch: the *_torch twins below. The reference every other implementation is tested against.
+- C++ (csrc/, OpenMP + SIMD): the CPU implementation for float32 tensors; other CPU tensors (bf16,
+  fp16, fp64) run the twin. Built by setup.py or JIT-loaded with ninja; without it the twin runs.
+- Triton (kernels/, installed as dgfast.kernels): the CUDA implementation, defined through
+  torch.library.triton_op so that torch.compile sees the kernel. CPU tensors run it only when forced
+  (backend="triton") under TRITON_INTERPRET=1: how the kernels are tested on machines without a GPU.
+- a fake implementation (output shapes, dtypes, devices) for tracing.
 
-backend="auto" picks triton on CUDA, cpp on CPU, torch otherwise. The environment variable
-DGFAST_BACKEND replaces the "auto" choice (an explicit backend argument still wins).
+torch.compile traces into the Triton kernel on CUDA and keeps an op as one call on CPU, so a compiled
+CPU graph runs the C++ kernel. Outputs never alias inputs and are contiguous, in the first input's dtype.
+
+backend= (every public op below):
+  "auto"            torch.ops.dgfast.<op>: the dispatcher picks the implementation by device;
+  "torch"           the twins, no custom op at all (the reference, for a whole forward and step alike);
+  "cpp", "triton"   force that implementation, with a clear error where it cannot run.
+The environment variable DGFAST_BACKEND replaces "auto" only: an explicit argument always wins.
 """
-from __future__ import annotations
-
 import functools
 import os
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from torch._subclasses.functional_tensor import FunctionalTensorMode
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
+BACKEND_ENV = "DGFAST_BACKEND"
+# The step modes, defined here once: a mode's number in the compiled kernels (the Triton kernel's MODE,
+# csrc's StepMode) is its index. linear/flow_*: dgfast.samplers builds their coefficient rows. A C++
+# build that predates a mode runs the twin for it (backend_modes).
 SAMPLER_MODES = ("ddpm", "ddim", "linear", "flow_euler", "flow_heun")
-# linear/flow_*: dgfast.samplers builds their coefficient rows. A compiled backend runs a mode only
-# if it lists it (backend_modes); otherwise "auto" uses the torch twin for that mode.
+DIT_MODES = ("ddpm", "ddim")            # DiT's own steps: always read a noise draw
 STATE_MODES = ("linear", "flow_euler")  # modes that can also return their per-step state
+PREV_MODES = ("linear", "flow_heun")    # modes that read an earlier step's state (prev)
+FLOW_MODES = ("flow_euler", "flow_heun")  # coefficient row: h alone (the other modes read 7 values)
+NUM_COEFS = 7
 LN_EPS = 1e-6
 
 
 # ----------------------------------------------------------------------------------------------
-# Backend discovery
+# Implementations available here
 # ----------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -43,8 +59,9 @@ def cpp_extension():
         from dgfast._build import jit_load
         return jit_load()
     except Exception as err:  # no compiler, no ninja, build error: fall back to torch
-        warnings.warn(f"dgfast: C++ ops unavailable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                      f"using the torch path on CPU", stacklevel=2)
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        warnings.warn(f"dgfast: C++ ops unavailable ({type(err).__name__}: {first_line}); using the torch path on CPU",
+                      stacklevel=2)
         return None
 
 
@@ -81,32 +98,89 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """Which implementation runs `tensor`'s op. Raises a clear error for impossible choices."""
+def _triton_launcher(name):
+    """dgfast.kernels.<name>. On CUDA builds of torch the kernels are imported with the ops: triton_op
+    reads the kernels out of each CUDA implementation's source when the op is defined, and
+    torch.compile's caches key on their source. Elsewhere they load at the first call (on CPU they run
+    only under TRITON_INTERPRET=1, which a test may set after dgfast is imported)."""
+    try:
+        kernels = triton_kernels() if torch.version.cuda else None
+    except Exception:  # a broken triton install: the error comes at the first call, not at `import dgfast`
+        kernels = None
+    if kernels is not None:
+        return getattr(kernels, name)
+
+    def first_call(*args, **kwargs):
+        if triton_kernels() is None:
+            raise RuntimeError("dgfast: the Triton kernels need triton, which is not installed")
+        return getattr(triton_kernels(), name)(*args, **kwargs)
+    return first_call
+
+
+_triton_guided_step = _triton_launcher("guided_step")
+_triton_adaln_modulate = _triton_launcher("adaln_modulate")
+_triton_gated_residual_modulate = _triton_launcher("gated_residual_modulate")
+_triton_gelu_tanh = _triton_launcher("gelu_tanh")
+
+
+def backend_modes(which: str) -> tuple:
+    """Sampler modes an implementation runs (C++: what this build lists; older builds ddpm/ddim only)."""
+    if which == "cpp":
+        return tuple(getattr(cpp_extension(), "GUIDED_STEP_MODES", DIT_MODES))
+    if which == "triton":
+        return tuple(getattr(triton_kernels(), "GUIDED_STEP_MODES", DIT_MODES))
+    return SAMPLER_MODES
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend choice
+# ----------------------------------------------------------------------------------------------
+
+def _origin(backend: str, which: str) -> str:
+    """How an error names the choice: the argument, or the environment variable that replaced "auto"."""
+    return f"{BACKEND_ENV}={which}" if backend == "auto" else f"backend={which!r}"
+
+
+def _chosen(backend: str, tensor: Tensor) -> str:
+    """"auto" (the custom op) or the forced "cpp" / "triton" / "torch", DGFAST_BACKEND applied;
+    raises when a forced implementation cannot run `tensor`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    which = backend
     if backend == "auto":
-        backend = os.environ.get("DGFAST_BACKEND", "auto") or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"DGFAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if tensor.is_cuda and triton_kernels() is not None:
-            return "triton"
-        # the C++ ops are float32 only: bf16/fp16 CPU tensors (half-precision models) take the twins
-        if tensor.device.type == "cpu" and tensor.dtype == torch.float32 and cpp_extension() is not None:
-            return "cpp"
-        return "torch"
-    if backend == "triton":
+        which = os.environ.get(BACKEND_ENV) or "auto"
+        if which not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {which!r}")
+    if which == "triton":
         if triton_kernels() is None:
-            raise RuntimeError("backend='triton': triton is not installed")
+            raise RuntimeError(f"{_origin(backend, which)}: triton is not installed")
         if not tensor.is_cuda and not triton_interpreting():
-            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    if backend == "cpp":
+            raise ValueError(f"{_origin(backend, which)} needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
+    elif which == "cpp":
         if tensor.device.type != "cpu":
-            raise ValueError(f"backend='cpp' runs CPU tensors only, got a tensor on {tensor.device}")
+            raise ValueError(f"{_origin(backend, which)} runs CPU tensors only, got a tensor on {tensor.device}")
         if cpp_extension() is None:
-            raise RuntimeError("backend='cpp': the C++ extension could not be built or loaded")
-    return backend
+            raise RuntimeError(f"{_origin(backend, which)}: the C++ extension could not be built or loaded")
+    return which
+
+
+def resolve_backend(backend: str, tensor: Tensor) -> str:
+    """The implementation that runs an op on `tensor`: "triton", "cpp" or "torch" (for "auto", the one
+    the dispatcher picks for a float32 tensor like it). Raises a clear error for impossible choices."""
+    which = _chosen(backend, tensor)
+    if which != "auto":
+        return which
+    if tensor.is_cuda:
+        return "triton" if triton_kernels() is not None else "torch"
+    cpp = tensor.device.type == "cpu" and tensor.dtype == torch.float32 and cpp_extension() is not None
+    return "cpp" if cpp else "torch"
+
+
+def _run(name: str, which: str, args: tuple):
+    """Op `name` on its schema arguments: through the dispatcher ("auto") or the forced implementation."""
+    if which == "auto":
+        return _OPS[name](*args)
+    return _IMPLS[which][name](*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +198,8 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale: float = 1.0, guidanc
     noise:    (n, C, H, W) standard normal draw (may be a strided view, e.g. rows of a 2n draw),
               or None for a step without a noise term
     coefs:    the step's row of per-step float32 scalars (Schedule.ddpm_coefs()/ddim_coefs(), or a
-              dgfast.samplers row for the other modes)
+              dgfast.samplers row for the other modes): a sequence, a numpy row or a tensor. A float32
+              tensor on x's device is used as it is, so one compiled graph serves every step.
     scale:    guidance scale w in  eps = u + w * (c - u)  (u = pre-trained, c = fine-tuned)
     guidance_channels: k, guidance applies to eps channels [0, k); the rest are the fine-tuned eps.
 
@@ -142,48 +217,40 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale: float = 1.0, guidanc
     return_state: linear/flow_euler only: return (x_prev, state) instead of x_prev
     guidance_rescale: phi of Lin et al. (diffusers' rescale_noise_cfg): the guided eps is rescaled
               towards the fine-tuned eps's per-sample std. It needs a reduction over each sample,
-              so the guided eps is formed here in torch and the backend step runs unguided on it.
+              so the guided eps is formed here in torch and the fused step runs unguided on it.
     """
+    _check_step_mode(mode, prev, return_state)
+    k = guidance_channels if out_pre is not None else 0
+    if guidance_rescale and k > 0:
+        out_ft, out_pre, k = rescale_guided(out_ft, out_pre, scale, k, x.shape[1], guidance_rescale), None, 0
+    which = _chosen(backend, x)
+    if which in ("cpp", "triton") and mode not in backend_modes(which):
+        raise ValueError(f"{_origin(backend, which)} does not implement mode {mode!r}; use backend='torch'")
+    args = (x, out_ft, out_pre, noise, prev, coef_row(coefs, mode, x), float(scale), int(k), mode,
+            bool(clip_denoised))
+    return _run("guided_step_with_state" if return_state else "guided_step", which, args)
+
+
+def _check_step_mode(mode, prev, return_state):
     if mode not in SAMPLER_MODES:
         raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
     if return_state and mode not in STATE_MODES:
         raise ValueError(f"return_state: mode {mode!r} has no state; modes with one: {STATE_MODES}")
     if mode == "flow_heun" and prev is None:
         raise ValueError("mode='flow_heun' needs prev= (the first stage's guided output)")
-    k = guidance_channels if out_pre is not None else 0
-    if guidance_rescale and k > 0:
-        out_ft, out_pre, k = rescale_guided(out_ft, out_pre, scale, k, x.shape[1], guidance_rescale), None, 0
-    coefs = [float(c) for c in coefs]
-    which = resolve_backend(backend, x)
-    if which != "torch" and mode not in backend_modes(which):
-        if backend != "auto":
-            raise ValueError(f"backend={backend!r} does not implement mode {mode!r}; use backend='torch'")
-        which = "torch"  # "auto": this build's compiled backend predates the mode
-    if mode in ("ddpm", "ddim") and noise is None:  # the DiT modes always read a draw; m = 0 steps ignore it
-        noise = torch.zeros_like(x)
-    if which == "cpp":
-        if mode in ("ddpm", "ddim"):
-            return cpp_extension().guided_step(x, out_ft, out_pre, noise, coefs, float(scale), int(k),
-                                               mode == "ddim", bool(clip_denoised))
-        cpp_mode = {"linear": 2, "flow_euler": 3, "flow_heun": 4}[mode]
-        res = cpp_extension().guided_step_modes(x, out_ft, out_pre, noise, prev, coefs, float(scale), int(k),
-                                                cpp_mode, bool(clip_denoised), bool(return_state))
-        return tuple(res) if return_state else res[0]
-    if which == "triton":
-        extra = {} if mode in ("ddpm", "ddim") else dict(prev=prev, return_state=bool(return_state))
-        return triton_kernels().guided_step(x, out_ft, out_pre, noise, coefs, scale=float(scale), k=int(k),
-                                            mode=mode, clip_denoised=bool(clip_denoised), **extra)
-    return guided_step_torch(x, out_ft, out_pre, noise, coefs, scale=scale, guidance_channels=k, mode=mode,
-                             clip_denoised=clip_denoised, prev=prev, return_state=return_state)
+    if prev is not None and mode not in PREV_MODES:
+        raise ValueError(f"prev: mode {mode!r} reads no earlier state; modes that do: {PREV_MODES}")
 
 
-def backend_modes(which: str) -> tuple:
-    """Sampler modes a compiled backend implements (ddpm/ddim always; the rest once added there)."""
-    if which == "cpp":
-        return tuple(getattr(cpp_extension(), "GUIDED_STEP_MODES", ("ddpm", "ddim")))
-    if which == "triton":
-        return tuple(getattr(triton_kernels(), "GUIDED_STEP_MODES", ("ddpm", "ddim")))
-    return SAMPLER_MODES
+def coef_row(coefs, mode: str, x: Tensor) -> Tensor:
+    """The step's coefficients as the ops take them: a 1-d float32 tensor on x's device (each value
+    rounded once to float32, as DiT's _extract_into_tensor). Flow modes read h alone, the others 7."""
+    c = torch.as_tensor(coefs, dtype=torch.float32, device=x.device)
+    least = 1 if mode in FLOW_MODES else NUM_COEFS
+    if c.dim() != 1 or not least <= c.shape[0] <= NUM_COEFS:
+        raise ValueError(f"coefs: mode {mode!r} takes a row of {least} to {NUM_COEFS} values, got shape "
+                         f"{tuple(c.shape)}")
+    return c
 
 
 def rescale_guided(out_ft, out_pre, scale, k, C, phi):
@@ -254,49 +321,187 @@ def guided_step_math(x, out_ft, out_pre, noise, c, *, scale, guidance_channels, 
     return mean + c[6] * torch.exp(0.5 * logvar) * noise
 
 
+# The step on the op's arguments (x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_denoised),
+# one function per implementation. The DiT modes read a draw: a step without one (noise None) reads zeros.
+
+def _dit_noise(x, noise, mode):
+    return torch.zeros_like(x) if noise is None and mode in DIT_MODES else noise
+
+
+def _torch_step(x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_denoised, return_state=False):
+    return guided_step_math(x, out_ft, out_pre, _dit_noise(x, noise, mode), coefs.to(torch.float32), scale=scale,
+                            guidance_channels=k, mode=mode, clip_denoised=clip_denoised, prev=prev,
+                            return_state=return_state)
+
+
+def _cpp_step(x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_denoised, return_state=False):
+    ext, c, noise = cpp_extension(), coefs.tolist(), _dit_noise(x, noise, mode)
+    if mode in DIT_MODES:
+        return ext.guided_step(x, out_ft, out_pre, noise, c, scale, k, mode == "ddim", clip_denoised)
+    res = ext.guided_step_modes(x, out_ft, out_pre, noise, prev, c, scale, k, SAMPLER_MODES.index(mode),
+                                clip_denoised, return_state)
+    return tuple(res) if return_state else res[0]
+
+
+def _triton_step(x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_denoised, return_state=False,
+                 traceable=False):
+    return _triton_guided_step(x, out_ft, out_pre, _dit_noise(x, noise, mode), coefs, scale=scale, k=k, mode=mode,
+                               clip_denoised=clip_denoised, prev=prev, return_state=return_state, traceable=traceable)
+
+
 # ----------------------------------------------------------------------------------------------
 # DiT block elementwise work
 # ----------------------------------------------------------------------------------------------
 
-def adaln_modulate(h, shift, scale, *, eps: float = LN_EPS, backend: str = "auto") -> torch.Tensor:
+def adaln_modulate(h, shift, scale, *, eps: float = LN_EPS, backend: str = "auto") -> Tensor:
     """LayerNorm(h) (no affine) * (1 + scale) + shift, per sample. h (N, T, D); shift, scale (N, D)."""
-    which = resolve_backend(backend, h)
-    if which == "cpp":
-        return cpp_extension().adaln_modulate(h, shift, scale, float(eps))
-    if which == "triton":
-        return triton_kernels().adaln_modulate(h, shift, scale, eps=float(eps))
-    return adaln_modulate_torch(h, shift, scale, eps=eps)
+    return _run("adaln_modulate", _chosen(backend, h), (h, shift, scale, float(eps)))
 
 
-def adaln_modulate_torch(h, shift, scale, *, eps=LN_EPS):
+def adaln_modulate_torch(h, shift, scale, eps=LN_EPS):
     z = F.layer_norm(h, (h.shape[-1],), eps=eps)
     return z * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def gated_residual_modulate(h, gate, y, shift, scale, *, eps: float = LN_EPS, backend: str = "auto"):
     """(h + gate * y, adaln_modulate(h + gate * y, shift, scale)): residual and the next sub-layer's input."""
-    which = resolve_backend(backend, h)
-    if which == "cpp":
-        return tuple(cpp_extension().gated_residual_modulate(h, gate, y, shift, scale, float(eps)))
-    if which == "triton":
-        return triton_kernels().gated_residual_modulate(h, gate, y, shift, scale, eps=float(eps))
-    return gated_residual_modulate_torch(h, gate, y, shift, scale, eps=eps)
+    return _run("gated_residual_modulate", _chosen(backend, h), (h, gate, y, shift, scale, float(eps)))
 
 
-def gated_residual_modulate_torch(h, gate, y, shift, scale, *, eps=LN_EPS):
+def gated_residual_modulate_torch(h, gate, y, shift, scale, eps=LN_EPS):
     h = h + gate.unsqueeze(1) * y
     return h, adaln_modulate_torch(h, shift, scale, eps=eps)
 
 
-def gelu_tanh(x, bias=None, *, backend: str = "auto") -> torch.Tensor:
+def gelu_tanh(x, bias=None, *, backend: str = "auto") -> Tensor:
     """GELU with the tanh approximation of (x + bias); bias (D,) broadcasts over the last dim."""
-    which = resolve_backend(backend, x)
-    if which == "cpp":
-        return cpp_extension().gelu_tanh(x, bias)
-    if which == "triton":
-        return triton_kernels().gelu_tanh(x, bias)
-    return gelu_tanh_torch(x, bias)
+    return _run("gelu_tanh", _chosen(backend, x), (x, bias))
 
 
 def gelu_tanh_torch(x, bias=None):
     return F.gelu(x if bias is None else x + bias, approximate="tanh")
+
+
+def _cpp_gated_residual_modulate(h, gate, y, shift, scale, eps):
+    return tuple(cpp_extension().gated_residual_modulate(h, gate, y, shift, scale, eps))
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom ops: torch.ops.dgfast.<op>
+# ----------------------------------------------------------------------------------------------
+# Every implementation takes the op's schema arguments, in schema order.
+_IMPLS = {
+    "torch": {"guided_step": _torch_step, "guided_step_with_state": functools.partial(_torch_step, return_state=True),
+              "adaln_modulate": adaln_modulate_torch, "gated_residual_modulate": gated_residual_modulate_torch,
+              "gelu_tanh": gelu_tanh_torch},
+    "cpp": {"guided_step": _cpp_step, "guided_step_with_state": functools.partial(_cpp_step, return_state=True),
+            "adaln_modulate": lambda h, shift, scale, eps: cpp_extension().adaln_modulate(h, shift, scale, eps),
+            "gated_residual_modulate": _cpp_gated_residual_modulate,
+            "gelu_tanh": lambda x, bias: cpp_extension().gelu_tanh(x, bias)},
+    "triton": {"guided_step": _triton_step,
+               "guided_step_with_state": functools.partial(_triton_step, return_state=True),
+               "adaln_modulate": _triton_adaln_modulate, "gated_residual_modulate": _triton_gated_residual_modulate,
+               "gelu_tanh": _triton_gelu_tanh},
+}
+
+
+def _op_output(out, like: Tensor):
+    """A twin's result as the op promises it (and its fake implementation describes): like's dtype,
+    contiguous. The twins never return an input."""
+    if isinstance(out, tuple):
+        return tuple(_op_output(o, like) for o in out)
+    return out.to(like.dtype).contiguous()
+
+
+def _cpu_kernel(name: str, cpp_runs=lambda args: True):
+    """The CPU implementation of op `name`: the C++ kernel where it runs the inputs (float32, and
+    `cpp_runs`), else the twin. Both are looked up per call (tests watch which one runs)."""
+    def kernel(*args):
+        if (cpp_extension() is not None and cpp_runs(args)
+                and all(a.dtype == torch.float32 for a in args if isinstance(a, Tensor))):
+            return _IMPLS["cpp"][name](*args)
+        return _op_output(_IMPLS["torch"][name](*args), args[0])
+    return kernel
+
+
+def _step_in_cpp(args):
+    return args[8] in backend_modes("cpp")  # args[8]: mode
+
+
+# The device implementations triton_op registers (their annotations are the schemas): the Triton
+# kernel on CUDA, the twin on other devices without a kernel of their own. CPU has its own (_cpu_kernel).
+
+def _on_device(name: str, args: tuple, triton_impl):
+    if args[0].is_cuda and triton_kernels() is not None:
+        return triton_impl(*args, traceable=True)
+    return _op_output(_IMPLS["torch"][name](*args), args[0])
+
+
+def _guided_step(x: Tensor, out_ft: Tensor, out_pre: Optional[Tensor], noise: Optional[Tensor],
+                 prev: Optional[Tensor], coefs: Tensor, scale: float, k: int, mode: str,
+                 clip_denoised: bool) -> Tensor:
+    return _on_device("guided_step", (x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_denoised),
+                      _triton_step)
+
+
+def _guided_step_with_state(x: Tensor, out_ft: Tensor, out_pre: Optional[Tensor], noise: Optional[Tensor],
+                            prev: Optional[Tensor], coefs: Tensor, scale: float, k: int, mode: str,
+                            clip_denoised: bool) -> tuple[Tensor, Tensor]:
+    return _on_device("guided_step_with_state",
+                      (x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_denoised),
+                      functools.partial(_triton_step, return_state=True))
+
+
+def _adaln_modulate(h: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    return _on_device("adaln_modulate", (h, shift, scale, eps), _triton_adaln_modulate)
+
+
+def _gated_residual_modulate(h: Tensor, gate: Tensor, y: Tensor, shift: Tensor, scale: Tensor,
+                             eps: float) -> tuple[Tensor, Tensor]:
+    return _on_device("gated_residual_modulate", (h, gate, y, shift, scale, eps), _triton_gated_residual_modulate)
+
+
+def _gelu_tanh(x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return _on_device("gelu_tanh", (x, bias), _triton_gelu_tanh)
+
+
+def _fake(x, *args):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _fake_pair(x, *args):
+    return _fake(x), _fake(x)
+
+
+def _compile_rule(impl):
+    """How torch.compile's functionalization treats the op: on CUDA it traces into impl, so inductor
+    sees the Triton kernel (triton_op's own rule, which would do so on every device); elsewhere the op
+    stays one call, so the compiled CPU graph runs the C++ kernel (bit-equal to eager)."""
+    def rule(mode, op, types, args, kwargs):
+        if args[0].is_cuda:
+            with mode:
+                return impl(*args, **kwargs)
+        return mode.__torch_dispatch__(op, types, args, kwargs)
+    return rule
+
+
+_CPU_LIB = torch.library.Library("dgfast", "IMPL")  # keeps the CPU registrations alive
+
+
+def _define(name: str, impl, fake, cpp_runs=lambda args: True):
+    op = torch.library.triton_op(f"dgfast::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    op.register_torch_dispatch(FunctionalTensorMode, _compile_rule(impl))
+    # Registered on the dispatcher directly, not with op.register_kernel: that adds a Python wrapper
+    # (and its microseconds) to every call.
+    _CPU_LIB.impl(name, _cpu_kernel(name, cpp_runs), "CPU")
+    return getattr(torch.ops.dgfast, name).default
+
+
+_OPS = {
+    "guided_step": _define("guided_step", _guided_step, _fake, _step_in_cpp),
+    "guided_step_with_state": _define("guided_step_with_state", _guided_step_with_state, _fake_pair, _step_in_cpp),
+    "adaln_modulate": _define("adaln_modulate", _adaln_modulate, _fake),
+    "gated_residual_modulate": _define("gated_residual_modulate", _gated_residual_modulate, _fake_pair),
+    "gelu_tanh": _define("gelu_tanh", _gelu_tanh, _fake),
+}

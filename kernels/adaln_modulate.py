@@ -6,6 +6,7 @@ stride is 6D: strides are passed, nothing is copied. Statistics in float32, outp
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -71,16 +72,20 @@ def num_warps_for(block_d):
     return 4 if block_d <= 1024 else 8 if block_d <= 4096 else 16
 
 
-def adaln_modulate(h, shift, scale, eps=1e-6, out=None):
-    """LayerNorm(h) * (1 + scale[:, None]) + shift[:, None]; h (N, T, D), shift/scale (N, D)."""
+def adaln_modulate(h, shift, scale, eps=1e-6, out=None, traceable=False):
+    """LayerNorm(h) * (1 + scale[:, None]) + shift[:, None]; h (N, T, D), shift/scale (N, D).
+
+    traceable: launch through torch.library.wrap_triton (see guided_step).
+    """
     check_rows("adaln_modulate", h, {"shift": shift, "scale": scale})
     out = row_out("adaln_modulate", h, out)
     N, T, D = h.shape
     if h.numel() == 0:
         return out
     h, shift, scale = unit_last(h), unit_last(shift), unit_last(scale)
-    block_d = triton.next_power_of_2(D)
-    _adaln_modulate_kernel[(N * T,)](
+    block_d = triton.next_power_of_2(int(D))  # int(): a traced size is specialized here (constexpr block)
+    kernel = wrap_triton(_adaln_modulate_kernel) if traceable else _adaln_modulate_kernel
+    kernel[(N * T,)](
         h, shift, scale, out, T, D, float(eps),
         h.stride(0), h.stride(1), shift.stride(0), scale.stride(0), out.stride(0), out.stride(1),
         BLOCK_D=block_d, num_warps=num_warps_for(block_d), enable_fp_fusion=False)

@@ -6,6 +6,7 @@ of the (N, 6D) adaLN projection (row stride 6D); strides are passed, nothing is 
 """
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .adaln_modulate import check_rows, num_warps_for, row_out, unit_last
 
@@ -40,10 +41,11 @@ def _gated_residual_modulate_kernel(h_ptr, gate_ptr, y_ptr, shift_ptr, scale_ptr
     tl.store(xout_ptr + n * sxo_n + t * sxo_t + cols, x.to(xout_ptr.dtype.element_ty), mask=mask)
 
 
-def gated_residual_modulate(h, gate, y, shift, scale, eps=1e-6, out=None):
+def gated_residual_modulate(h, gate, y, shift, scale, eps=1e-6, out=None, traceable=False):
     """(h + gate[:, None] * y, adaln_modulate(that, shift, scale)); h, y (N, T, D); gate/shift/scale (N, D).
 
     out: optional pair (h_new, x_mod) of preallocated tensors like h.
+    traceable: launch through torch.library.wrap_triton (see guided_step).
     """
     op = "gated_residual_modulate"
     check_rows(op, h, {"gate": gate, "y": y, "shift": shift, "scale": scale})
@@ -53,8 +55,9 @@ def gated_residual_modulate(h, gate, y, shift, scale, eps=1e-6, out=None):
     if h.numel() == 0:
         return h_out, x_out
     h, gate, y, shift, scale = (unit_last(t) for t in (h, gate, y, shift, scale))
-    block_d = triton.next_power_of_2(D)
-    _gated_residual_modulate_kernel[(N * T,)](
+    block_d = triton.next_power_of_2(int(D))  # int(): a traced size is specialized here (constexpr block)
+    kernel = wrap_triton(_gated_residual_modulate_kernel) if traceable else _gated_residual_modulate_kernel
+    kernel[(N * T,)](
         h, gate, y, shift, scale, h_out, x_out, T, D, float(eps),
         h.stride(0), h.stride(1), gate.stride(0), y.stride(0), y.stride(1), shift.stride(0), scale.stride(0),
         h_out.stride(0), h_out.stride(1), x_out.stride(0), x_out.stride(1),

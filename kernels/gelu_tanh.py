@@ -9,6 +9,7 @@ __nv_expf on the GPU: tl.exp's fast ex2 path is off by up to ~5e-6 relative for 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .exp import exp as _exp  # libdevice expf on the GPU, tl.exp under the interpreter
 
@@ -31,8 +32,11 @@ def _gelu_tanh_kernel(x_ptr, b_ptr, out_ptr, D,
     tl.store(out_ptr + base + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gelu_tanh(x, bias=None, out=None, block=1024):
-    """gelu_tanh(x + bias) in x's dtype (float32 math). bias: (D,) with D = x.shape[-1], or None."""
+def gelu_tanh(x, bias=None, out=None, block=1024, traceable=False):
+    """gelu_tanh(x + bias) in x's dtype (float32 math). bias: (D,) with D = x.shape[-1], or None.
+
+    traceable: launch through torch.library.wrap_triton (see guided_step).
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"gelu_tanh: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _DTYPES:
@@ -58,8 +62,9 @@ def gelu_tanh(x, bias=None, out=None, block=1024):
     if x.numel() == 0:
         return out
     x = x.contiguous()  # flat indexing; activations from a GEMM are contiguous already
-    block = min(block, triton.next_power_of_2(D))
-    _gelu_tanh_kernel[(x.numel() // D, triton.cdiv(D, block))](
+    block = min(block, triton.next_power_of_2(int(D)))  # int(): a traced size is specialized (constexpr block)
+    kernel = wrap_triton(_gelu_tanh_kernel) if traceable else _gelu_tanh_kernel
+    kernel[(x.numel() // D, triton.cdiv(D, block))](
         x, bias if bias is not None else x, out, D,
         HAS_BIAS=bias is not None, BLOCK=block,
         num_warps=4 if block <= 1024 else 8, enable_fp_fusion=False, enable_reflect_ftz=False)

@@ -11,16 +11,20 @@ result is bit-equal to PyTorch's op-by-op kernels:
 Modes linear / flow_euler / flow_heun (dgfast.samplers' DPM-Solver++, diffusers DDIM/DDPM, Euler,
 Heun) follow ops.guided_step_torch the same way; they may read a previous step's state (prev),
 write this step's (state: x0 for linear, the guided d for flow_euler) and skip the noise.
+The step's coefficients are read from a float32 device tensor, not passed as kernel arguments:
+one compiled graph (torch.compile, a CUDA graph) then serves every step, each reading its own row.
 """
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+from dgfast.ops import DIT_MODES, PREV_MODES, SAMPLER_MODES, STATE_MODES  # the modes, defined once
 
 from .exp import exp as _exp  # libdevice expf on the GPU, tl.exp under the interpreter
 
-
-MODES = {"ddpm": 0, "ddim": 1, "linear": 2, "flow_euler": 3, "flow_heun": 4}  # MODE branches below
-NUM_SLOTS = 8                   # per-step float32 scalars c0..c7 (ddpm/ddim use 7)
+MODES = {mode: i for i, mode in enumerate(SAMPLER_MODES)}  # the kernel's MODE: ddpm 0, ddim 1, linear 2, ...
+NUM_SLOTS = 7                   # per-step float32 scalars c0..c6 the kernel reads (flow modes use c0)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -29,7 +33,7 @@ def _guided_step_kernel(x_ptr, ft_ptr, pre_ptr, z_ptr, out_ptr, prev_ptr, state_
                         C, HW, k,
                         sx_n, sx_c, sft_n, sft_c, spre_n, spre_c, sz_n, sz_c, so_n, so_c,
                         sp_n, sp_c, ss_n, ss_c,
-                        c0, c1, c2, c3, c4, c5, c6, c7, scale,
+                        coef_ptr, scale,
                         MODE: tl.constexpr, HAS_PRE: tl.constexpr, CLIP: tl.constexpr,
                         HAS_NOISE: tl.constexpr, HAS_PREV: tl.constexpr, WRITE_STATE: tl.constexpr,
                         BLOCK: tl.constexpr):
@@ -39,6 +43,13 @@ def _guided_step_kernel(x_ptr, ft_ptr, pre_ptr, z_ptr, out_ptr, prev_ptr, state_
     c = row % C
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < HW
+    c0 = tl.load(coef_ptr)
+    c1 = tl.load(coef_ptr + 1)
+    c2 = tl.load(coef_ptr + 2)
+    c3 = tl.load(coef_ptr + 3)
+    c4 = tl.load(coef_ptr + 4)
+    c5 = tl.load(coef_ptr + 5)
+    c6 = tl.load(coef_ptr + 6)
 
     x = tl.load(x_ptr + n * sx_n + c * sx_c + offs, mask=mask, other=0.0).to(tl.float32)
     eps = tl.load(ft_ptr + n * sft_n + c * sft_c + offs, mask=mask, other=0.0).to(tl.float32)
@@ -110,12 +121,25 @@ def _check(name, t, n, min_c, H, W, device):
         raise ValueError(f"guided_step: {name} must be ({n}, >={min_c}, {H}, {W}), got {tuple(t.shape)}")
 
 
+def coef_slots(coefs, device):
+    """The step's coefficients as the kernel reads them: NUM_SLOTS float32 values on `device`, zero
+    padded. coefs: a sequence of floats or a 1-d tensor (kept on the device: no host round trip)."""
+    c = coefs if isinstance(coefs, torch.Tensor) else torch.tensor([float(v) for v in coefs], dtype=torch.float32)
+    if c.dim() != 1 or not 1 <= c.numel() <= NUM_SLOTS:
+        raise ValueError(f"guided_step: coefs must hold 1 to {NUM_SLOTS} values, got shape {tuple(c.shape)}")
+    c = c.to(device=device, dtype=torch.float32)
+    return c if c.numel() == NUM_SLOTS else torch.cat([c, c.new_zeros(NUM_SLOTS - c.numel())])
+
+
 def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm", clip_denoised=False,
-                out=None, block=1024, prev=None, return_state=False):
+                out=None, block=1024, prev=None, return_state=False, traceable=False):
     """x_prev (n, C, H, W) in x's dtype; float32 math. See ops.guided_step for the arguments.
 
+    coefs: the step's row (floats, or a 1-d float32 tensor, best on x's device).
     out: optional preallocated (n, C, H, W) output of x's dtype with contiguous planes.
     prev / return_state (linear, flow_*): the previous step's state in; (x_prev, state) out.
+    traceable: launch through torch.library.wrap_triton, so that torch.compile sees the kernel
+    (dgfast.ops' custom op passes True; a plain call launches directly).
     """
     if mode not in MODES:
         raise ValueError(f"guided_step: mode must be one of {tuple(MODES)}, got {mode!r}")
@@ -124,19 +148,19 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm"
     n, C, H, W = x.shape
     _check("x", x, n, C, H, W, x.device)
     _check("out_ft", out_ft, n, 2 * C if mode == "ddpm" else C, H, W, x.device)
-    if noise is not None or mode in ("ddpm", "ddim"):  # the DiT modes always take a draw
+    if noise is not None or mode in DIT_MODES:  # the DiT modes always take a draw
         _check("noise", noise, n, C, H, W, x.device)
         if noise.shape[1] != C:
             raise ValueError(f"guided_step: noise must have {C} channels, got {noise.shape[1]}")
     if mode == "flow_heun" and prev is None:
         raise ValueError("guided_step: mode 'flow_heun' needs prev (the first stage's d)")
     if prev is not None:
-        if mode not in ("linear", "flow_heun"):
+        if mode not in PREV_MODES:
             raise ValueError(f"guided_step: mode {mode!r} takes no prev")
         _check("prev", prev, n, C, H, W, x.device)
         if prev.shape[1] != C:
             raise ValueError(f"guided_step: prev must have {C} channels, got {prev.shape[1]}")
-    if return_state and mode not in ("linear", "flow_euler"):
+    if return_state and mode not in STATE_MODES:
         raise ValueError(f"guided_step: mode {mode!r} has no state to return")
     k = int(k)
     if not 0 <= k <= C:
@@ -145,10 +169,7 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm"
         _check("out_pre", out_pre, n, k, H, W, x.device)
     elif k > 0:
         raise ValueError(f"guided_step: k={k} guided channels need out_pre")
-    coefs = [float(v) for v in coefs]
-    if not 1 <= len(coefs) <= NUM_SLOTS:
-        raise ValueError(f"guided_step: coefs must hold at most {NUM_SLOTS} values, got {len(coefs)}")
-    coefs += [0.0] * (NUM_SLOTS - len(coefs))
+    coefs = coef_slots(coefs, x.device)
     if out is None:
         out = torch.empty((n, C, H, W), dtype=x.dtype, device=x.device)
     else:
@@ -167,14 +188,15 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm"
     prev_t = _planes(prev) if prev is not None else x
     state_t = state if state is not None else out
     HW = H * W
-    block = min(block, triton.next_power_of_2(HW))
+    block = min(block, triton.next_power_of_2(int(HW)))  # int(): a traced size is specialized (constexpr block)
     grid = (n * C, triton.cdiv(HW, block))
-    _guided_step_kernel[grid](
+    kernel = wrap_triton(_guided_step_kernel) if traceable else _guided_step_kernel
+    kernel[grid](
         x, out_ft, pre, noise, out, prev_t, state_t, C, HW, k,
         x.stride(0), x.stride(1), out_ft.stride(0), out_ft.stride(1), pre.stride(0), pre.stride(1),
         noise.stride(0), noise.stride(1), out.stride(0), out.stride(1),
         prev_t.stride(0), prev_t.stride(1), state_t.stride(0), state_t.stride(1),
-        *coefs, float(scale),
+        coefs, float(scale),
         MODE=MODES[mode], HAS_PRE=has_pre, CLIP=bool(clip_denoised), HAS_NOISE=has_noise,
         HAS_PREV=prev is not None, WRITE_STATE=state is not None, BLOCK=block,
         num_warps=4 if block <= 1024 else 8,

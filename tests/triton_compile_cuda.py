@@ -17,6 +17,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled, not interpreted
 
@@ -142,7 +143,8 @@ def summarize(ptx):
             "ex2_kinds": sorted({o for o in ops if o.startswith("ex2.")}),
             "div_f32": sorted({o for o in ops if o.startswith("div.") and o.endswith(".f32")}),
             "exp_sequences": exp_sequences(ptx),
-            "global_access": sorted(set(re.findall(r"\b(?:ld|st)\.global[\w.]*", ptx)))}
+            "global_access": sorted(set(re.findall(r"\b(?:ld|st)\.global[\w.]*", ptx))),
+            "global_access_counts": dict(Counter(re.findall(r"\b(?:ld|st)\.global[\w.]*", ptx)))}
 
 
 SKIP = re.compile(r"^\s*(\.loc|\$L__|//|mov\.\w+\s+%\w+,\s*0f)")  # debug lines, labels, immediates
@@ -210,7 +212,7 @@ def main():
     if args.fusion_control:
         x = torch.randn(2, 4, 6, 6)
         launch(lambda: _guided_step_kernel[(8, 1)](
-            x, x, x, x, x, x, x, 4, 36, 4, *([0] * 14), *([0.5] * 8), 1.5,
+            x, x, x, x, x, x, x, 4, 36, 4, *([0] * 14), torch.full((7,), 0.5), 1.5,
             MODE=2, HAS_PRE=True, CLIP=False, HAS_NOISE=True, HAS_PREV=True, WRITE_STATE=True, BLOCK=64,
             num_warps=4, enable_fp_fusion=True))
         ptx, cubin_bytes = newest_ptx(_guided_step_kernel, seen)
