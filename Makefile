@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (see README.md):
 #   make demo   sample with Domain Guidance on the embedded models, write a grid, print throughput
-#   make test   run the whole test suite (benchmarks run once each, untimed)
+#   make test   lint (ruff) and run the whole test suite (benchmarks run once each, untimed)
 # Each creates its own virtual environment in .venv and installs what it needs.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -21,7 +21,9 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(PY) -m dgfast demo
 
+# ruff first: the house rules (ruff.toml) are part of the test.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests bench --benchmark-disable -q
 
 # One thread: two-thread timings on a 2-core VM swing. The ratio table follows the run.

@@ -45,7 +45,8 @@ def cpp_extension():
             try:
                 super().build_extensions()
             except Exception as err:  # the package still works without dgfast._C (JIT or torch path)
-                warn(f"building the C++ ops failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                first = str(err).splitlines()[0] if str(err) else ""
+                warn(f"building the C++ ops failed ({type(err).__name__}: {first}); "
                      f"installing without them")
                 self.extensions = []
 
@@ -81,7 +82,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors", "pillow"],
     extras_require={
         # triton: the kernels' tests run under its interpreter (TRITON_INTERPRET=1) without a GPU
-        "dev": ["pytest", "pytest-benchmark", "pybind11", "ninja", "numpy", "pillow", "tqdm", "safetensors",
+        "dev": ["pytest", "pytest-benchmark", "pybind11", "ninja", "numpy", "pillow", "tqdm", "safetensors", "ruff",
                 "scikit-learn", "triton>=3.0"],
         "triton": ["triton>=3.0"],
         "diffusers": ["diffusers", "peft"],

@@ -6,7 +6,8 @@ torch = the op's plain-torch twin from dgfast.ops (what the model runs without d
     pytest bench/bench_ops.py --benchmark-only --benchmark-group-by=group \
         --benchmark-columns=min,median,rounds --benchmark-sort=name
 
-Compare on min: on a shared 2-core machine the min of many short rounds is the stable figure. extra_info holds the bytes the op must move (its
+Compare on min: on a shared 2-core machine the min of many short rounds is the stable figure.
+extra_info holds the bytes the op must move (its
 inputs once, its outputs once: the same figure for both implementations) and the effective GB/s.
 """
 import pytest

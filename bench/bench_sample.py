@@ -328,7 +328,8 @@ def profile(latent: int, steps: str = "2", rows: int = 12) -> dict:
                   f"  calls {e.count}")
         if name == "dgfast":  # the pair's GEMM strategy per layer shape, as measured at its first forward
             print("\n".join(line for line in get_pair(*args).report().splitlines() if line.startswith(("GEMM", "  "))))
-    print(f"\nlatent {latent}: reference / dgfast wall time {shares['reference']['wall_s'] / shares['dgfast']['wall_s']:.2f}x "
+    ratio = shares['reference']['wall_s'] / shares['dgfast']['wall_s']
+    print(f"\nlatent {latent}: reference / dgfast wall time {ratio:.2f}x "
           f"(two-pass dgfast {shares['reference']['wall_s'] / shares['dgfast two-pass']['wall_s']:.2f}x)")
     return shares
 

@@ -24,7 +24,8 @@ ATTENTION_IMPLS = ("sdpa", "xformers")
 # ----------------------------------------------------------------------------------------------
 
 def timestep_frequencies(dim: int = 256, max_period: int = 10000, divisor: float | None = None) -> torch.Tensor:
-    """DiT's frequencies, computed on the CPU in float32 in upstream's op order (trap 11).
+    """DiT's frequencies, computed on the CPU in float32 in upstream's op order
+    (docs/upstream_sampling.md, trap 11).
 
     divisor=None gives DiT's `half`; diffusers' DiT uses `half - 1` (downscale_freq_shift=1).
     """
@@ -236,7 +237,8 @@ class DiT(nn.Module):
                 if m.bias is not None:
                     nn.init.constant_(m.bias, 0)
         self.apply(_basic)
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size)).unsqueeze(0))
+        table = sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size)
+        self.pos_embed.data.copy_(torch.from_numpy(table).unsqueeze(0))
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.constant_(self.x_embedder.proj.bias, 0)

@@ -97,7 +97,8 @@ def check_inputs(z, y, info: dict, device_of_model) -> None:
     if info["in_channels"] is not None and z.shape[1] != info["in_channels"]:
         raise ValueError(f"z has {z.shape[1]} channels, the models take {info['in_channels']}")
     if info["input_size"] is not None and tuple(z.shape[2:]) != (info["input_size"],) * 2:
-        raise ValueError(f"z is {tuple(z.shape[2:])} spatially, the models take {info['input_size']}x{info['input_size']}")
+        size = info["input_size"]
+        raise ValueError(f"z is {tuple(z.shape[2:])} spatially, the models take {size}x{size}")
     if len(y) and (int(y.min()) < 0 or (info["table_rows"] is not None and int(y.max()) >= info["table_rows"])):
         raise ValueError(f"y holds labels outside [0, {info['table_rows']}) of the finetuned model's label table: "
                          f"min {int(y.min())}, max {int(y.max())}")

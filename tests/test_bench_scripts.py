@@ -1,7 +1,6 @@
 """The GPU scripts in bench/ run on a CPU too, so they cannot rot between the sessions that have a GPU."""
 import json
 import os
-import sys
 
 import pytest
 
@@ -19,7 +18,8 @@ def gpu_e2e(monkeypatch):
 def test_gpu_e2e_smoke_on_cpu(gpu_e2e, tmp_path, dtype, tol):
     out = tmp_path / "e2e.json"
     assert gpu_e2e.main(["--device", "cpu", "--model", "DiT-S/8", "--latent", "16", "--batch", "2", "--steps", "2",
-                         "--dtype", dtype, "--rounds", "1", "--latency-batches", "1", "--no-compile", "--json", str(out)]) == 0
+                         "--dtype", dtype, "--rounds", "1", "--latency-batches", "1", "--no-compile",
+                         "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["n_steps"] == 2 and res["dgfast_s"] > 0 and res["reference_s"] > 0
     assert res["max_rel_err_vs_reference"] < tol      # dgfast and the upstream loop agree
@@ -35,7 +35,8 @@ def test_gpu_e2e_keeps_results_when_a_stage_fails(gpu_e2e, tmp_path, monkeypatch
     monkeypatch.setattr(gpu_e2e, "ReferenceDiffusion", Broken)
     out = tmp_path / "e2e.json"
     assert gpu_e2e.main(["--device", "cpu", "--model", "DiT-S/8", "--latent", "16", "--batch", "2", "--steps", "2",
-                         "--dtype", "fp32", "--rounds", "1", "--latency-batches", "1", "--no-compile", "--json", str(out)]) == 1
+                         "--dtype", "fp32", "--rounds", "1", "--latency-batches", "1", "--no-compile",
+                         "--json", str(out)]) == 1
     res = json.loads(out.read_text())
     assert "reference loop broke" in res["errors"]["reference"] and "reference timing" in res["errors"]
     assert res["dgfast_s"] > 0 and res["latency"][0]["eager_s"] > 0 and "speedup" not in res
@@ -57,7 +58,8 @@ def test_gpu_summary_takes_the_e2e_rows(gpu_e2e, tmp_path):
     import gpu_summary
     out = tmp_path / "e2e.json"
     gpu_e2e.main(["--device", "cpu", "--model", "DiT-S/8", "--latent", "16", "--batch", "2", "--steps", "2",
-                  "--dtype", "fp32", "--rounds", "1", "--latency-batches", "1", "2", "--no-compile", "--json", str(out)])
+                  "--dtype", "fp32", "--rounds", "1", "--latency-batches", "1", "2", "--no-compile",
+                  "--json", str(out)])
     res = json.loads(out.read_text())
     res.update(mfu=0.5, achieved_tflops=400.0, bf16_matmul_peak_tflops=800.0, errors={"batch 2 cuda_graph": "boom"})
     out.write_text(json.dumps(res))

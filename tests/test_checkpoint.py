@@ -127,7 +127,7 @@ def _model(sd):
 
 
 def test_weights_digest_sees_every_byte(sd):
-    from dgfast.checkpoint import sampled_weights_digest, weights_digest
+    from dgfast.checkpoint import weights_digest
     base = weights_digest(_model(sd))
     assert base.startswith("sha256:") and base == weights_digest(_model({k: v.clone() for k, v in sd.items()}))
     assert weights_digest(_model(sd), threads=1) == base  # the thread count does not change it

@@ -57,7 +57,7 @@ def test_first_step_and_model_are_named(pair, sampler, steps, which, value):
     step = 3 if sampler != "flow_heun" else 2  # Heun calls each model twice per step
     assert (d.step + 1, d.num_steps, d.source, d.rows) == (step, num_steps, which, [1])
     text = str(w)
-    assert f"1 of 3 samples" in text and f"first at step {step} of {num_steps}, in the {which} model's output" in text
+    assert "1 of 3 samples" in text and f"first at step {step} of {num_steps}, in the {which} model's output" in text
     if not np.isfinite(value):  # (1e30 in ddpm's variance channels is exp(1e30) = inf too)
         assert "NaN/inf" in text, text
     assert torch.isfinite(out[[0, 2]]).all() and (out[[0, 2]].abs() < SANE_LIMIT).all()
@@ -71,7 +71,7 @@ def test_the_reported_explosion(pair):
     out, w = divergence_of(lambda: dgfast.sample(exploding, pre, z, y, steps="5", sampler="ddim", guidance_scale=1))
     assert torch.isfinite(out).all() and out.abs().max() > 1e30  # finite: the old NaN count missed it
     assert w is not None and "2 of 2 samples" in str(w) and "first at step 1 of 5, in the finetuned" in str(w)
-    assert f"|x| = " in str(w) and f"> {SANE_LIMIT:g}" in str(w)
+    assert "|x| = " in str(w) and f"> {SANE_LIMIT:g}" in str(w)
 
 
 def test_scheduler_and_pipeline_loops_are_watched(pair):

@@ -9,7 +9,6 @@
 The "models" are elementwise synthetic functions (fast, batch-independent) except where a tiny DiT
 is the point.
 """
-import copy
 
 import numpy as np
 import pytest

@@ -177,7 +177,8 @@ def exp_sequences(ptx):
     return seqs
 
 
-NVCC_EXPF = 'extern "C" __global__ void expf_kernel(const float* a, float* o) { o[threadIdx.x] = expf(a[threadIdx.x]); }\n'
+NVCC_EXPF = ('extern "C" __global__ void expf_kernel(const float* a, float* o) '
+             '{ o[threadIdx.x] = expf(a[threadIdx.x]); }\n')
 
 
 def nvcc_expf(nvcc, arch):

@@ -25,8 +25,13 @@ import time
 import numpy as np
 import torch
 
+from typing import TYPE_CHECKING
+
 import dgfast
 from dgfast.zoo import ZOO_DIR, load_pair
+
+if TYPE_CHECKING:  # PIL is imported where a grid is drawn
+    from PIL import Image
 
 FALLBACK_SCALES = {"cfg": 2.0, "dog": 2.0}  # used only when results.json is missing
 MODE_TITLES = {"finetuned": "fine-tuned only", "cfg": "CFG (own null)", "dog": "DoG (pre-trained null)"}
@@ -286,7 +291,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m dgfast.zoo.demo", description=__doc__.splitlines()[0]))
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m dgfast.zoo.demo",
+                                                   description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     try:
         check_args(args)

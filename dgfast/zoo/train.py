@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         if val is not None:
             cfg["steps"] = val
     os.makedirs(args.out, exist_ok=True)
-    t_start, c_start = time.time(), time.process_time()
+    t_start = time.time()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; writing to {args.out}", flush=True)
     domains = data.Domains()
 
