@@ -107,7 +107,7 @@ constexpr int64_t kChunk = 1024;  // elements per inner step: buffers stay in L1
 inline float clamp1(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }  // NaN stays NaN
 
 // One stretch of at most kChunk elements inside one (sample, channel) plane. Every line is the
-// reference's float32 op order (dit_dog_sampling.md 2.7/2.8); pre == nullptr: eps is the fine-tuned one.
+// reference's float32 op order (docs/upstream_sampling.md §2.7/§2.8); pre == nullptr: eps is the fine-tuned one.
 DGFAST_SIMD void step_chunk(const float* x, const float* ft, const float* pre, const float* var,
                             const float* z, float* out, int64_t len, const float* cf, float s,
                             bool clip, bool ddim, ExpFn exp_fn) {

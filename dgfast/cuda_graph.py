@@ -130,7 +130,7 @@ def run_cuda_graph(forward, z, y, null_label, plan, draw, *, scale: float, guida
     previous step's x0, kept in a static buffer between replays). The noise tensors of the steps
     that take some are drawn up front with draw(), in the loop's order and shapes: the model
     consumes no RNG, so the default generator ends in the same state and every step sees the
-    numbers the eager loop would (reference doc 4.4).
+    numbers the eager loop would (docs/upstream_sampling.md §4.4).
     `cache`: a dict keeping the captured graph per shape and settings between calls.
     `backend`: forward's backend= (None: forward is called without it; see GraphedDoGStep).
     `_capture=False` (tests only): the same static-buffer loop run eagerly, on any device.

@@ -28,7 +28,8 @@ import torch
 
 from dgfast import ops
 from dgfast.divergence import Watch, warn_divergence
-from dgfast.schedule import NUM_COEFS, Schedule
+from dgfast.ops import NUM_COEFS
+from dgfast.schedule import Schedule
 
 NATIVE_SAMPLERS = ("ddpm", "ddim", "dpm2m", "flow_euler", "flow_heun")
 GUIDANCE_MODES = ("dog", "cfg")

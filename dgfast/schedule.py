@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dgfast.ops import NUM_COEFS
+
 NUM_TRAIN_STEPS = 1000
 
-# Per-step scalar slots of the fused step, one float32 row per step (see ops.guided_step).
+# Per-step scalar slots of the fused step (ops.NUM_COEFS), one float32 row per step (see ops.guided_step).
 # DDPM (learned-range variance):  A, B, C1, C2, Lmin, Lmax, mask
 # DDIM:                           A, B, sqrt(abar_prev), sqrt(1-abar_prev-sigma^2), mask*sigma
-NUM_COEFS = 7
 
 
 def space_timesteps(num_timesteps: int, section_counts) -> list[int]:

@@ -13,6 +13,8 @@ except ImportError:  # pragma: no cover
     _has_cuda = False
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The suite never writes the user's GEMM-choice cache (~/.cache/dgfast); tests of that cache set their own path.
+os.environ.setdefault("DGFAST_GEMM_CACHE", "0")
 
 import pytest  # noqa: E402
 

@@ -316,7 +316,8 @@ def test_get_pair_sees_edits_that_bump_no_version(edit):
             w.mul_(1.5)
     else:
         w.data.mul_(1.5)
-    assert cache_entry(ft, pre).identity.fingerprint == fingerprint(ft, pre)  # what the version counters alone would say
+    # what the version counters alone would say
+    assert cache_entry(ft, pre).identity.fingerprint == fingerprint(ft, pre)
     p2 = get_pair(ft, pre)
     assert p2 is not p1
     out = p2.forward_pair(x, t, y)[0]
@@ -352,7 +353,7 @@ def test_dog_forward_checks_weights_once_per_loop(loop, monkeypatch):
     fn = dgfast.dog_forward(ft, pre, null_label=1000, guidance_channels="all")
     checks = []
     real = sampling.make_pair_forward
-    monkeypatch.setattr(sampling, "make_pair_forward", lambda *a: (checks.append(1), real(*a))[1])
+    monkeypatch.setattr(sampling, "make_pair_forward", lambda *a, **k: (checks.append(1), real(*a, **k))[1])
     x, _, y = inputs()
     x2, y2 = torch.cat([x, x]), torch.cat([y, torch.full_like(y, 1000)])
     for t in loop:

@@ -309,7 +309,7 @@ def numpy_exp(t):
 def reference_exp(backend, device):
     """Under the Triton interpreter the kernel's exp is numpy's float32 exp (ulps away from torch's
     SLEEF expf on the CPU; on CUDA both are __nv_expf). To compare the rest of the step bitwise, the
-    reference then runs with that same exp (tests/test_ops_triton.py shows exp is the only difference)."""
+    reference then runs with that same exp (tests/test_op_guided_step.py shows exp is the only difference)."""
     if backend == "triton" and device.type == "cpu":
         return mock.patch.object(torch, "exp", numpy_exp)
     return contextlib.nullcontext()

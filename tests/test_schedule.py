@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dgfast.schedule import NUM_COEFS, Schedule, space_timesteps
+from dgfast.ops import NUM_COEFS
+from dgfast.schedule import Schedule, space_timesteps
 
 # --------------------------------------------------------------------------------------------
 # Respacing (§2.2)
