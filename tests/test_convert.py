@@ -6,6 +6,7 @@ forwards; compile= torch.compiles the paired forward once.
 dgfast.reference.ReferenceDiT stands in for DiT's models.py (timm cannot be installed here).
 """
 import logging
+import os
 from unittest import mock
 
 import pytest
@@ -460,3 +461,36 @@ def test_converted_weights_are_read_once_per_call():
     with mock.patch.object(pair_cache, "content_digest", wraps=pair_cache.content_digest) as digest:
         dgfast.sample(run_ft, run_pre, z, y, guidance_scale=1.5, steps="2")
     assert digest.call_count == 1  # dgfast DiTs passed in: convert checks nothing, the cache checks
+
+
+class NoTriton:
+    def __getattr__(self, name):
+        raise AssertionError(f"a Triton kernel ({name}) ran")
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_explicit_backend_wins_over_the_variable_everywhere(paired, monkeypatch):
+    """DGFAST_BACKEND=triton with backend='torch': no dgfast op and no Triton kernel runs, in the model
+    forwards or the step (the variable replaces only "auto"; the models' ops used to follow it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    ft, pre = upstream_pair(75)
+    z, y = latents(seed=3), torch.tensor([1, 2, 3])
+    convert.dgfast_models(ft, pre)  # converted before the variable is set (the probe runs the default)
+    monkeypatch.setenv("DGFAST_BACKEND", "triton")
+    monkeypatch.setattr(ops, "triton_kernels", lambda: NoTriton())
+    with Seen() as seen:
+        dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps="2", backend="torch", paired=paired)
+    assert not any(name.startswith("dgfast") for name in seen.names), sorted(seen.names)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the control: "auto" follows the variable to the kernels
+        with pytest.raises(AssertionError, match="Triton kernel"):
+            dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps="2", paired=paired)
