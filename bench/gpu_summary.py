@@ -198,13 +198,19 @@ def e2e_rows(path):
         rows.append((f"{what}: dgfast vs two-pass", "-", f"{e['speedup']:.2f}x ({ms_step:.1f}"
                      f" vs {e['reference_s'] / e['n_steps'] * 1e3:.1f} ms/step), max rel diff "
                      + ("n/a" if err is None else f"{err:.1e}")))
+    for mine, label in (("dgfast", "dgfast"), ("dgfast_compile", "dgfast compile=True")):
+        ratios = [f"{e[k]:.2f}x vs {peer}" for k, peer in ((f"{mine}_vs_reference", "upstream eager"),
+                                                          (f"{mine}_vs_reference_compile", "upstream compile"))
+                  if e.get(k)]
+        if ratios:
+            rows.append((f"{what}: {label} (upstream modules in)", "-", ", ".join(ratios)))
     if e.get("mfu"):
         rows.append((f"{what}: MFU", "-", f"{e['mfu']:.1%} ({e['achieved_tflops']:.0f} of "
                      f"{e['bf16_matmul_peak_tflops']:.0f} TFLOP/s)"))
     for r in e.get("latency", []):
         ms = lambda s: f"{s / e['n_steps'] * 1e3:.2f}" if s else "failed"  # noqa: E731
-        rows.append((f"batch {r['batch']} ms/step eager / cuda_graph", "-",
-                     f"{ms(r['eager_s'])} / {ms(r['cuda_graph_s'])}"))
+        rows.append((f"batch {r['batch']} ms/step eager / cuda_graph / reduce-overhead", "-",
+                     f"{ms(r['eager_s'])} / {ms(r['cuda_graph_s'])} / {ms(r.get('reduce_overhead_s'))}"))
     for name, err in e.get("errors", {}).items():
         rows.append((f"gpu_e2e: {name}", "FAIL", err[:80]))
     return rows

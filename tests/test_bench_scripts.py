@@ -26,6 +26,23 @@ def test_gpu_e2e_smoke_on_cpu(gpu_e2e, tmp_path, dtype, tol):
     assert res["mfu"] is None and res["latency"][0]["cuda_graph_s"] is None   # CUDA-only parts skipped
 
 
+def test_gpu_e2e_compile_rows_on_cpu(gpu_e2e, tmp_path, monkeypatch):
+    """The torch.compile rows (the upstream loop's peer, dgfast compile=True and compile='reduce-overhead'
+    latency) run and reach the JSON. dynamo with its eager backend stands in for inductor (whose C++
+    builds take minutes on 2 cores); torch.compile is looked up at call time by both sides."""
+    import torch
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", dynamic=kw.get("dynamic")))
+    out = tmp_path / "e2e.json"
+    assert gpu_e2e.main(["--device", "cpu", "--model", "DiT-S/8", "--latent", "16", "--batch", "2", "--steps", "2",
+                         "--dtype", "fp32", "--rounds", "1", "--latency-batches", "1", "--graph-compile-batches", "1",
+                         "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["reference_compile_s"] > 0 and res["dgfast_compile_s"] > 0 and not res["errors"]
+    assert res["latency"][0]["reduce_overhead_s"] > 0
+    assert {"dgfast_vs_reference", "dgfast_vs_reference_compile", "dgfast_compile_vs_reference_compile"} <= set(res)
+
+
 def test_gpu_e2e_keeps_results_when_a_stage_fails(gpu_e2e, tmp_path, monkeypatch):
     """The one GPU run must not lose what it measured because a later part raised."""
     class Broken:
