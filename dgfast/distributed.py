@@ -327,19 +327,7 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     batch_size = _check_int(batch_size, "batch_size", 1)
     num_classes = _check_int(num_classes, "num_classes", 1)
     global_seed = _check_int(global_seed, "global_seed", 0, 1 << 31)
-    if seed_mode not in SEED_MODES:
-        raise ValueError(f"seed_mode must be one of {SEED_MODES}, got {seed_mode!r}")
-    from dgfast.convert import compile_mode
-    cmode = compile_mode(compile)  # before any folder exists
-    if exact and cmode:
-        raise ValueError("exact=True runs the models as given; it does not combine with compile=")
-    if seed_mode == "reference" and guidance_scale < 1:
-        raise ValueError(f"seed_mode='reference' reproduces sample_ddp.py, which needs guidance_scale >= 1, "
-                         f"got {guidance_scale}")
-    if npz_resize is not None:
-        _check_int(npz_resize, "npz_resize", 1)
-        if vae is None:
-            raise ValueError("npz_resize needs a vae: latents (.npy) are not resized")
+    cmode = _check_run_options(seed_mode, guidance_scale, exact, compile, npz_resize, vae)
     sample_dir = check_sample_dir(sample_dir, resume)
     ext = "npy" if vae is None else "png"
     info = model_info(finetuned)
@@ -375,26 +363,9 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
         call = dict(guidance_scale=guidance_scale, steps=steps, guidance_channels=guidance_channels,
                     null_label=null_label, sampler=sampler, eta=eta, backend=backend, paired=paired,
                     exact=exact, compile=compile)
-        from tqdm.auto import tqdm
-        bar = tqdm(total=pending, unit="img", desc="dgfast sample", disable=not (progress and d.is_main),
-                   dynamic_ncols=True)
-        start = time.perf_counter()
         draw = _block_sampler(finetuned, pretrained, call, seed_mode=seed_mode, global_seed=global_seed,
                               num_classes=num_classes, info=info, device=device, d=d)
-        for idx, needed in zip(batches, todo):
-            block = draw(idx, needed)
-            if block is None:  # finished
-                continue
-            x, labels, diverged = block
-            batch = _Batch(idx, labels, num_samples, sample_dir)
-            if diverged is not None:
-                batch.stop_if_diverged(diverged.rows, f"{diverged.kind} {diverged.where()}")
-            written = _write_batch(x, batch, vae, log)
-            bar.update(min(written * d.world_size, bar.total - bar.n))
-        log.close()
-        d.barrier()
-        seconds = time.perf_counter() - start
-        bar.close()
+        seconds = _draw_and_write(draw, zip(batches, todo), pending, num_samples, sample_dir, vae, log, d, progress)
         path = _on_main(d, lambda: _close_folder(sample_dir, num_samples, npz, npz_resize))
     finally:
         log.close()
@@ -403,6 +374,50 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
         dist.destroy_process_group()
     return SampleDirResult(sample_dir, path if npz else None, num_samples, pending, num_samples - pending,
                            seconds, d.world_size)
+
+
+def _check_run_options(seed_mode: str, guidance_scale, exact: bool, compile, npz_resize, vae) -> str | None:
+    """sample_to_dir's option checks that need no folder and no model (before any folder exists);
+    returns the torch.compile mode (None without compile)."""
+    if seed_mode not in SEED_MODES:
+        raise ValueError(f"seed_mode must be one of {SEED_MODES}, got {seed_mode!r}")
+    from dgfast.convert import compile_mode
+    cmode = compile_mode(compile)
+    if exact and cmode:
+        raise ValueError("exact=True runs the models as given; it does not combine with compile=")
+    if seed_mode == "reference" and guidance_scale < 1:
+        raise ValueError(f"seed_mode='reference' reproduces sample_ddp.py, which needs guidance_scale >= 1, "
+                         f"got {guidance_scale}")
+    if npz_resize is not None:
+        _check_int(npz_resize, "npz_resize", 1)
+        if vae is None:
+            raise ValueError("npz_resize needs a vae: latents (.npy) are not resized")
+    return cmode
+
+
+def _draw_and_write(draw, blocks, pending: int, num_samples: int, sample_dir: str, vae, log: ChecksumLog, d: Dist,
+                    progress: bool) -> float:
+    """Draw each (indices, needed) block and write its files, with a progress bar on rank 0; returns the
+    seconds until every rank has finished (the barrier included)."""
+    from tqdm.auto import tqdm
+    bar = tqdm(total=pending, unit="img", desc="dgfast sample", disable=not (progress and d.is_main),
+               dynamic_ncols=True)
+    start = time.perf_counter()
+    for idx, needed in blocks:
+        block = draw(idx, needed)
+        if block is None:  # finished
+            continue
+        x, labels, diverged = block
+        batch = _Batch(idx, labels, num_samples, sample_dir)
+        if diverged is not None:
+            batch.stop_if_diverged(diverged.rows, f"{diverged.kind} {diverged.where()}")
+        written = _write_batch(x, batch, vae, log)
+        bar.update(min(written * d.world_size, bar.total - bar.n))
+    log.close()
+    d.barrier()
+    seconds = time.perf_counter() - start
+    bar.close()
+    return seconds
 
 
 def _block_sampler(finetuned, pretrained, call: dict, *, seed_mode: str, global_seed: int, num_classes: int,
