@@ -137,14 +137,14 @@ class DoGDiTPipeline(DiTPipeline):
                                               else convert.runner(pre_dit, fb, None), False))
 
         plan = samplers.scheduler_plan(self.scheduler, num_inference_steps, device)
-        branches = samplers.Branches(finetuned, y, pair_forward, null_class,
+        forwards = samplers.StepForwards(finetuned, y, pair_forward, null_class,
                                      samplers.interval_steps(*interval, plan.num_steps), pretrained_every,
                                      names=("transformer", "transformer_pre"))
 
         def draw():  # what the scheduler's step() would draw with this generator
             return randn_tensor(shape, generator=generator, device=device, dtype=latents.dtype)
 
-        x = samplers.run(plan, latents, branches, scale=float(guidance_scale),
+        x = samplers.run(plan, latents, forwards, scale=float(guidance_scale),
                          guidance_channels=resolve_channels(guidance_channels, C), draw=draw, backend=backend,
                          guidance_rescale=float(guidance_rescale), generator=generator, progress=self.progress_bar)
 
