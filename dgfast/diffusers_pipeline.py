@@ -138,8 +138,8 @@ class DoGDiTPipeline(DiTPipeline):
 
         plan = samplers.scheduler_plan(self.scheduler, num_inference_steps, device)
         forwards = samplers.StepForwards(finetuned, y, pair_forward, null_class,
-                                     samplers.interval_steps(*interval, plan.num_steps), pretrained_every,
-                                     names=("transformer", "transformer_pre"))
+                                         samplers.interval_steps(*interval, plan.num_steps), pretrained_every,
+                                         names=("transformer", "transformer_pre"))
 
         def draw():  # what the scheduler's step() would draw with this generator
             return randn_tensor(shape, generator=generator, device=device, dtype=latents.dtype)

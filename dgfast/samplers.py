@@ -468,7 +468,7 @@ def run(plan: Plan, z, forwards: StepForwards, *, scale: float, guidance_channel
     clip = plan.clip if plan.clip is not None else clip_denoised
     # the ops.guided_step keywords every step shares
     step_args = dict(scale=scale, guidance_channels=guidance_channels, clip_denoised=clip, backend=backend,
-                 guidance_rescale=guidance_rescale)
+                     guidance_rescale=guidance_rescale)
     steps = range(plan.num_steps)
     if callable(progress):  # e.g. a pipeline's progress_bar
         steps = progress(steps)

@@ -345,7 +345,7 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
         return warn_nonfinite(run_cuda_graph(forward, z, y, a.guide_label, plan, draw, scale=a.scale,
                                              guidance_channels=k, clip_denoised=a.clip_denoised, cache=cache))
     forwards = samplers.StepForwards(ft_alone, y, pair_forward, a.guide_label,
-                                 samplers.interval_steps(*a.interval, plan.num_steps), pretrained_every)
+                                     samplers.interval_steps(*a.interval, plan.num_steps), pretrained_every)
     return samplers.run(plan, z, forwards, scale=a.scale, guidance_channels=k, draw=draw,  # warns if it diverged
                         clip_denoised=a.clip_denoised, backend=backend, guidance_rescale=float(guidance_rescale),
                         generator=getattr(draw, "gens", None), progress=progress)
