@@ -82,7 +82,7 @@ def cast_io(model, dtype):
     return forward
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="DiT-XL/2")
     ap.add_argument("--latent", type=int, default=32, help="latent size (32 = 256px images)")
@@ -96,7 +96,14 @@ def main(argv=None) -> int:
                     help="latency batches that also run compile='reduce-overhead' (one build each)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--json", default=None, help="write the results here too")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    # Long on purpose: one run whose stages (reference, agreement, timings, compile rows, latency rows)
+    # share the models, inputs and result dict through closures, and each stage must record its error and
+    # let the others run; split into functions, all of that state would be passed to each of them.
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU: skipped (pass --device cpu for a smoke run)")

@@ -468,9 +468,39 @@ def to_diffusers(dit: DiT):
     if not isinstance(dit, DiT):
         raise ValueError(f"to_diffusers: dit must be a dgfast.models.DiT, got {type(dit).__module__}."
                          f"{type(dit).__name__} (convert it with to_dgfast first)")
-    cfg = dit.config
-    D, C, p, depth, heads = dit.hidden_size, dit.in_channels, dit.patch_size, len(dit.blocks), dit.num_heads
     sd = dit.state_dict()
+    _check_diffusers_fit(dit, sd)
+    D, C, p, depth, heads = dit.hidden_size, dit.in_channels, dit.patch_size, len(dit.blocks), dit.num_heads
+    out_ch = dit.out_channels
+    dst = _diffusers_state_dict(sd, depth)
+
+    config = dict(num_attention_heads=heads, attention_head_dim=D // heads, in_channels=C, out_channels=out_ch,
+                  num_layers=depth, sample_size=dit.input_size, patch_size=p, num_embeds_ada_norm=dit.num_classes,
+                  attention_bias=True, activation_fn="gelu-approximate", norm_type="ada_norm_zero",
+                  norm_elementwise_affine=False, norm_eps=float(dit.mlp_norm_eps))
+    with torch.device("meta"):  # no init compute, no RNG use; the weights come from dst
+        model = DiTTransformer2DModel(**config)
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(dst)), sorted(set(dst) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"to_diffusers: dit's weights do not fit DiTTransformer2DModel({config}): "
+                         f"missing {missing[:6]}, unexpected {unexpected[:6]}")
+    for k, v in dst.items():
+        if v.shape != want[k].shape:
+            raise ValueError(f"to_diffusers: dit's weight for {k} has shape {tuple(v.shape)}, "
+                             f"DiTTransformer2DModel({config}) needs {tuple(want[k].shape)}")
+    # contiguous copies: the q/k/v chunks are views, and each block gets its own embedder copy
+    model.load_state_dict({k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in dst.items()},
+                          strict=True, assign=True)
+    ref = dst["pos_embed.proj.weight"]
+    model.pos_embed.register_buffer("pos_embed", sd["pos_embed"].detach().to(ref.device).clone(), persistent=False)
+    return model.train(dit.training)
+
+
+def _check_diffusers_fit(dit: DiT, sd: dict) -> None:
+    """ValueError naming `dit` for what diffusers' DiTTransformer2DModel cannot hold (see to_diffusers)."""
+    cfg = dit.config
+    D, p, depth = dit.hidden_size, dit.patch_size, len(dit.blocks)
     rows = sd["y_embedder.embedding_table.weight"].shape[0]
     if rows != dit.num_classes + 1:
         raise ValueError(f"to_diffusers: dit has a {rows}-row label table for num_classes={dit.num_classes} "
@@ -489,6 +519,10 @@ def to_diffusers(dit: DiT):
         raise ValueError(f"to_diffusers: dit's pos_embed is {tuple(sd['pos_embed'].shape)}, diffusers needs "
                          f"(1, {g * g}, {D}) for input_size {dit.input_size} and patch_size {p}")
 
+
+def _diffusers_state_dict(sd: dict, depth: int) -> dict:
+    """dgfast DiT state_dict -> diffusers DiTTransformer2DModel names (views, not copies): qkv split into
+    to_q/to_k/to_v, the one t/y embedder repeated in every block's norm1.emb."""
     dst = {}
 
     def put(ukey, dkey):
@@ -512,25 +546,4 @@ def to_diffusers(dit: DiT):
         put(f"{u}.mlp.fc2", f"{b}.ff.net.2")
     put("final_layer.adaLN_modulation.1", "proj_out_1")
     put("final_layer.linear", "proj_out_2")
-
-    config = dict(num_attention_heads=heads, attention_head_dim=D // heads, in_channels=C, out_channels=out_ch,
-                  num_layers=depth, sample_size=dit.input_size, patch_size=p, num_embeds_ada_norm=dit.num_classes,
-                  attention_bias=True, activation_fn="gelu-approximate", norm_type="ada_norm_zero",
-                  norm_elementwise_affine=False, norm_eps=float(dit.mlp_norm_eps))
-    with torch.device("meta"):  # no init compute, no RNG use; the weights come from dst
-        model = DiTTransformer2DModel(**config)
-    want = model.state_dict()
-    missing, unexpected = sorted(set(want) - set(dst)), sorted(set(dst) - set(want))
-    if missing or unexpected:
-        raise ValueError(f"to_diffusers: dit's weights do not fit DiTTransformer2DModel({config}): "
-                         f"missing {missing[:6]}, unexpected {unexpected[:6]}")
-    for k, v in dst.items():
-        if v.shape != want[k].shape:
-            raise ValueError(f"to_diffusers: dit's weight for {k} has shape {tuple(v.shape)}, "
-                             f"DiTTransformer2DModel({config}) needs {tuple(want[k].shape)}")
-    # contiguous copies: the q/k/v chunks are views, and each block gets its own embedder copy
-    model.load_state_dict({k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in dst.items()},
-                          strict=True, assign=True)
-    ref = dst["pos_embed.proj.weight"]
-    model.pos_embed.register_buffer("pos_embed", sd["pos_embed"].detach().to(ref.device).clone(), persistent=False)
-    return model.train(dit.training)
+    return dst

@@ -447,7 +447,7 @@ def previous_run_config(args) -> dict | None:
     """The run settings recorded in --sample-dir's manifest.json when resuming, else None."""
     if not args.resume:
         return None
-    from dgfast.distributed import read_settings
+    from dgfast.manifest import read_settings
     run = (read_settings(args.sample_dir) or {}).get("run")
     return run if isinstance(run, dict) else None
 

@@ -49,7 +49,7 @@ class GraphedDoGStep:
             raise ValueError(f"mode must be one of {GRAPH_MODES}, got {mode!r}")
         dev = x_like.device
         linear = mode == "linear"
-        self.forward, self.null, self.settings = forward, null_label, (scale, k, mode, clip_denoised)
+        self.forward, self.guide_label, self.settings = forward, null_label, (scale, k, mode, clip_denoised)
         self.forward_kwargs = {} if backend is None else {"backend": backend}
         self.x = torch.zeros_like(x_like)
         self.noise = torch.zeros_like(x_like) if uses_noise or not linear else None
@@ -76,12 +76,12 @@ class GraphedDoGStep:
         """(x_next, x0): x0 is the step's data prediction for mode "linear", else None."""
         scale, k, mode, clip = self.settings
         from dgfast.samplers import model_output
-        out_ft, out_pre = self.forward(self.x, self.t, self.y, self.null, **self.forward_kwargs)
-        out_ft, out_pre = model_output(out_ft, self.x), model_output(out_pre, self.x)  # in x's dtype
+        out_ft, out_guide = self.forward(self.x, self.t, self.y, self.guide_label, **self.forward_kwargs)
+        out_ft, out_guide = model_output(out_ft, self.x), model_output(out_guide, self.x)  # in x's dtype
         if mode != "linear":
-            return guided_step_graphable(self.x, out_ft, out_pre, self.noise, self.c, scale=scale, k=k, mode=mode,
+            return guided_step_graphable(self.x, out_ft, out_guide, self.noise, self.c, scale=scale, k=k, mode=mode,
                                          clip_denoised=clip), None
-        return guided_step_graphable(self.x, out_ft, out_pre, self.noise, self.c, scale=scale, k=k, mode=mode,
+        return guided_step_graphable(self.x, out_ft, out_guide, self.noise, self.c, scale=scale, k=k, mode=mode,
                                      clip_denoised=clip, prev=self.prev, return_state=True)
 
     def run(self, z, y, timesteps, rows, noises, reads_prev=None):

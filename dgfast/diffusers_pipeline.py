@@ -116,16 +116,7 @@ class DoGDiTPipeline(DiTPipeline):
         class_labels = check_labels(class_labels, cfg.num_embeds_ada_norm)
         batch = len(class_labels)
         shape = (batch, C, size, size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
-        elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
-            raise ValueError(f"latents must be a tensor of shape {shape}, got "
-                             f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
-        elif latents.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"latents must be float32, float16 or bfloat16, got {latents.dtype}")
-        elif not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or infinite values")
-        latents = latents.to(device)
+        latents = _initial_latents(latents, shape, generator, device, self.transformer.dtype)
         y = torch.tensor(class_labels, device=device)
 
         guided = guidance_scale > 1
@@ -133,13 +124,8 @@ class DoGDiTPipeline(DiTPipeline):
             self.transformer, self.transformer_pre if guided else None)
         fb = None if backend == "auto" else backend
         finetuned = transformer_fn(self.transformer) if ft_dit is None else convert.runner(ft_dit, fb, None)
-        guide = self.transformer_pre if self.transformer_pre is not None else self.transformer
-        if null_class is None:
-            null_class = guide.config.num_embeds_ada_norm
-        rows = label_table_rows(guide) or guide.config.num_embeds_ada_norm + 1  # + 1: the null row
-        null_class = scalar(null_class)
-        if isinstance(null_class, bool) or not isinstance(null_class, numbers.Integral) or not 0 <= null_class < rows:
-            raise ValueError(f"null_class {null_class!r} is outside the guiding model's label table [0, {rows})")
+        null_class = _check_null_class(null_class, self.transformer_pre if self.transformer_pre is not None
+                                       else self.transformer)
         pair_forward = None
         if guided and self.transformer_pre is None:
             pair_forward = samplers.cfg_pair_forward(finetuned, "transformer")
@@ -151,27 +137,53 @@ class DoGDiTPipeline(DiTPipeline):
                                               else convert.runner(pre_dit, fb, None), False))
 
         plan = samplers.scheduler_plan(self.scheduler, num_inference_steps, device)
-        branches = samplers.Branches(finetuned, y, pair_forward, null_class,
-                                     samplers.interval_steps(*interval, plan.num_steps), pretrained_every,
-                                     names=("transformer", "transformer_pre"))
+        forwards = samplers.StepForwards(finetuned, y, pair_forward, null_class,
+                                         samplers.interval_steps(*interval, plan.num_steps), pretrained_every,
+                                         names=("transformer", "transformer_pre"))
 
         def draw():  # what the scheduler's step() would draw with this generator
             return randn_tensor(shape, generator=generator, device=device, dtype=latents.dtype)
 
-        x = samplers.run(plan, latents, branches, scale=float(guidance_scale),
+        x = samplers.run(plan, latents, forwards, scale=float(guidance_scale),
                          guidance_channels=resolve_channels(guidance_channels, C), draw=draw, backend=backend,
                          guidance_rescale=float(guidance_rescale), generator=generator, progress=self.progress_bar)
 
-        if output_type == "latent":
-            samples = x
-        else:
-            samples = x if self.vae is None else self.vae.decode(x / self.vae.config.scaling_factor).sample
-            samples = (samples / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
-                if output_type == "pil":
-                    samples = self.numpy_to_pil(samples)
+        samples = x if output_type == "latent" else self._decode(x, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (samples,)
         return ImagePipelineOutput(images=samples)
+
+    def _decode(self, x: torch.Tensor, output_type: str):
+        """Samples -> images in [0, 1] (through the VAE when there is one) as output_type asks."""
+        samples = x if self.vae is None else self.vae.decode(x / self.vae.config.scaling_factor).sample
+        samples = (samples / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return samples
+        samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
+        return self.numpy_to_pil(samples) if output_type == "pil" else samples
+
+
+def _initial_latents(latents, shape: tuple, generator, device, dtype) -> torch.Tensor:
+    """The given initial latents, checked, on `device`; drawn with `generator` when None."""
+    if latents is None:
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype).to(device)
+    if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+        raise ValueError(f"latents must be a tensor of shape {shape}, got "
+                         f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
+    if latents.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"latents must be float32, float16 or bfloat16, got {latents.dtype}")
+    if not torch.isfinite(latents).all():
+        raise ValueError("latents contain NaN or infinite values")
+    return latents.to(device)
+
+
+def _check_null_class(null_class, guiding) -> int:
+    """The guiding model's label (default its num_embeds_ada_norm, the null row), inside its label table."""
+    if null_class is None:
+        null_class = guiding.config.num_embeds_ada_norm
+    rows = label_table_rows(guiding) or guiding.config.num_embeds_ada_norm + 1  # + 1: the null row
+    null_class = scalar(null_class)
+    if isinstance(null_class, bool) or not isinstance(null_class, numbers.Integral) or not 0 <= null_class < rows:
+        raise ValueError(f"null_class {null_class!r} is outside the guiding model's label table [0, {rows})")
+    return null_class

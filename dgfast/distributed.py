@@ -28,9 +28,7 @@ Two seed modes:
 from __future__ import annotations
 
 import contextlib
-import datetime
 import io
-import json
 import math
 import os
 import pickle
@@ -44,17 +42,17 @@ import torch
 import torch.distributed as dist
 
 from dgfast.divergence import collect
+from dgfast.manifest import check_resume, folder_manifest, record_checksums, write_manifest
 from dgfast.memory import check_batch_memory
 from dgfast.sample_dir import (ChecksumLog, FolderLock, FolderLocked, check_bytes, file_checksum, known_checksums,
                                lock_holder, read_sample_bytes, record_divergence, redraw_damaged,
-                               remove_checksum_logs, remove_divergence_records)
+                               remove_checksum_logs, remove_divergence_records, write_atomic)
 
 LATENT_SCALE = 0.18215          # SD VAE latent scaling used by DiT (latents / 0.18215 before decode)
 SEED_MODES = ("per-sample", "reference")
 SEED_STEP = 0x9E3779B9          # 2**32 / golden ratio: spreads the global seeds' seed ranges apart
 LABEL_SALT = 0x5BD1E995         # label generator seed = noise seed XOR this: another stream
 MAX_INDEX = 1 << 32
-MANIFEST = "manifest.json"
 _SAMPLE_FILE = re.compile(r"^(\d{6,})\.(png|npy)$")
 
 
@@ -139,21 +137,6 @@ def sample_path(sample_dir: str, index: int, ext: str) -> str:
     return os.path.join(sample_dir, f"{index:06d}.{ext}")
 
 
-def write_atomic(path: str, write) -> None:
-    """write(fileobj) into a hidden temp file in the same directory, then os.replace: a reader
-    (or a resumed run) sees either no file or the whole file, even after SIGKILL."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def finished_indices(sample_dir: str, ext: str) -> set[int]:
     """Indices whose final file exists (temp files are hidden names and never match)."""
     if not os.path.isdir(sample_dir):
@@ -221,7 +204,7 @@ def make_npz(sample_dir, num: int, resize: int | None = None, path: str | None =
     checksums in the folder's manifest.json must match them (sample_to_dir records them).
     """
     sample_dir = os.path.normpath(os.fspath(sample_dir))
-    manifest = _read_manifest(os.path.join(sample_dir, MANIFEST)) or {}
+    manifest = folder_manifest(sample_dir)
     known = known_checksums(sample_dir, manifest.get("files"))
     out, _ = read_samples(sample_dir, num, resize, known, strict=False)
     path = path or npz_path(sample_dir)
@@ -263,99 +246,6 @@ def read_samples(sample_dir: str, num: int, resize: int | None, known: dict, str
             raise ValueError(f"{f} holds shape {arr.shape}, sample 0 {out.shape[1:]}: the folder mixes runs")
         out[i] = arr
     return out, checksums
-
-
-# ----------------------------------------------------------------------------------------------
-# Manifest
-# ----------------------------------------------------------------------------------------------
-
-def _versions() -> dict:
-    import dgfast
-    return {"dgfast": getattr(dgfast, "__version__", "unknown"), "torch": torch.__version__}
-
-
-def write_manifest(sample_dir: str, settings: dict, info: dict) -> None:
-    """manifest.json: the output-determining settings (checked on resume) plus one entry per run."""
-    path = os.path.join(sample_dir, MANIFEST)
-    old = _read_manifest(path) or {}
-    run = dict(info, command=sys.argv, started=datetime.datetime.now().isoformat(timespec="seconds"),
-               **_versions())
-    manifest = dict(settings=settings, versions=_versions(), runs=old.get("runs", []) + [run])
-    if "files" in old or not old:  # a new folder has checksums from its start; an older folder from its end
-        manifest["files"] = old.get("files", {})
-    write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=2, default=str).encode()))
-
-
-def record_checksums(sample_dir: str, checksums: dict) -> None:
-    """Store the sample files' checksums in manifest.json (the end of a run: all files verified); files
-    beyond this run's num_samples keep theirs."""
-    path = os.path.join(sample_dir, MANIFEST)
-    manifest = _read_manifest(path)
-    manifest["files"] = dict(sorted({**manifest.get("files", {}), **checksums}.items()))
-    write_atomic(path, lambda f: f.write(json.dumps(manifest, indent=2, default=str).encode()))
-
-
-def _read_manifest(path: str) -> dict | None:
-    """The manifest, or None if there is none; a damaged one is an error naming the file (resuming
-    without knowing the settings could mix runs)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{path} is not valid JSON ({err}): the run's settings are unknown, so it cannot be "
-                         f"resumed; use a new directory") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
-        raise ValueError(f"{path} has no 'settings' object: not a dgfast manifest, so the run cannot be "
-                         f"resumed; use a new directory")
-    return manifest
-
-
-def read_settings(sample_dir) -> dict | None:
-    """The settings recorded in sample_dir's manifest.json (None without one; an error if damaged)."""
-    manifest = _read_manifest(os.path.join(os.fspath(sample_dir), MANIFEST))
-    return manifest["settings"] if manifest is not None else None
-
-
-def check_resume(sample_dir: str, settings: dict) -> None:
-    """A resumed folder must have been started with the same output-determining settings."""
-    if not os.path.isdir(sample_dir) or not os.listdir(sample_dir):
-        return
-    old = _read_manifest(os.path.join(sample_dir, MANIFEST))
-    if old is None:
-        raise FileExistsError(f"cannot resume {sample_dir}: it has no {MANIFEST}, so it was not written by dgfast")
-    # through JSON so that tuples/lists and the like compare as they were stored
-    new = json.loads(json.dumps(settings, default=str))
-    diffs = _setting_diffs(old["settings"], new)
-    if diffs:
-        raise ValueError(f"cannot resume {sample_dir}: it was started with other settings ({'; '.join(diffs)}); "
-                         f"mixing them would corrupt the sample set, use a new directory")
-
-
-# settings older manifests lack (a folder started before dgfast recorded them: nothing to compare)
-ADDED_LATER = {"ckpt_weights", "pretrained_weights", "ckpt_sha256", "pretrained_sha256", "backend", "exact", "compile"}
-
-
-def _setting_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """'key: old -> new' for each differing setting; nested dicts (run_config) name the inner key,
-    so the message shows the one flag that changed, not the whole dict."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        if k in ADDED_LATER and k not in old:  # a folder started before dgfast recorded it: unknown
-            continue
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _setting_diffs(a, b, f"{prefix}{k}.")
-        elif a != b and not _same_file(a, b):
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
-def _same_file(a, b) -> bool:
-    """Two spellings of one existing file (relative vs absolute, symlinks): the same checkpoint."""
-    return (isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
-            and os.path.realpath(a) == os.path.realpath(b))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,19 +327,7 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     batch_size = _check_int(batch_size, "batch_size", 1)
     num_classes = _check_int(num_classes, "num_classes", 1)
     global_seed = _check_int(global_seed, "global_seed", 0, 1 << 31)
-    if seed_mode not in SEED_MODES:
-        raise ValueError(f"seed_mode must be one of {SEED_MODES}, got {seed_mode!r}")
-    from dgfast.convert import compile_mode
-    cmode = compile_mode(compile)  # before any folder exists
-    if exact and cmode:
-        raise ValueError("exact=True runs the models as given; it does not combine with compile=")
-    if seed_mode == "reference" and guidance_scale < 1:
-        raise ValueError(f"seed_mode='reference' reproduces sample_ddp.py, which needs guidance_scale >= 1, "
-                         f"got {guidance_scale}")
-    if npz_resize is not None:
-        _check_int(npz_resize, "npz_resize", 1)
-        if vae is None:
-            raise ValueError("npz_resize needs a vae: latents (.npy) are not resized")
+    cmode = _check_run_options(seed_mode, guidance_scale, exact, compile, npz_resize, vae)
     sample_dir = check_sample_dir(sample_dir, resume)
     ext = "npy" if vae is None else "png"
     info = model_info(finetuned)
@@ -485,26 +363,9 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
         call = dict(guidance_scale=guidance_scale, steps=steps, guidance_channels=guidance_channels,
                     null_label=null_label, sampler=sampler, eta=eta, backend=backend, paired=paired,
                     exact=exact, compile=compile)
-        from tqdm.auto import tqdm
-        bar = tqdm(total=pending, unit="img", desc="dgfast sample", disable=not (progress and d.is_main),
-                   dynamic_ncols=True)
-        start = time.perf_counter()
         draw = _block_sampler(finetuned, pretrained, call, seed_mode=seed_mode, global_seed=global_seed,
                               num_classes=num_classes, info=info, device=device, d=d)
-        for idx, needed in zip(batches, todo):
-            block = draw(idx, needed)
-            if block is None:  # finished
-                continue
-            x, labels, diverged = block
-            batch = _Batch(idx, labels, num_samples, sample_dir)
-            if diverged is not None:
-                batch.stop_if_diverged(diverged.rows, f"{diverged.kind} {diverged.where()}")
-            written = _write_batch(x, batch, vae, log)
-            bar.update(min(written * d.world_size, bar.total - bar.n))
-        log.close()
-        d.barrier()
-        seconds = time.perf_counter() - start
-        bar.close()
+        seconds = _draw_and_write(draw, zip(batches, todo), pending, num_samples, sample_dir, vae, log, d, progress)
         path = _on_main(d, lambda: _close_folder(sample_dir, num_samples, npz, npz_resize))
     finally:
         log.close()
@@ -513,6 +374,50 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
         dist.destroy_process_group()
     return SampleDirResult(sample_dir, path if npz else None, num_samples, pending, num_samples - pending,
                            seconds, d.world_size)
+
+
+def _check_run_options(seed_mode: str, guidance_scale, exact: bool, compile, npz_resize, vae) -> str | None:
+    """sample_to_dir's option checks that need no folder and no model (before any folder exists);
+    returns the torch.compile mode (None without compile)."""
+    if seed_mode not in SEED_MODES:
+        raise ValueError(f"seed_mode must be one of {SEED_MODES}, got {seed_mode!r}")
+    from dgfast.convert import compile_mode
+    cmode = compile_mode(compile)
+    if exact and cmode:
+        raise ValueError("exact=True runs the models as given; it does not combine with compile=")
+    if seed_mode == "reference" and guidance_scale < 1:
+        raise ValueError(f"seed_mode='reference' reproduces sample_ddp.py, which needs guidance_scale >= 1, "
+                         f"got {guidance_scale}")
+    if npz_resize is not None:
+        _check_int(npz_resize, "npz_resize", 1)
+        if vae is None:
+            raise ValueError("npz_resize needs a vae: latents (.npy) are not resized")
+    return cmode
+
+
+def _draw_and_write(draw, blocks, pending: int, num_samples: int, sample_dir: str, vae, log: ChecksumLog, d: Dist,
+                    progress: bool) -> float:
+    """Draw each (indices, needed) block and write its files, with a progress bar on rank 0; returns the
+    seconds until every rank has finished (the barrier included)."""
+    from tqdm.auto import tqdm
+    bar = tqdm(total=pending, unit="img", desc="dgfast sample", disable=not (progress and d.is_main),
+               dynamic_ncols=True)
+    start = time.perf_counter()
+    for idx, needed in blocks:
+        block = draw(idx, needed)
+        if block is None:  # finished
+            continue
+        x, labels, diverged = block
+        batch = _Batch(idx, labels, num_samples, sample_dir)
+        if diverged is not None:
+            batch.stop_if_diverged(diverged.rows, f"{diverged.kind} {diverged.where()}")
+        written = _write_batch(x, batch, vae, log)
+        bar.update(min(written * d.world_size, bar.total - bar.n))
+    log.close()
+    d.barrier()
+    seconds = time.perf_counter() - start
+    bar.close()
+    return seconds
 
 
 def _block_sampler(finetuned, pretrained, call: dict, *, seed_mode: str, global_seed: int, num_classes: int,
@@ -583,7 +488,7 @@ def _open_folder(sample_dir: str, lock: FolderLock, settings: dict, run: dict) -
 def _finished_and_verified(d: Dist, sample_dir: str, ext: str, batches, num_samples: int) -> set[int]:
     """The finished indices, once every rank has checked the finished files of its own blocks against
     their checksums and deleted the damaged ones (which are then drawn again, with a message)."""
-    manifest = _read_manifest(os.path.join(sample_dir, MANIFEST)) or {}
+    manifest = folder_manifest(sample_dir)
     known, strict = known_checksums(sample_dir, manifest.get("files")), "files" in manifest
     done = finished_indices(sample_dir, ext)
     mine = sorted({i for idx in batches for i in idx if i < num_samples} & done)
@@ -600,7 +505,7 @@ def _finished_and_verified(d: Dist, sample_dir: str, ext: str, batches, num_samp
 def _close_folder(sample_dir: str, num_samples: int, npz: bool, resize: int | None) -> str | None:
     """Rank 0, after every rank finished: check every file against its checksum, write the .npz (if
     asked), store the checksums in manifest.json, remove the logs and divergence records."""
-    manifest = _read_manifest(os.path.join(sample_dir, MANIFEST)) or {}
+    manifest = folder_manifest(sample_dir)
     known = known_checksums(sample_dir, manifest.get("files"))
     out, checksums = read_samples(sample_dir, num_samples, resize, known, strict="files" in manifest, stack=npz)
     path = None

@@ -282,9 +282,9 @@ class PairedDiT:
             # Sub-layer outputs go to buffers reused block after block: each is dead once the next
             # op has read it (SDPA reads qkv; the residual op reads proj / fc2). A fresh multi-MB
             # tensor per call costs page faults on first touch (see "Fused ops (CPU)" in bench/RESULTS.md).
-            ws = None if role is None else (lambda shape: self._workspace(role, shape, like))
+            out_buffer = None if role is None else (lambda shape: self._workspace(role, shape, like))
             return pl(z, shape, strategy=strategies.get(pl.key, "mm"), gelu=gelu, halves=halves, backend=backend,
-                      workspace=ws)
+                      workspace=out_buffer)
         return call
 
     def _run(self, h, c, call, backend, impl, group=None):
@@ -448,11 +448,12 @@ class PairedDiT:
                 bufs[tuple(shape)] = torch.empty(shape, device=like.device, dtype=like.dtype)
             return bufs[tuple(shape)]
 
-        gelu, ws = pl.role == "fc1", workspace if pl.role in _WORKSPACE_ROLES else None
+        gelu, out_buffer = pl.role == "fc1", workspace if pl.role in _WORKSPACE_ROLES else None
         runs = {}
         for s in pl.strategies():
             pl.prepare(s)
-            runs[s] = functools.partial(pl, x, strategy=s, gelu=gelu, halves=gelu, backend=backend, workspace=ws)
+            runs[s] = functools.partial(pl, x, strategy=s, gelu=gelu, halves=gelu, backend=backend,
+                                        workspace=out_buffer)
         sides = x if isinstance(x, tuple) else x.unbind(0)
         runs[TWO_PASS] = lambda: [pl.half(xk, k, gelu=gelu, backend=backend) for k, xk in enumerate(sides)]
         return runs

@@ -1,6 +1,8 @@
 """Guards of a `dgfast sample` folder: one writer at a time, files checked against what was written,
 and a memory of batches that diverged.
 
+- Every file (samples, manifest.json, the .npz, records) is written atomically (`write_atomic`): a
+  reader or a resumed run sees no file or the whole file.
 - The lock (`dgfast.lock`, held by rank 0 for the whole run) holds the owner's host and pid. It is a
   POSIX record lock (fcntl.lockf), so the kernel drops it when the owner dies, however it dies: a
   lock file left by a crashed run is taken over (with a note naming the old owner), one whose owner
@@ -34,6 +36,26 @@ except ImportError:  # pragma: no cover (Windows): no lock
 LOCK_NAME = "dgfast.lock"
 CHECKSUM_DIR = ".checksums"
 DIVERGED_PREFIX = "diverged-"
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
+# ----------------------------------------------------------------------------------------------
+
+def write_atomic(path: str, write) -> None:
+    """write(fileobj) into a hidden temp file in the same directory, then os.replace: a reader
+    (or a resumed run) sees either no file or the whole file, even after SIGKILL."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,13 @@ in one pass. Coefficients are computed once per sampling call, never inside the 
                                      other scheduler (or config) runs through its own step().
 
 The guidance controls (interval, pre-trained reuse, CFG with the fine-tuned null label) live in
-`Branches`, which decides per step which forwards run.
+`StepForwards`, which decides per step which forwards run.
+
+Names: `pretrained` (`pre`) is DoG's pre-trained model; the guiding branch, whichever model runs it (DoG:
+the pre-trained model with its null label; mode="cfg": the fine-tuned model with its own), is `guide`
+(`out_guide`, `guide_label`); `uncond` appears only where code mirrors upstream (DiT's forward_with_cfg,
+diffusers' guiders, the DoG scripts' CLI flags). `mode` is sample()'s dog/cfg; an ops.guided_step mode
+(ddpm, ddim, linear, flow_*) is a `step_mode` here.
 """
 from __future__ import annotations
 
@@ -395,8 +401,8 @@ def check_model_output(out, x, name="pretrained"):
                          f"{x.shape[2]}, {x.shape[3]}) (eps channels first)")
 
 
-class Branches:
-    """The model outputs one step needs, with the guidance controls applied.
+class StepForwards:
+    """Which forwards one step runs, and their outputs, with the guidance controls applied.
 
     - steps outside `steps_on` (guidance_interval) run the fine-tuned model alone: the guiding
       branch is not evaluated at all and the step is unguided;
@@ -408,9 +414,9 @@ class Branches:
     names: what errors call the two models (the pipeline's are "transformer", "transformer_pre").
     """
 
-    def __init__(self, finetuned, y, pair_forward=None, null_label=None, steps_on=range(0), every: int = 1,
+    def __init__(self, finetuned, y, pair_forward=None, guide_label=None, steps_on=range(0), every: int = 1,
                  names=("finetuned", "pretrained")):
-        self.finetuned, self.y, self.pair_forward, self.null = finetuned, y, pair_forward, null_label
+        self.finetuned, self.y, self.pair_forward, self.guide_label = finetuned, y, pair_forward, guide_label
         self.names = names
         self.steps_on, self.every = steps_on, every
         self.cache, self.guided_evals = None, 0
@@ -424,7 +430,7 @@ class Branches:
         self.guided_evals += 1
         if reuse:
             return model_output(self.finetuned(x, t, self.y), x), self.cache
-        out_ft, out_guide = self.pair_forward(x, t, self.y, self.null)
+        out_ft, out_guide = self.pair_forward(x, t, self.y, self.guide_label)
         out_ft, out_guide = model_output(out_ft, x), model_output(out_guide, x)
         check_model_output(out_guide, x, self.names[1])
         self.guide_evals += 1
@@ -437,17 +443,18 @@ class Branches:
 # The loop
 # ----------------------------------------------------------------------------------------------
 
-def check_output(out, x, mode, name="finetuned"):
+def check_output(out, x, step_mode, name="finetuned"):
+    """`out` fits x and the step (ddpm reads the variance channels too); step_mode is an ops.guided_step mode."""
     C = x.shape[1]
-    need = 2 * C if mode == "ddpm" else C
+    need = 2 * C if step_mode == "ddpm" else C
     if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != x.shape[0] or out.shape[1] < need \
             or out.shape[2:] != x.shape[2:]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{name} returned {shape}; sampler step {mode!r} needs (n, {need}, H, W) "
+        raise ValueError(f"{name} returned {shape}; sampler step {step_mode!r} needs (n, {need}, H, W) "
                          f"(eps then learned-range variance channels for ddpm)")
 
 
-def run(plan: Plan, z, branches: Branches, *, scale: float, guidance_channels: int, draw,
+def run(plan: Plan, z, forwards: StepForwards, *, scale: float, guidance_channels: int, draw,
         clip_denoised: bool = False, backend: str = "auto", guidance_rescale: float = 0.0,
         generator=None, progress=False):
     """Sample from z along `plan`; returns x after the last step (z itself is not modified).
@@ -459,8 +466,9 @@ def run(plan: Plan, z, branches: Branches, *, scale: float, guidance_channels: i
     n, device = len(z), z.device
     x = z if plan.init_sigma == 1.0 else z * plan.init_sigma
     clip = plan.clip if plan.clip is not None else clip_denoised
-    fused = dict(scale=scale, guidance_channels=guidance_channels, clip_denoised=clip, backend=backend,
-                 guidance_rescale=guidance_rescale)
+    # the ops.guided_step keywords every step shares
+    step_args = dict(scale=scale, guidance_channels=guidance_channels, clip_denoised=clip, backend=backend,
+                     guidance_rescale=guidance_rescale)
     steps = range(plan.num_steps)
     if callable(progress):  # e.g. a pipeline's progress_bar
         steps = progress(steps)
@@ -473,47 +481,48 @@ def run(plan: Plan, z, branches: Branches, *, scale: float, guidance_channels: i
 
     # every step's outputs and x are recorded on the device; read once at the end (a warning naming
     # the first bad step and whose output it was, if any sample diverged)
-    watch = Watch(plan.num_steps, branches.names)
+    watch = Watch(plan.num_steps, forwards.names)
     if plan.scheduler is not None:
-        x = _run_scheduler(plan, x, branches, steps, t_at, generator, fused, watch)
+        x = _run_scheduler(plan, x, forwards, steps, t_at, generator, step_args, watch)
     elif plan.heun:
-        x = _run_heun(plan, x, branches, steps, t_at, fused, watch)
+        x = _run_heun(plan, x, forwards, steps, t_at, step_args, watch)
     else:
-        x = _run_steps(plan, x, branches, steps, t_at, draw, fused, watch)
+        x = _run_steps(plan, x, forwards, steps, t_at, draw, step_args, watch)
     warn_divergence(watch, n, stacklevel=4)
     return x
 
 
-def _run_steps(plan, x, branches, steps, t_at, draw, fused, watch):
+def _run_steps(plan, x, forwards, steps, t_at, draw, step_args, watch):
     state = None
     for i in steps:
-        mode = plan.modes[i]
+        step_mode = plan.modes[i]
         x_in = x if plan.in_div is None else x / torch.tensor(plan.in_div[i], dtype=torch.float32)
-        out_ft, out_pre = branches(x_in, t_at(plan.timesteps[i]), i)
-        check_output(out_ft, x, mode, branches.names[0])
+        out_ft, out_guide = forwards(x_in, t_at(plan.timesteps[i]), i)
+        check_output(out_ft, x, step_mode, forwards.names[0])
         keep = i + 1 < plan.num_steps and plan.prev[i + 1]
-        res = ops.guided_step(x, out_ft, out_pre, draw() if plan.noise[i] else None, plan.rows[i], mode=mode,
-                              prev=state if plan.prev[i] else None, return_state=keep, **fused)
+        res = ops.guided_step(x, out_ft, out_guide, draw() if plan.noise[i] else None, plan.rows[i], mode=step_mode,
+                              prev=state if plan.prev[i] else None, return_state=keep, **step_args)
         x, state = res if keep else (res, None)
-        watch.record(i, out_ft, out_pre, x)
+        watch.record(i, out_ft, out_guide, x)
     return x
 
 
-def _run_heun(plan, x, branches, steps, t_at, fused, watch):
+def _run_heun(plan, x, forwards, steps, t_at, step_args, watch):
     for i in steps:
         h = plan.rows[i, 0]
-        out_ft, out_pre = branches(x, t_at(plan.timesteps[i]), i)
-        check_output(out_ft, x, "flow_euler", branches.names[0])
-        x_euler, d = ops.guided_step(x, out_ft, out_pre, None, (h,), mode="flow_euler", return_state=True, **fused)
-        watch.record(i, out_ft, out_pre, x_euler)
-        out_ft, out_pre = branches(x_euler, t_at(plan.timesteps[i + 1]), i)
-        check_output(out_ft, x, "flow_heun", branches.names[0])
-        x = ops.guided_step(x, out_ft, out_pre, None, (h * 0.5,), mode="flow_heun", prev=d, **fused)
-        watch.record(i, out_ft, out_pre, x)
+        out_ft, out_guide = forwards(x, t_at(plan.timesteps[i]), i)
+        check_output(out_ft, x, "flow_euler", forwards.names[0])
+        x_euler, d = ops.guided_step(x, out_ft, out_guide, None, (h,), mode="flow_euler", return_state=True,
+                                     **step_args)
+        watch.record(i, out_ft, out_guide, x_euler)
+        out_ft, out_guide = forwards(x_euler, t_at(plan.timesteps[i + 1]), i)
+        check_output(out_ft, x, "flow_heun", forwards.names[0])
+        x = ops.guided_step(x, out_ft, out_guide, None, (h * 0.5,), mode="flow_heun", prev=d, **step_args)
+        watch.record(i, out_ft, out_guide, x)
     return x
 
 
-def _run_scheduler(plan, x, branches, steps, t_at, generator, fused, watch):
+def _run_scheduler(plan, x, forwards, steps, t_at, generator, step_args, watch):
     """Any other scheduler: the guided prediction goes through scheduler.step() (its own noise,
     from `generator`); the variance channels are passed on only to a scheduler that learns them."""
     sch = plan.scheduler
@@ -526,14 +535,14 @@ def _run_scheduler(plan, x, branches, steps, t_at, generator, fused, watch):
     for i in steps:
         t = plan.timesteps[i]
         x_in = sch.scale_model_input(x, t) if hasattr(sch, "scale_model_input") else x
-        out_ft, out_pre = branches(x_in, t_at(t.item() if torch.is_tensor(t) else t), i)
-        check_output(out_ft, x, "step", branches.names[0])
-        k = fused["guidance_channels"] if out_pre is not None else 0
-        if fused["guidance_rescale"] and k > 0:
-            eps = ops.rescale_guided(out_ft[:, :C], out_pre, fused["scale"], k, C, fused["guidance_rescale"])
+        out_ft, out_guide = forwards(x_in, t_at(t.item() if torch.is_tensor(t) else t), i)
+        check_output(out_ft, x, "step", forwards.names[0])
+        k = step_args["guidance_channels"] if out_guide is not None else 0
+        if step_args["guidance_rescale"] and k > 0:
+            eps = ops.rescale_guided(out_ft[:, :C], out_guide, step_args["scale"], k, C, step_args["guidance_rescale"])
         else:
-            eps = ops.guide_eps(out_ft[:, :C], out_pre, fused["scale"], k)
+            eps = ops.guide_eps(out_ft[:, :C], out_guide, step_args["scale"], k)
         pred = torch.cat([eps, out_ft[:, C:2 * C]], dim=1) if learned and out_ft.shape[1] >= 2 * C else eps
         x = sch.step(pred, t, x, return_dict=False, **rng)[0]
-        watch.record(i, out_ft, out_pre, x)
+        watch.record(i, out_ft, out_guide, x)
     return x

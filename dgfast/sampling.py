@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -312,6 +313,64 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     compile=True or a torch.compile mode: the paired forward (or each model) under torch.compile,
     compiled once per pair, mode and batch shape (dynamic=False) and reused.
     """
+    a = check_sample_args(finetuned, pretrained, guidance_scale=guidance_scale, null_label=null_label,
+                          sampler=sampler, eta=eta, noise=noise, clip_denoised=clip_denoised, backend=backend,
+                          paired=paired, scheduler=scheduler, guidance_interval=guidance_interval,
+                          guidance_rescale=guidance_rescale, mode=mode, cfg_null_label=cfg_null_label,
+                          pretrained_every=pretrained_every, cuda_graph=cuda_graph, exact=exact, compile=compile)
+    z, seeds, draw = _latents(finetuned, z, y, noise, seeds, a.ft_info)
+    check_inputs(z, y, a.ft_info, model_device(finetuned))
+    if a.guided and mode == "dog":
+        check_inputs(z, y.clamp(max=0), a.pre_info, model_device(pretrained))
+    k = resolve_channels(guidance_channels, z.shape[1])
+
+    plan = (samplers.native_plan(sampler, steps, float(a.eta)) if scheduler is None
+            else samplers.scheduler_plan(scheduler, steps, z.device, float(a.eta)))
+    n = len(z)
+    if n == 0:  # nothing to sample (after every argument was checked)
+        return torch.empty(z.shape, dtype=torch.float32, device=z.device)
+    if draw is None:
+        draw = (PerSampleNoise(seeds, z.shape, z.device, z.dtype) if noise == "per-sample"
+                else ReferenceNoise(n, 2 * n if a.guided and plan.doubled_noise else n, z.shape, z.device, z.dtype))
+    ft_alone, pair_forward = _forwards(finetuned, pretrained, a, mode=mode, backend=backend, paired=paired,
+                                       exact=exact)
+    if a.cuda_graph:
+        if scheduler is not None or a.interval != (0.0, 1.0) or pretrained_every != 1 or guidance_rescale or a.cmode:
+            raise ValueError("cuda_graph=True runs the native ddpm/ddim/dpm2m loop; it does not combine with "
+                             "scheduler=, guidance_interval, pretrained_every, guidance_rescale or compile=")
+        from dgfast.cuda_graph import run_cuda_graph
+        forward = pair_forward if a.guided else (lambda x, t, labels, null: (ft_alone(x, t, labels), None))
+        owner = getattr(forward, "func", forward)  # a backend partial of a pair's forward
+        cache = getattr(getattr(owner, "__self__", None), "_graphs", None)  # a PairedDiT keeps its graphs
+        return warn_nonfinite(run_cuda_graph(forward, z, y, a.guide_label, plan, draw, scale=a.scale,
+                                             guidance_channels=k, clip_denoised=a.clip_denoised, cache=cache))
+    forwards = samplers.StepForwards(ft_alone, y, pair_forward, a.guide_label,
+                                     samplers.interval_steps(*a.interval, plan.num_steps), pretrained_every)
+    return samplers.run(plan, z, forwards, scale=a.scale, guidance_channels=k, draw=draw,  # warns if it diverged
+                        clip_denoised=a.clip_denoised, backend=backend, guidance_rescale=float(guidance_rescale),
+                        generator=getattr(draw, "gens", None), progress=progress)
+
+
+@dataclass
+class SampleArgs:
+    """sample()'s arguments as checked and normalised by check_sample_args."""
+    scale: float            # the guidance scale w
+    guided: bool            # w != 1: the guiding branch runs
+    interval: tuple         # guidance_interval as floats
+    eta: float
+    clip_denoised: bool
+    cuda_graph: bool
+    cmode: str | None       # the torch.compile mode, None without compile
+    ft_info: dict           # model_info of the fine-tuned model
+    pre_info: dict | None   # model_info of the pretrained model (mode "dog", guided)
+    guide_label: int | None  # the guiding branch's label: null_label (dog) or cfg_null_label (cfg)
+
+
+def check_sample_args(finetuned, pretrained, *, guidance_scale, null_label, sampler, eta, noise, clip_denoised,
+                      backend, paired, scheduler, guidance_interval, guidance_rescale, mode, cfg_null_label,
+                      pretrained_every, cuda_graph, exact, compile) -> SampleArgs:
+    """Every sample() argument that does not need the latents, checked (a clear error naming it) and
+    normalised, in the order sample() has always checked them."""
     if scheduler is None and sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if scheduler is not None and sampler != "ddpm":
@@ -331,7 +390,7 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
         raise ValueError("exact=True runs the models as given; it does not combine with compile= or a paired model")
     guided = scale != 1.0
     check_eval(finetuned, "finetuned")
-    ft_info = model_info(finetuned)
+    ft_info, pre_info = model_info(finetuned), None
     if guided and mode == "cfg":
         if pretrained is not None:
             raise ValueError("mode='cfg' guides with the fine-tuned model's own null label: pass pretrained=None")
@@ -343,12 +402,19 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
         pre_info = model_info(pretrained)
         check_pair(ft_info, pre_info)
         null_label = check_label(null_label, "null_label", pre_info["table_rows"])
+    return SampleArgs(scale, guided, interval, eta, clip_denoised, cuda_graph, cmode, ft_info, pre_info,
+                      cfg_null_label if mode == "cfg" else null_label)
+
+
+def _latents(finetuned, z, y, noise: str, seeds, ft_info: dict):
+    """(z, seeds checked, the per-sample noise source or None): with noise="per-sample" and z=None the
+    latents come from each sample's generator, which then goes on to draw that sample's step noise."""
     draw = None
     if noise == "per-sample":
         if seeds is None:
             raise ValueError("noise='per-sample' needs seeds= (one int per sample)")
         seeds = check_seeds(seeds)
-        if z is None:  # latents from each sample's generator, which then goes on to the step noise
+        if z is None:
             if isinstance(y, torch.Tensor) and y.dim() == 1 and len(y) != len(seeds):
                 raise ValueError(f"seeds has {len(seeds)} entries but y has {len(y)} labels")
             if ft_info["in_channels"] is None or ft_info["input_size"] is None:
@@ -361,45 +427,22 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
             raise ValueError(f"seeds has {len(seeds)} entries but z has {len(z)} samples")
     elif seeds is not None:
         raise ValueError("seeds= is only used with noise='per-sample'")
-    check_inputs(z, y, ft_info, model_device(finetuned))
-    if guided and mode == "dog":
-        check_inputs(z, y.clamp(max=0), pre_info, model_device(pretrained))
-    k = resolve_channels(guidance_channels, z.shape[1])
+    return z, seeds, draw
 
-    plan = (samplers.native_plan(sampler, steps, float(eta)) if scheduler is None
-            else samplers.scheduler_plan(scheduler, steps, z.device, float(eta)))
-    n = len(z)
-    if n == 0:  # nothing to sample (after every argument was checked)
-        return torch.empty(z.shape, dtype=torch.float32, device=z.device)
-    if draw is None:
-        draw = (PerSampleNoise(seeds, z.shape, z.device, z.dtype) if noise == "per-sample"
-                else ReferenceNoise(n, 2 * n if guided and plan.doubled_noise else n, z.shape, z.device, z.dtype))
+
+def _forwards(finetuned, pretrained, a: SampleArgs, *, mode: str, backend: str, paired, exact: bool):
+    """(the fine-tuned model's forward alone, the guided pair's forward or None when unguided), after
+    dgfast.convert has turned upstream/diffusers modules into dgfast's DiT (unless exact)."""
     fb = None if backend == "auto" else backend  # "auto": each model's own setting for its forward
-    given = (finetuned, pretrained if guided and mode == "dog" else None)
+    given = (finetuned, pretrained if a.guided and mode == "dog" else None)
     finetuned, pretrained = convert.models_to_run(*given, exact)
-    ft_alone = convert.runner(finetuned, fb, cmode)
-    pair_forward = None
-    if guided:
-        pair_forward = (samplers.cfg_pair_forward(ft_alone) if mode == "cfg"
-                        else make_pair_forward(finetuned, pretrained, False if exact else paired, backend=fb,
-                                               compile_mode=cmode,
-                                               checked=convert.converted(given, (finetuned, pretrained))))
-    if cuda_graph:
-        if scheduler is not None or interval != (0.0, 1.0) or pretrained_every != 1 or guidance_rescale or cmode:
-            raise ValueError("cuda_graph=True runs the native ddpm/ddim/dpm2m loop; it does not combine with "
-                             "scheduler=, guidance_interval, pretrained_every, guidance_rescale or compile=")
-        from dgfast.cuda_graph import run_cuda_graph
-        forward = pair_forward if guided else (lambda x, t, labels, null: (ft_alone(x, t, labels), None))
-        owner = getattr(forward, "func", forward)  # a backend partial of a pair's forward
-        cache = getattr(getattr(owner, "__self__", None), "_graphs", None)  # a PairedDiT keeps its graphs
-        return warn_nonfinite(run_cuda_graph(forward, z, y, cfg_null_label if mode == "cfg" else null_label, plan,
-                                             draw, scale=scale, guidance_channels=k, clip_denoised=clip_denoised,
-                                             cache=cache))
-    branches = samplers.Branches(ft_alone, y, pair_forward, cfg_null_label if mode == "cfg" else null_label,
-                                 samplers.interval_steps(*interval, plan.num_steps), pretrained_every)
-    return samplers.run(plan, z, branches, scale=scale, guidance_channels=k, draw=draw,  # warns if it diverged
-                        clip_denoised=clip_denoised, backend=backend, guidance_rescale=float(guidance_rescale),
-                        generator=getattr(draw, "gens", None), progress=progress)
+    ft_alone = convert.runner(finetuned, fb, a.cmode)
+    if not a.guided:
+        return ft_alone, None
+    if mode == "cfg":
+        return ft_alone, samplers.cfg_pair_forward(ft_alone)
+    return ft_alone, make_pair_forward(finetuned, pretrained, False if exact else paired, backend=fb,
+                                       compile_mode=a.cmode, checked=convert.converted(given, (finetuned, pretrained)))
 
 
 def warn_nonfinite(samples: torch.Tensor) -> torch.Tensor:

@@ -92,9 +92,9 @@ def test_sampler_step_itself_is_named(pair):
     z, y = z_y(3)
     plan = samplers.Plan(modes=["linear"] * 3, rows=np.array([[1, 0, 1e30, 0, 0, 0, 0]] * 3, np.float32),
                          timesteps=[10, 5, 0], t_dtype=torch.int64, noise=[False] * 3, prev=[False] * 3)
-    branches = samplers.Branches(ft, y)
+    forwards = samplers.StepForwards(ft, y)
     with pytest.warns(DivergenceWarning, match="first at step 1 of 3, in the sampler step") as record:
-        samplers.run(plan, z, branches, scale=1.0, guidance_channels=0, draw=None, backend="torch")
+        samplers.run(plan, z, forwards, scale=1.0, guidance_channels=0, draw=None, backend="torch")
     assert [w.message.divergence.rows for w in record if w.category is DivergenceWarning] == [[0, 1, 2]]
 
 

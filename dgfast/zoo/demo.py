@@ -198,6 +198,31 @@ def check_args(args) -> None:
         args.quality_samples = min(args.quality_samples, 40)
 
 
+def print_report(args, scales: dict, quality: dict, grid_seconds: dict, thr: dict) -> None:
+    """The demo's table (scale, target FD, accuracy and grid time per mode) and throughput lines."""
+    results_path = os.path.join(args.zoo_dir or ZOO_DIR, "RESULTS.md")
+    lines = [f"{'mode':26s} {'scale':>5s} {'target FD':>10s} {'accuracy':>9s} {'grid time':>10s}"]
+    for mode in ("finetuned", "cfg", "dog"):
+        q = quality.get(mode)
+        fd = f"{q['fd']:10.3f}" if q else f"{'-':>10s}"
+        acc = f"{q['accuracy']:9.3f}" if q else f"{'-':>9s}"
+        lines.append(f"{MODE_TITLES[mode]:26s} {scales[mode]:5g} {fd} {acc} {grid_seconds[mode]:9.2f}s")
+    print()
+    print("\n".join(lines))
+    if quality:
+        print(f"(target FD and accuracy from {args.quality_samples} samples per mode: FD reads higher than with "
+              f"more samples; the 3 x 1000-sample numbers are in {results_path})")
+    print()
+    print(f"throughput, DoG w={thr['scale']:g}, batch {thr['batch']}, {thr['steps']} steps, 2 forwards per step:")
+    print(f"  dgfast.sample (backend {args.backend}):  {thr['dgfast_samples_per_s']:8.2f} samples/s  "
+          f"{thr['dgfast_ms_per_step']:8.2f} ms/step")
+    if "reference_s" in thr:
+        print(f"  reference two-pass loop:        {thr['reference_samples_per_s']:8.2f} samples/s  "
+              f"{thr['reference_ms_per_step']:8.2f} ms/step   ({thr['reference']})")
+        print(f"  speedup {thr['speedup']:.2f}x; max |dgfast - reference| over the samples = "
+              f"{thr['max_abs_diff_vs_reference']:.2e}")
+
+
 def run(args) -> int:
     from dgfast.zoo import data
     from dgfast.zoo.evaluate import balanced_labels, sample_mode
@@ -253,28 +278,7 @@ def run(args) -> int:
     thr = throughput(finetuned, pretrained, info, scales["dog"], args.steps, len(y), args.seed, args.backend,
                      with_reference=not args.no_reference)
 
-    # report
-    results_path = os.path.join(args.zoo_dir or ZOO_DIR, "RESULTS.md")
-    lines = [f"{'mode':26s} {'scale':>5s} {'target FD':>10s} {'accuracy':>9s} {'grid time':>10s}"]
-    for mode in ("finetuned", "cfg", "dog"):
-        q = quality.get(mode)
-        fd = f"{q['fd']:10.3f}" if q else f"{'-':>10s}"
-        acc = f"{q['accuracy']:9.3f}" if q else f"{'-':>9s}"
-        lines.append(f"{MODE_TITLES[mode]:26s} {scales[mode]:5g} {fd} {acc} {grid_seconds[mode]:9.2f}s")
-    print()
-    print("\n".join(lines))
-    if quality:
-        print(f"(target FD and accuracy from {args.quality_samples} samples per mode: FD reads higher than with "
-              f"more samples; the 3 x 1000-sample numbers are in {results_path})")
-    print()
-    print(f"throughput, DoG w={thr['scale']:g}, batch {thr['batch']}, {thr['steps']} steps, 2 forwards per step:")
-    print(f"  dgfast.sample (backend {args.backend}):  {thr['dgfast_samples_per_s']:8.2f} samples/s  "
-          f"{thr['dgfast_ms_per_step']:8.2f} ms/step")
-    if "reference_s" in thr:
-        print(f"  reference two-pass loop:        {thr['reference_samples_per_s']:8.2f} samples/s  "
-              f"{thr['reference_ms_per_step']:8.2f} ms/step   ({thr['reference']})")
-        print(f"  speedup {thr['speedup']:.2f}x; max |dgfast - reference| over the samples = "
-              f"{thr['max_abs_diff_vs_reference']:.2e}")
+    print_report(args, scales, quality, grid_seconds, thr)
     report = {
         "grid": os.path.abspath(grid_path), "classes": classes, "per_class": args.per_class, "steps": args.steps,
         "seed": args.seed, "scales": scales, "null_labels": {"cfg": info["finetuned"]["null_label"],

@@ -99,7 +99,7 @@ def summarize(values):
             "values": [float(v) for v in a]}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dgfast.zoo.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=1000, help="samples per mode and seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -119,28 +119,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--markdown-only", action="store_true",
                    help="rewrite RESULTS.md from results.json (and finetune_sweep.json) without sampling")
-    args = p.parse_args(argv)
-    try:
-        check_args(args)
-    except ValueError as err:
-        p.error(str(err))  # usage line and exit 2, as argparse's own errors
-    if args.markdown_only:
-        return write_markdown(args.out, load_info(args.zoo_dir))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return p
+
+
+def _context_rows(args, pretrained, info: dict, metric, K: int, per_seed: dict) -> None:
+    """The context rows of every seed into per_seed: real target renders (train glyphs) and the
+    pre-trained model's null branch."""
     from dgfast.zoo import data
-    from dgfast.zoo.metrics import load_metric
-
-    finetuned, pretrained, info = load_pair(args.zoo_dir)
-    metric = load_metric(args.zoo_dir or ZOO_DIR)
-    K = info["finetuned"]["config"]["num_classes"]
-    full, part = (0.0, 1.0), tuple(args.interval)
-    runs = ([("finetuned", 1.0, full)] + [(m, w, full) for m in ("cfg", "dog") for w in args.scales]
-            + [("dog", w, part) for w in args.interval_scales])
-    per_seed: dict[str, list[dict]] = {}
-    t_start = time.time()
-
-    # context rows: real target renders (train glyphs) and the pre-trained model's null branch
     domains = data.Domains()
     target_train = domains.train_idx[np.isin(domains.digits[domains.train_idx], data.TARGET_DIGITS)]
     for s in args.seeds:
@@ -156,6 +141,47 @@ def main(argv=None) -> int:
         # its "labels" for accuracy are meaningless; report the FD only
         per_seed.setdefault("pretrained (source, null label)", []).append(
             {**metric(x, balanced_labels(args.samples, K)), "accuracy": float("nan")})
+
+
+def summarize_rows(per_seed: dict) -> dict:
+    """Mean, std and values of each row's FD, accuracy (and seconds, for timed rows) over the seeds."""
+    return {key: {"fd": summarize([r["fd"] for r in rows]), "accuracy": summarize([r["accuracy"] for r in rows]),
+                  **({"seconds": summarize([r["seconds"] for r in rows])} if "seconds" in rows[0] else {})}
+            for key, rows in per_seed.items()}
+
+
+def best_rows(summary: dict, with_interval: bool) -> dict:
+    """The lowest-FD row of each mode over the whole trajectory (keys "cfg w" / "dog w"), and of the
+    interval rows when there are any."""
+    groups = {m: [k for k in summary if k.startswith(m + " ") and len(k.split()) == 2] for m in ("cfg", "dog")}
+    if with_interval:
+        groups["dog interval"] = [k for k in summary if k.startswith("dog ") and " interval " in k]
+    return {m: min(keys, key=lambda k: summary[k]["fd"]["mean"]) for m, keys in groups.items()}
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as err:
+        p.error(str(err))  # usage line and exit 2, as argparse's own errors
+    if args.markdown_only:
+        return write_markdown(args.out, load_info(args.zoo_dir))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from dgfast.zoo.metrics import load_metric
+
+    finetuned, pretrained, info = load_pair(args.zoo_dir)
+    metric = load_metric(args.zoo_dir or ZOO_DIR)
+    K = info["finetuned"]["config"]["num_classes"]
+    full, part = (0.0, 1.0), tuple(args.interval)
+    runs = ([("finetuned", 1.0, full)] + [(m, w, full) for m in ("cfg", "dog") for w in args.scales]
+            + [("dog", w, part) for w in args.interval_scales])
+    per_seed: dict[str, list[dict]] = {}
+    t_start = time.time()
+
+    _context_rows(args, pretrained, info, metric, K, per_seed)
 
     def score(key, mode, w, **extra):
         """One table row: `mode` at scale w (plus dgfast.sample keywords) for every seed; the
@@ -179,18 +205,9 @@ def main(argv=None) -> int:
             key += f" interval {interval[0]:g}-{interval[1]:g}"
         score(key, mode, w, guidance_interval=interval)
 
-    def summarize_rows():
-        return {key: {"fd": summarize([r["fd"] for r in rows]), "accuracy": summarize([r["accuracy"] for r in rows]),
-                      **({"seconds": summarize([r["seconds"] for r in rows])} if "seconds" in rows[0] else {})}
-                for key, rows in per_seed.items()}
-
-    summary = summarize_rows()
+    summary = summarize_rows(per_seed)
     ft = summary["finetuned"]["fd"]
-    # best scale of each mode over the whole trajectory (keys "cfg w" / "dog w"), and of the interval rows
-    groups = {m: [k for k in summary if k.startswith(m + " ") and len(k.split()) == 2] for m in ("cfg", "dog")}
-    if args.interval_scales:
-        groups["dog interval"] = [k for k in summary if k.startswith("dog ") and " interval " in k]
-    best = {m: min(keys, key=lambda k: summary[k]["fd"]["mean"]) for m, keys in groups.items()}
+    best = best_rows(summary, bool(args.interval_scales))
     for m, k in best.items():
         print(f"best {m}: {k}: FD {summary[k]['fd']['mean']:.3f} +- {summary[k]['fd']['std']:.3f} vs fine-tuned "
               f"{ft['mean']:.3f} +- {ft['std']:.3f} ({fd_change(summary[k]['fd']['mean'], ft['mean'])})")
@@ -198,7 +215,7 @@ def main(argv=None) -> int:
     w_best = float(best["dog"].split()[1])
     for k in args.every:
         score(f"dog {w_best:g} every {k}", "dog", w_best, pretrained_every=k)
-    summary = summarize_rows()
+    summary = summarize_rows(per_seed)
     for k in best.values():
         summary[k]["best_of_sweep"] = True
     result = {

@@ -159,7 +159,7 @@ def train_encoder(domains: data.Domains, cfg: dict, log_every: int = 250) -> tup
     return enc, {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1), "log": log}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=ZOO_DIR, help="where to write the .safetensors and zoo.json")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (useless weights)")
@@ -170,9 +170,11 @@ def main(argv=None) -> int:
     p.add_argument("--skip-encoder", action="store_true", help="keep OUT/encoder.safetensors")
     p.add_argument("--snapshot-every", type=int, default=0, help="also save the pre-trained EMA every N steps")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 on a busy machine)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return p
+
+
+def stage_configs(args) -> tuple[dict, dict, dict]:
+    """The pretrain, finetune and encoder settings: the defaults, shrunk by --quick, steps from the flags."""
     pre_cfg, ft_cfg, enc_cfg = dict(PRETRAIN), dict(FINETUNE), dict(ENCODER)
     if args.quick:
         pre_cfg.update(steps=4, warmup=2, batch=8)
@@ -181,6 +183,35 @@ def main(argv=None) -> int:
     for cfg, val in ((pre_cfg, args.pretrain_steps), (ft_cfg, args.finetune_steps), (enc_cfg, args.encoder_steps)):
         if val is not None:
             cfg["steps"] = val
+    return pre_cfg, ft_cfg, enc_cfg
+
+
+def pretrain_stage(args, pre_cfg: dict, domains, num_source: int, meta_path: str):
+    """(the pre-trained model, its training log): trained on the source domain and saved, or with
+    --skip-pretrain loaded from OUT with the log zoo.json kept."""
+    if args.skip_pretrain:
+        from dgfast.checkpoint import load_checkpoint
+        pretrained = build_dit(num_source)
+        pretrained.load_state_dict(load_checkpoint(os.path.join(args.out, "pretrained.safetensors")))
+        pretrained.eval()
+        with open(meta_path) as f:
+            return pretrained, json.load(f)["pretrained"]["training"]
+    torch.manual_seed(pre_cfg["seed"])
+
+    def snapshot(step, ema):
+        if args.snapshot_every and step % args.snapshot_every == 0 and step < pre_cfg["steps"]:
+            save_safetensors(ema.state_dict(), os.path.join(args.out, f"pretrained-{step}.safetensors"))
+    pretrained, pre_log = train_diffusion(build_dit(num_source), domains.source_batch, pre_cfg, "pretrain",
+                                          snapshot=snapshot)
+    save_safetensors(pretrained.state_dict(), os.path.join(args.out, "pretrained.safetensors"))
+    return pretrained, pre_log
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pre_cfg, ft_cfg, enc_cfg = stage_configs(args)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; writing to {args.out}", flush=True)
@@ -188,21 +219,7 @@ def main(argv=None) -> int:
 
     num_source, num_target = 10, len(data.TARGET_DIGITS)
     meta_path = os.path.join(args.out, "zoo.json")
-    if args.skip_pretrain:
-        from dgfast.checkpoint import load_checkpoint
-        pretrained = build_dit(num_source)
-        pretrained.load_state_dict(load_checkpoint(os.path.join(args.out, "pretrained.safetensors")))
-        pretrained.eval()
-        with open(meta_path) as f:
-            pre_log = json.load(f)["pretrained"]["training"]
-    else:
-        torch.manual_seed(pre_cfg["seed"])
-        def snapshot(step, ema):
-            if args.snapshot_every and step % args.snapshot_every == 0 and step < pre_cfg["steps"]:
-                save_safetensors(ema.state_dict(), os.path.join(args.out, f"pretrained-{step}.safetensors"))
-        pretrained, pre_log = train_diffusion(build_dit(num_source), domains.source_batch, pre_cfg, "pretrain",
-                                              snapshot=snapshot)
-        save_safetensors(pretrained.state_dict(), os.path.join(args.out, "pretrained.safetensors"))
+    pretrained, pre_log = pretrain_stage(args, pre_cfg, domains, num_source, meta_path)
 
     ft_model = finetune_from(pretrained, data.TARGET_DIGITS, ft_cfg["seed"])
     finetuned, ft_log = train_diffusion(ft_model, domains.target_batch, ft_cfg, "finetune", log_every=50)
