@@ -12,7 +12,7 @@ from dgfast.distributed import make_npz, sample_to_dir  # noqa: F401
 from dgfast.models import DiT, DiT_models, build_model  # noqa: F401
 from dgfast.pair_cache import get_pair  # noqa: F401
 from dgfast.paired import pair  # noqa: F401
-from dgfast.sampling import dog_forward, sample  # noqa: F401
+from dgfast.api import dog_forward, sample  # noqa: F401
 from dgfast.schedule import Schedule, space_timesteps  # noqa: F401
 
 # diffusers is optional (pip install dgfast[diffusers]): import those names on first use.

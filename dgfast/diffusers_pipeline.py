@@ -33,7 +33,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from dgfast import convert, samplers
-from dgfast.sampling import (check_eval, check_scale, label_table_rows, make_pair_forward,
+from dgfast.api import (check_eval, check_scale, label_table_rows, make_pair_forward,
                              resolve_channels, scalar)
 
 

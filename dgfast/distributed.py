@@ -319,7 +319,7 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     cannot fit in free memory is refused before anything is written.
     """
     from dgfast.ops import resolve_backend
-    from dgfast.sampling import check_bool, check_eta, model_device, model_info
+    from dgfast.api import check_bool, check_eta, model_device, model_info
 
     resume, npz, progress = check_bool(resume, "resume"), check_bool(npz, "npz"), check_bool(progress, "progress")
     eta = check_eta(eta, sampler)  # before the folder exists, not in the first batch
@@ -425,7 +425,7 @@ def _block_sampler(finetuned, pretrained, call: dict, *, seed_mode: str, global_
     """draw(indices, needed) -> (samples, labels, Divergence or None) for one block, or None for a
     finished one (in reference mode after replaying its random draws). Reference mode seeds the
     default generator here, right before the first block, as the scripts do."""
-    from dgfast.sampling import sample
+    from dgfast.api import sample
 
     def per_sample(idx, needed):
         if not needed:

@@ -25,7 +25,7 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput, rescale_n
 from diffusers.hooks import HookRegistry, ModelHook
 
 from dgfast import ops
-from dgfast.sampling import check_label, check_scale, label_table_rows, resolve_channels
+from dgfast.api import check_label, check_scale, label_table_rows, resolve_channels
 
 _HOOK = "dgfast_domain_guidance"
 

@@ -15,7 +15,7 @@ from dgfast import cuda_graph, ops, samplers
 from dgfast.models import DiT
 from dgfast.cuda_graph import GraphedDoGStep, guided_step_graphable, run_cuda_graph
 from dgfast.pair_cache import get_pair
-from dgfast.sampling import ReferenceNoise
+from dgfast.api import ReferenceNoise
 
 CFG = dict(input_size=6, patch_size=2, hidden_size=36, depth=2, num_heads=3)  # 3x3 tokens
 SAMPLERS = [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm2m", 0.0)]

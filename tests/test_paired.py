@@ -347,13 +347,13 @@ def test_dog_forward_checks_weights_once_per_loop(loop, monkeypatch):
     """The full check (weights, labels, every submodule's mode) runs where a loop starts, in either
     direction of t, and nowhere else (a repeated t is Heun's second stage, not a new loop)."""
     import dgfast
-    from dgfast import sampling
+    from dgfast import api
     pre = rand_dit(seed=17)
     ft = finetune_of(pre, seed=18)
     fn = dgfast.dog_forward(ft, pre, null_label=1000, guidance_channels="all")
     checks = []
-    real = sampling.make_pair_forward
-    monkeypatch.setattr(sampling, "make_pair_forward", lambda *a, **k: (checks.append(1), real(*a, **k))[1])
+    real = api.make_pair_forward
+    monkeypatch.setattr(api, "make_pair_forward", lambda *a, **k: (checks.append(1), real(*a, **k))[1])
     x, _, y = inputs()
     x2, y2 = torch.cat([x, x]), torch.cat([y, torch.full_like(y, 1000)])
     for t in loop:
