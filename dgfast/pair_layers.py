@@ -241,7 +241,7 @@ class PairLinear:
             else:
                 out = self._mm(x, workspace)
             if gelu and not fuse:
-                out = _gelu(out, backend)
+                out = ops.gelu_tanh(out, backend=backend)
         if shape is not None and tuple(out.shape[:-1]) != tuple(shape):
             out = out.view(*shape, -1)
         return out
@@ -259,7 +259,7 @@ class PairLinear:
             if self.loras:
                 self._add_lora(xa, ya)
         if gelu and not fuse:
-            ya, yb = _gelu(ya, backend), _gelu(yb, backend)
+            ya, yb = ops.gelu_tanh(ya, backend=backend), ops.gelu_tanh(yb, backend=backend)
         return ya, yb
 
     def _shared(self, x, onednn: bool, fuse: bool):
@@ -324,7 +324,7 @@ class PairLinear:
             if side == 0 and self.loras:
                 self._add_lora(x, y)
         if gelu:
-            y = _gelu(y, backend)
+            y = ops.gelu_tanh(y, backend=backend)
         return y if shape is None else y.view(*shape, -1)
 
     def traced(self, x, shape=None, *, gelu: bool = False, backend: str = "auto"):
@@ -340,7 +340,7 @@ class PairLinear:
                 ya = ya + torch.mm(torch.mm(xa, At), Bt) * s + (0 if b_B is None else b_B * s)
             out = torch.cat([ya, yb])
         if gelu:
-            out = _gelu(out, backend)
+            out = ops.gelu_tanh(out, backend=backend)
         return out if shape is None else out.view(*shape, -1)
 
     def tensors(self):
@@ -384,6 +384,3 @@ class AdaLNGroup:
     def tensors(self):
         return [self.w2t, self.b2]
 
-
-def _gelu(z, backend):
-    return ops.gelu_tanh(z, backend=backend)
