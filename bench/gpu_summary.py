@@ -20,7 +20,7 @@ TARGET = 0.85  # guided_step bandwidth / copy bandwidth
 
 def load_kernels():
     from dgfast import ops
-    kernels = ops.triton_kernels()  # dgfast.kernels: installed, or the checkout's kernels/
+    kernels = ops.triton_kernels()  # dgfast.kernels: gpu_check.sh installs the checkout
     if kernels is None:
         raise SystemExit("gpu_summary: dgfast.ops.triton_kernels() found no kernels package")
     return kernels

@@ -74,24 +74,14 @@ def triton_kernels():
         return None
     try:
         import dgfast.kernels as kernels
-    except ImportError:
-        kernels = _kernels_from_source_tree()
+    except ModuleNotFoundError as err:
+        if err.name != "dgfast.kernels":
+            raise
+        # setup.py's package_dir maps the top-level kernels/ to dgfast.kernels; any install makes that
+        # mapping (an editable one included, as `make test` does), a bare checkout on PYTHONPATH does not.
+        raise ImportError("dgfast.kernels (the repo's kernels/) imports only from an installed dgfast: "
+                          "run `pip install --no-build-isolation -e .` in the checkout") from err
     return kernels
-
-
-def _kernels_from_source_tree():
-    """Run from a checkout without installing: the repo's top-level kernels/ as dgfast.kernels."""
-    import importlib.util
-    import sys
-    init = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "__init__.py")
-    if not os.path.isfile(init):
-        return None
-    spec = importlib.util.spec_from_file_location("dgfast.kernels", init,
-                                                  submodule_search_locations=[os.path.dirname(init)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dgfast.kernels"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def triton_interpreting() -> bool:

@@ -26,12 +26,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402  (the repo's kernels/, as dgfast.kernels)
-from kernels.adaln_modulate import _adaln_modulate_kernel  # noqa: E402
-from kernels.gated_residual_modulate import _gated_residual_modulate_kernel  # noqa: E402
-from kernels.gelu_tanh import _gelu_tanh_kernel  # noqa: E402
-from kernels.guided_step import _guided_step_kernel  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's dgfast
+import dgfast.kernels as kernels  # noqa: E402  (the repo's kernels/, through setup.py's package_dir)
+from dgfast.kernels.adaln_modulate import _adaln_modulate_kernel  # noqa: E402
+from dgfast.kernels.gated_residual_modulate import _gated_residual_modulate_kernel  # noqa: E402
+from dgfast.kernels.gelu_tanh import _gelu_tanh_kernel  # noqa: E402
+from dgfast.kernels.guided_step import _guided_step_kernel  # noqa: E402
 
 
 class Compiled(Exception):
