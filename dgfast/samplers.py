@@ -500,8 +500,9 @@ def _run_steps(plan, x, forwards, steps, t_at, draw, step_args, watch):
         out_ft, out_guide = forwards(x_in, t_at(plan.timesteps[i]), i)
         check_output(out_ft, x, step_mode, forwards.names[0])
         keep = i + 1 < plan.num_steps and plan.prev[i + 1]
-        res = ops.guided_step(x, out_ft, out_guide, draw() if plan.noise[i] else None, plan.rows[i], mode=step_mode,
-                              prev=state if plan.prev[i] else None, return_state=keep, **step_args)
+        res = ops.guided_step(x, out_ft, out_guide, draw() if plan.noise[i] else None, plan.rows[i],
+                              step_mode=step_mode, prev=state if plan.prev[i] else None, return_state=keep,
+                              **step_args)
         x, state = res if keep else (res, None)
         watch.record(i, out_ft, out_guide, x)
     return x
@@ -512,12 +513,13 @@ def _run_heun(plan, x, forwards, steps, t_at, step_args, watch):
         h = plan.rows[i, 0]
         out_ft, out_guide = forwards(x, t_at(plan.timesteps[i]), i)
         check_output(out_ft, x, "flow_euler", forwards.names[0])
-        x_euler, d = ops.guided_step(x, out_ft, out_guide, None, (h,), mode="flow_euler", return_state=True,
+        x_euler, d = ops.guided_step(x, out_ft, out_guide, None, (h,), step_mode="flow_euler", return_state=True,
                                      **step_args)
         watch.record(i, out_ft, out_guide, x_euler)
         out_ft, out_guide = forwards(x_euler, t_at(plan.timesteps[i + 1]), i)
         check_output(out_ft, x, "flow_heun", forwards.names[0])
-        x = ops.guided_step(x, out_ft, out_guide, None, (h * 0.5,), mode="flow_heun", prev=d, **step_args)
+        x = ops.guided_step(x, out_ft, out_guide, None, (h * 0.5,), step_mode="flow_heun", prev=d,
+                            **step_args)
         watch.record(i, out_ft, out_guide, x)
     return x
 
