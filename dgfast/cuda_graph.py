@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 
-GRAPH_MODES = ("ddpm", "ddim", "linear")  # ops.guided_step modes the graphed step implements
+GRAPH_MODES = ("ddpm", "ddim", "linear")  # the step_modes the graphed step implements
 
 
 def guided_step_graphable(x, out_ft, out_guide, noise, c, *, scale: float, k: int, step_mode: str,
@@ -125,7 +125,7 @@ def run_cuda_graph(forward, z, y, null_label, plan, draw, *, scale: float, guida
                    _capture: bool = True) -> torch.Tensor:
     """The sampling loop with each step replayed from one CUDA graph (sample(cuda_graph=True)).
 
-    forward(x, t, y, null) -> (out_ft, out_guide or None). `plan`: DiT's ddpm/ddim steps (modes,
+    forward(x, t, y, null) -> (out_ft, out_guide or None). `plan`: DiT's ddpm/ddim steps (step_modes,
     rows, timesteps, noise flags) or dpm2m's (step_mode "linear", prev flags: the step reads the
     previous step's x0, kept in a static buffer between replays). The noise tensors of the steps
     that take some are drawn up front with draw(), in the loop's order and shapes: the model
@@ -137,7 +137,7 @@ def run_cuda_graph(forward, z, y, null_label, plan, draw, *, scale: float, guida
     """
     if _capture and not z.is_cuda:
         raise ValueError("cuda_graph=True needs CUDA tensors")
-    modes = set(plan.modes)
+    modes = set(plan.step_modes)
     S = plan.num_steps
     noise_flags = [bool(v) for v in plan.noise]
     reads = [bool(v) for v in getattr(plan, "prev", [False] * S)]

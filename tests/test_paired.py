@@ -434,7 +434,7 @@ def _eager_plan(steps):
     sched = Schedule.from_steps(steps)
     order = list(range(sched.num_steps - 1, -1, -1))  # the loop runs j = S-1 ... 0
     rows = sched.ddpm_coefs()[order]
-    return SimpleNamespace(modes=["ddpm"] * len(order), rows=rows, noise=[True] * len(order),
+    return SimpleNamespace(step_modes=["ddpm"] * len(order), rows=rows, noise=[True] * len(order),
                            timesteps=[int(sched.timestep_map[j]) for j in order], num_steps=len(order))
 
 

@@ -150,7 +150,7 @@ def test_scheduler_fused_matches_its_step(pair, name, backend):
         pytest.skip("interpreted Triton: one scheduler per kernel path (see TRITON_CASES)")
     plan = samplers.scheduler_plan(make(), 12, "cpu", kw.get("eta", 0.0))
     assert plan.scheduler is None, "expected a fused plan"
-    need_modes(backend, *set(plan.modes))
+    need_modes(backend, *set(plan.step_modes))
     ft, pre = pair
     z, y = torch.randn(3, C, 5, 7, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2, 3])
     torch.manual_seed(7)  # both loops draw their noise from the default generator, same steps and shapes
