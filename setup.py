@@ -5,6 +5,7 @@ The C++ ops are optional: they are built when torch imports and a C++ compiler i
 failed build is skipped with one warning line; dgfast then JIT-builds them at first use from a
 source checkout, or runs the torch path. Install with `pip install --no-build-isolation [-e] .`
 so the ops build against the torch you run (build isolation would hide it, or fetch another one).
+DGFAST_NO_JIT=1 (no compiling of the C++ ops, as at run time) installs without them.
 """
 import os
 import re
@@ -29,6 +30,9 @@ def warn(msg):
 
 def cpp_extension():
     """(ext_modules, cmdclass) for dgfast._C, or empty ones (with one warning) when it can't be built."""
+    if os.environ.get("DGFAST_NO_JIT") == "1":
+        warn("DGFAST_NO_JIT=1: installing without the C++ ops")
+        return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:

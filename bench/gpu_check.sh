@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One command for a machine with a CUDA GPU and nothing but this repo (and a python3 with torch,
-# triton and pytest): the CUDA-only tests with Triton compiled (not interpreted), the benchmarks
-# in bench/, copy-bandwidth / bf16-matmul references, guided_step bandwidth and bit-equality, the
-# end-to-end DiT-XL/2 run (bench/gpu_e2e.py: speedup, MFU, cuda_graph latency), and a summary
-# table last. No installation: runs from the repo root with PYTHONPATH=.
+# triton, pytest, pip and setuptools>=64): the CUDA-only tests with Triton compiled (not
+# interpreted), the benchmarks in bench/, copy-bandwidth / bf16-matmul references, guided_step
+# bandwidth and bit-equality, the end-to-end DiT-XL/2 run (bench/gpu_e2e.py: speedup, MFU,
+# cuda_graph latency), and a summary table last. Runs from the repo root with PYTHONPATH=. after
+# an editable install of this checkout (no dependencies, no build isolation, no C++ build): the
+# only way kernels/ imports as dgfast.kernels.
 #   bash bench/gpu_check.sh            (PYTHON=/path/to/python to choose the interpreter)
 # Exit status 0 when every check passes, or when there is no GPU ("no CUDA GPU: skipped").
 # With $OUT set (the device tool's output folder), everything printed is also kept in
@@ -24,6 +26,21 @@ check() {  # everything, so that one pipe can keep a copy of its output
     if ! "$PY" -c 'import triton, pytest' 2>/dev/null; then
         echo "gpu_check: $PY needs triton and pytest" >&2
         exit 2
+    fi
+
+    # setup.py's package_dir maps the top-level kernels/ to dgfast.kernels, and only an install makes
+    # that mapping. Editable: the tests run these files. Against the torch found here: no build isolation
+    # and no dependencies (the machine may be offline). --use-pep517: pip's `setup.py develop` route
+    # re-runs pip with build isolation. DGFAST_NO_JIT=1 (above) keeps setup.py from building the C++ ops.
+    kernels_here='import os, sys, dgfast.kernels as k
+sys.exit(os.path.realpath(os.path.dirname(k.__file__)) != os.path.realpath("kernels"))'
+    if ! "$PY" -c "$kernels_here" 2>/dev/null; then
+        echo "== pip install -e . (kernels/ as dgfast.kernels) =="
+        "$PY" -m pip install -q --no-deps --no-build-isolation --use-pep517 -e .
+        if ! "$PY" -c "$kernels_here"; then
+            echo "gpu_check: dgfast.kernels does not import from this checkout's kernels/ after the install" >&2
+            exit 2
+        fi
     fi
 
     echo "== pytest -m cuda tests/ =="

@@ -20,7 +20,7 @@ TARGET = 0.85  # guided_step bandwidth / copy bandwidth
 
 def load_kernels():
     from dgfast import ops
-    kernels = ops.triton_kernels()  # dgfast.kernels: installed, or the checkout's kernels/
+    kernels = ops.triton_kernels()  # dgfast.kernels: gpu_check.sh installs the checkout
     if kernels is None:
         raise SystemExit("gpu_summary: dgfast.ops.triton_kernels() found no kernels package")
     return kernels
@@ -104,9 +104,9 @@ def guided_step_bitwise(K):
         for name, mode, table in step_tables():
             for j in (0, 1, len(table) // 2, len(table) - 1):
                 for k, clip in [(3, False), (4, True), (0, False)]:
-                    got = K.guided_step(*inputs, table[j].tolist(), scale=1.37, k=k, mode=mode, clip_denoised=clip)
+                    got = K.guided_step(*inputs, table[j].tolist(), scale=1.37, k=k, step_mode=mode, clip_denoised=clip)
                     want = ops.guided_step_torch(*inputs, table[j].tolist(), scale=1.37, guidance_channels=k,
-                                                 mode=mode, clip_denoised=clip)
+                                                 step_mode=mode, clip_denoised=clip)
                     cases += 1
                     if not torch.equal(got, want):
                         failures.append(f"{shape} {name} j={j} k={k} clip={clip}: "
@@ -120,9 +120,9 @@ def guided_step_bitwise(K):
                 ("flow_euler", "flow_euler", (-0.0625,), dict(return_state=True)),
                 ("flow_heun", "flow_heun", (0.03125,), dict(prev=prev))]:
             noise = z if name == "linear" else None
-            got = K.guided_step(x, ft, pre, noise, list(coefs), scale=1.37, k=3, mode=mode, **kw)
-            want = ops.guided_step_torch(x, ft, pre, noise, list(coefs), scale=1.37, guidance_channels=3, mode=mode,
-                                         **kw)
+            got = K.guided_step(x, ft, pre, noise, list(coefs), scale=1.37, k=3, step_mode=mode, **kw)
+            want = ops.guided_step_torch(x, ft, pre, noise, list(coefs), scale=1.37, guidance_channels=3,
+                                         step_mode=mode, **kw)
             got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
             cases += 1
             if not all(torch.equal(a, b) for a, b in zip(got, want)):
@@ -140,7 +140,7 @@ def guided_step_bandwidth(K, shape=(256, 4, 64, 64), k=3, sets=4):
         x, ft, pre, z = step_inputs(n, C, H, W, seed=seed)
         out = torch.empty_like(x)
         calls.append(lambda x=x, ft=ft, pre=pre, z=z, out=out:
-                     K.guided_step(x, ft, pre, z, coefs, scale=4.0, k=k, mode="ddpm", out=out))
+                     K.guided_step(x, ft, pre, z, coefs, scale=4.0, k=k, step_mode="ddpm", out=out))
     t = stream_seconds(calls)
     nbytes = x.element_size() * n * H * W * (5 * C + k)  # x, eps, v, noise, k channels of u; write out
     t_ref = seconds(lambda: ops.guided_step_torch(x, ft, pre, z, coefs, scale=4.0, guidance_channels=k))

@@ -162,12 +162,12 @@ at::Tensor guided_step(const at::Tensor& x_in, const at::Tensor& ft_in,
   TORCH_CHECK(k >= 0 && k <= C, op, ": k (guided channels) must be in [0, ", C, "], got ", k);
   const bool guided = k > 0;
   if (guided) {
-    TORCH_CHECK(pre_in.has_value(), op, ": out_pre is None but k = ", k, " channels are guided");
+    TORCH_CHECK(pre_in.has_value(), op, ": out_guide is None but k = ", k, " channels are guided");
     const at::Tensor& p = *pre_in;
-    check_f32(p, op, "out_pre");
+    check_f32(p, op, "out_guide");
     TORCH_CHECK(p.dim() == x_in.dim() && p.size(0) == n && p.size(1) >= k &&
                     p.sizes().slice(2) == tail,
-                op, ": out_pre must be (", n, ", >=", k, ", ", tail, "), got ", p.sizes());
+                op, ": out_guide must be (", n, ", >=", k, ", ", tail, "), got ", p.sizes());
   }
 
   const at::Tensor x = packed_from(x_in, 2), ft = packed_from(ft_in, 2),
@@ -253,7 +253,7 @@ std::vector<at::Tensor> guided_step_modes(const at::Tensor& x_in, const at::Tens
                                           int64_t mode, bool clip, bool return_state) {
   const char* op = "guided_step_modes";
   TORCH_CHECK(mode == kLinear || mode == kFlowEuler || mode == kFlowHeun, op,
-              ": mode must be 2 (linear), 3 (flow_euler) or 4 (flow_heun), got ", mode);
+              ": step_mode must be 2 (linear), 3 (flow_euler) or 4 (flow_heun), got ", mode);
   check_f32(x_in, op, "x");
   check_f32(ft_in, op, "out_ft");
   TORCH_CHECK(x_in.dim() >= 2, op, ": x must be (n, C, ...), got shape ", x_in.sizes());
@@ -267,11 +267,11 @@ std::vector<at::Tensor> guided_step_modes(const at::Tensor& x_in, const at::Tens
   TORCH_CHECK(k >= 0 && k <= C, op, ": k (guided channels) must be in [0, ", C, "], got ", k);
   const bool guided = k > 0;
   if (guided) {
-    TORCH_CHECK(pre_in.has_value(), op, ": out_pre is None but k = ", k, " channels are guided");
-    check_f32(*pre_in, op, "out_pre");
+    TORCH_CHECK(pre_in.has_value(), op, ": out_guide is None but k = ", k, " channels are guided");
+    check_f32(*pre_in, op, "out_guide");
     TORCH_CHECK(pre_in->dim() == x_in.dim() && pre_in->size(0) == n && pre_in->size(1) >= k &&
                     pre_in->sizes().slice(2) == tail,
-                op, ": out_pre must be (", n, ", >=", k, ", ", tail, "), got ", pre_in->sizes());
+                op, ": out_guide must be (", n, ", >=", k, ", ", tail, "), got ", pre_in->sizes());
   }
   const bool has_noise = noise_in.has_value() && mode == kLinear;
   if (has_noise) {
@@ -594,13 +594,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("guided_step", &guided_step, nogil,
         "Guidance combination + DDPM/DDIM update, bit-equal to ops.guided_step_torch", arg("x"),
-        arg("out_ft"), arg("out_pre"), arg("noise"), arg("coefs"), arg("scale"), arg("k"),
+        arg("out_ft"), arg("out_guide"), arg("noise"), arg("coefs"), arg("scale"), arg("k"),
         arg("is_ddim"), arg("clip"));
   m.def("guided_step_modes", &guided_step_modes, nogil,
         "Guidance combination + linear / flow_euler / flow_heun update ([out] or [out, state]), "
         "bit-equal to ops.guided_step_torch",
-        arg("x"), arg("out_ft"), arg("out_pre"), arg("noise"), arg("prev"), arg("coefs"),
-        arg("scale"), arg("k"), arg("mode"), arg("clip"), arg("return_state"));
+        arg("x"), arg("out_ft"), arg("out_guide"), arg("noise"), arg("prev"), arg("coefs"),
+        arg("scale"), arg("k"), arg("step_mode"), arg("clip"), arg("return_state"));
   // The modes this build implements: dgfast.ops runs a mode here only if it is listed (older builds:
   // ddpm/ddim only; modes added to dgfast.ops.SAMPLER_MODES later run the twin until built here).
   m.attr("GUIDED_STEP_MODES") = py::make_tuple("ddpm", "ddim", "linear", "flow_euler", "flow_heun");

@@ -9,17 +9,17 @@ from __future__ import annotations
 import torch
 
 
-GRAPH_MODES = ("ddpm", "ddim", "linear")  # ops.guided_step modes the graphed step implements
+GRAPH_MODES = ("ddpm", "ddim", "linear")  # the step_modes the graphed step implements
 
 
-def guided_step_graphable(x, out_ft, out_pre, noise, c, *, scale: float, k: int, mode: str,
+def guided_step_graphable(x, out_ft, out_guide, noise, c, *, scale: float, k: int, step_mode: str,
                           clip_denoised: bool, prev=None, return_state: bool = False):
     """ops.guided_step_torch (the same body: ops.guided_step_math) with the step's coefficients in a
     device tensor `c` (7,) instead of Python floats: a captured graph then reads each replay's
     values from c (a kernel launched with float arguments would replay the capture step's numbers
     forever).
 
-    mode "linear" (DPM-Solver++(2M) and the other multistep rows): out = R x + P x0, + Q eps,
+    step_mode "linear" (DPM-Solver++(2M) and the other multistep rows): out = R x + P x0, + Q eps,
     + T (x0 - prev) when prev is given, + S noise when noise is given; return_state=True returns
     (out, x0), x0 being the next step's prev. A graph is captured with prev / noise buffers in
     place for every step: a step that reads no prev (takes no noise) gets T = 0 (S = 0) in its row
@@ -27,14 +27,14 @@ def guided_step_graphable(x, out_ft, out_pre, noise, c, *, scale: float, k: int,
     equal as values), i.e. guided_step_torch skipping the term.
     """
     from dgfast import ops
-    return ops.guided_step_math(x, out_ft, out_pre, noise, c, scale=scale, guidance_channels=k, mode=mode,
-                                clip_denoised=clip_denoised, prev=prev, return_state=return_state)
+    return ops.guided_step_math(x, out_ft, out_guide, noise, c, scale=scale, guidance_channels=k,
+                                step_mode=step_mode, clip_denoised=clip_denoised, prev=prev, return_state=return_state)
 
 
 class GraphedDoGStep:
     """x_next = step(forward(x, t, y, null), x, noise, prev, coefs) as one CUDA graph over static buffers.
 
-    Replays read x, t, y, the step's noise, the previous step's x0 (mode "linear") and the
+    Replays read x, t, y, the step's noise, the previous step's x0 (step_mode "linear") and the
     coefficient row from the buffers, so one capture serves every step of every later call with
     the same shapes and settings. uses_noise / uses_prev: whether the captured step has the noise
     / multistep term at all (ddpm and ddim always take noise and never read prev).
@@ -43,13 +43,13 @@ class GraphedDoGStep:
     `_capture=False` (tests only) runs the same static-buffer loop eagerly, without CUDA graphs.
     """
 
-    def __init__(self, forward, x_like, y_like, null_label, *, scale, k, mode, clip_denoised, warmup=2,
+    def __init__(self, forward, x_like, y_like, null_label, *, scale, k, step_mode, clip_denoised, warmup=2,
                  uses_noise=True, uses_prev=False, backend=None, _capture=True):
-        if mode not in GRAPH_MODES:
-            raise ValueError(f"mode must be one of {GRAPH_MODES}, got {mode!r}")
+        if step_mode not in GRAPH_MODES:
+            raise ValueError(f"step_mode must be one of {GRAPH_MODES}, got {step_mode!r}")
         dev = x_like.device
-        linear = mode == "linear"
-        self.forward, self.guide_label, self.settings = forward, null_label, (scale, k, mode, clip_denoised)
+        linear = step_mode == "linear"
+        self.forward, self.guide_label, self.settings = forward, null_label, (scale, k, step_mode, clip_denoised)
         self.forward_kwargs = {} if backend is None else {"backend": backend}
         self.x = torch.zeros_like(x_like)
         self.noise = torch.zeros_like(x_like) if uses_noise or not linear else None
@@ -73,16 +73,16 @@ class GraphedDoGStep:
             self.out = self._step()
 
     def _step(self):
-        """(x_next, x0): x0 is the step's data prediction for mode "linear", else None."""
-        scale, k, mode, clip = self.settings
+        """(x_next, x0): x0 is the step's data prediction for step_mode "linear", else None."""
+        scale, k, step_mode, clip = self.settings
         from dgfast.samplers import model_output
         out_ft, out_guide = self.forward(self.x, self.t, self.y, self.guide_label, **self.forward_kwargs)
         out_ft, out_guide = model_output(out_ft, self.x), model_output(out_guide, self.x)  # in x's dtype
-        if mode != "linear":
-            return guided_step_graphable(self.x, out_ft, out_guide, self.noise, self.c, scale=scale, k=k, mode=mode,
-                                         clip_denoised=clip), None
-        return guided_step_graphable(self.x, out_ft, out_guide, self.noise, self.c, scale=scale, k=k, mode=mode,
-                                     clip_denoised=clip, prev=self.prev, return_state=True)
+        settings = dict(scale=scale, k=k, step_mode=step_mode, clip_denoised=clip)
+        if step_mode != "linear":
+            return guided_step_graphable(self.x, out_ft, out_guide, self.noise, self.c, **settings), None
+        return guided_step_graphable(self.x, out_ft, out_guide, self.noise, self.c, **settings, prev=self.prev,
+                                     return_state=True)
 
     def run(self, z, y, timesteps, rows, noises, reads_prev=None):
         """Replays over steps 0..S-1: timesteps (S,) int64, rows (S, >=7) float32, noises: S tensors
@@ -125,8 +125,8 @@ def run_cuda_graph(forward, z, y, null_label, plan, draw, *, scale: float, guida
                    _capture: bool = True) -> torch.Tensor:
     """The sampling loop with each step replayed from one CUDA graph (sample(cuda_graph=True)).
 
-    forward(x, t, y, null) -> (out_ft, out_pre or None). `plan`: DiT's ddpm/ddim steps (modes,
-    rows, timesteps, noise flags) or dpm2m's (mode "linear", prev flags: the step reads the
+    forward(x, t, y, null) -> (out_ft, out_guide or None). `plan`: DiT's ddpm/ddim steps (step_modes,
+    rows, timesteps, noise flags) or dpm2m's (step_mode "linear", prev flags: the step reads the
     previous step's x0, kept in a static buffer between replays). The noise tensors of the steps
     that take some are drawn up front with draw(), in the loop's order and shapes: the model
     consumes no RNG, so the default generator ends in the same state and every step sees the
@@ -137,7 +137,7 @@ def run_cuda_graph(forward, z, y, null_label, plan, draw, *, scale: float, guida
     """
     if _capture and not z.is_cuda:
         raise ValueError("cuda_graph=True needs CUDA tensors")
-    modes = set(plan.modes)
+    modes = set(plan.step_modes)
     S = plan.num_steps
     noise_flags = [bool(v) for v in plan.noise]
     reads = [bool(v) for v in getattr(plan, "prev", [False] * S)]
@@ -148,26 +148,26 @@ def run_cuda_graph(forward, z, y, null_label, plan, draw, *, scale: float, guida
             or (not modes <= {"linear"} and (any(reads) or not all(noise_flags)))):
         raise ValueError("cuda_graph=True supports DiT's 'ddpm' and 'ddim' samplers (one noise draw per step) "
                          "and 'dpm2m' (DPM-Solver++(2M), multistep state kept between replays)")
-    mode = modes.pop()
+    step_mode = modes.pop()
     clip = getattr(plan, "clip", None)
     clip = bool(clip_denoised) if clip is None else bool(clip)
     noises = [draw() if noise_flags[i] else None for i in range(S)]   # the reference order, up front
     dev = z.device
     timesteps = torch.as_tensor([int(v) for v in plan.timesteps[:S]], dtype=torch.int64, device=dev)
     rows = torch.as_tensor(plan.rows, dtype=torch.float32)[:S, :7].clone()
-    if mode == "linear":  # the terms a step skips in the eager loop: zero coefficient, zero buffer
+    if step_mode == "linear":  # the terms a step skips in the eager loop: zero coefficient, zero buffer
         rows[:, 5] = torch.where(torch.tensor(reads), rows[:, 5], 0.0)
         rows[:, 6] = torch.where(torch.tensor(noise_flags), rows[:, 6], 0.0)
     rows = rows.to(dev)
-    uses_noise, uses_prev = (any(noise_flags), any(reads)) if mode == "linear" else (True, False)
-    key = (tuple(z.shape), z.dtype, dev, tuple(y.shape), float(scale), int(guidance_channels), mode,
+    uses_noise, uses_prev = (any(noise_flags), any(reads)) if step_mode == "linear" else (True, False)
+    key = (tuple(z.shape), z.dtype, dev, tuple(y.shape), float(scale), int(guidance_channels), step_mode,
            clip, null_label if not isinstance(null_label, torch.Tensor) else "tensor", uses_noise, uses_prev,
            backend, bool(_capture))
     step = cache.get(key) if cache is not None else None
     if step is None:
-        step = GraphedDoGStep(forward, z, y, null_label, scale=float(scale), k=int(guidance_channels), mode=mode,
-                              clip_denoised=clip, uses_noise=uses_noise, uses_prev=uses_prev, backend=backend,
-                              _capture=_capture)
+        step = GraphedDoGStep(forward, z, y, null_label, scale=float(scale), k=int(guidance_channels),
+                              step_mode=step_mode, clip_denoised=clip, uses_noise=uses_noise, uses_prev=uses_prev,
+                              backend=backend, _capture=_capture)
         if cache is not None:
             cache[key] = step
     return step.run(z, y, timesteps, rows, noises, reads)

@@ -18,6 +18,7 @@ backend= (every public op below):
 The environment variable DGFAST_BACKEND replaces "auto" only: an explicit argument always wins.
 """
 import functools
+import inspect
 import os
 import warnings
 from typing import Optional
@@ -74,24 +75,14 @@ def triton_kernels():
         return None
     try:
         import dgfast.kernels as kernels
-    except ImportError:
-        kernels = _kernels_from_source_tree()
+    except ModuleNotFoundError as err:
+        if err.name != "dgfast.kernels":
+            raise
+        # setup.py's package_dir maps the top-level kernels/ to dgfast.kernels; any install makes that
+        # mapping (an editable one included, as `make test` does), a bare checkout on PYTHONPATH does not.
+        raise ImportError("dgfast.kernels (the repo's kernels/) imports only from an installed dgfast: "
+                          "run `pip install --no-build-isolation -e .` in the checkout") from err
     return kernels
-
-
-def _kernels_from_source_tree():
-    """Run from a checkout without installing: the repo's top-level kernels/ as dgfast.kernels."""
-    import importlib.util
-    import sys
-    init = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "__init__.py")
-    if not os.path.isfile(init):
-        return None
-    spec = importlib.util.spec_from_file_location("dgfast.kernels", init,
-                                                  submodule_search_locations=[os.path.dirname(init)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dgfast.kernels"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def triton_interpreting() -> bool:
@@ -187,23 +178,46 @@ def _run(name: str, which: str, args: tuple):
 # guided_step: guidance combination + scheduler update, one pass
 # ----------------------------------------------------------------------------------------------
 
-def guided_step(x, out_ft, out_pre, noise, coefs, *, scale: float = 1.0, guidance_channels: int = 0,
-                mode: str = "ddpm", clip_denoised: bool = False, backend: str = "auto", prev=None,
+def _renamed_keywords(**old_to_new):
+    """Keyword arguments renamed for one name per thing (`mode` is sample()'s dog/cfg; a step's is
+    `step_mode`; the guiding branch is `guide`) keep their old names for one release: the old name
+    warns (DeprecationWarning) and is passed on as the new one; giving both is a TypeError."""
+    def wrap(fn):
+        params = list(inspect.signature(fn).parameters)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs or params.index(new) < len(args):
+                        raise TypeError(f"{fn.__name__}() got both {old}= and {new}= ({old} is {new}'s old name)")
+                    warnings.warn(f"{fn.__name__}(): {old}= is deprecated (removed in the next release); "
+                                  f"use {new}=", DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+        return call
+    return wrap
+
+
+@_renamed_keywords(mode="step_mode", out_pre="out_guide")
+def guided_step(x, out_ft, out_guide, noise, coefs, *, scale: float = 1.0, guidance_channels: int = 0,
+                step_mode: str = "ddpm", clip_denoised: bool = False, backend: str = "auto", prev=None,
                 return_state: bool = False, guidance_rescale: float = 0.0):
     """x_prev for one sampler step of the kept (fine-tuned) half.
 
     x:        (n, C, H, W) current sample
     out_ft:   (n, 2C, H, W) fine-tuned output: eps channels then variance values (other modes: >= C channels)
-    out_pre:  (n, >=k, H, W) pre-trained output, or None for unguided sampling
+    out_guide: (n, >=k, H, W) the guiding branch's output (DoG: the pre-trained model's; CFG: the
+              fine-tuned model's with its null label), or None for unguided sampling
     noise:    (n, C, H, W) standard normal draw (may be a strided view, e.g. rows of a 2n draw),
               or None for a step without a noise term
     coefs:    the step's row of per-step float32 scalars (Schedule.ddpm_coefs()/ddim_coefs(), or a
               dgfast.samplers row for the other modes): a sequence, a numpy row or a tensor. A float32
               tensor on x's device is used as it is, so one compiled graph serves every step.
-    scale:    guidance scale w in  eps = u + w * (c - u)  (u = pre-trained, c = fine-tuned)
+    scale:    guidance scale w in  eps = u + w * (c - u)  (u = out_guide, c = out_ft)
     guidance_channels: k, guidance applies to eps channels [0, k); the rest are the fine-tuned eps.
 
-    Modes (d = the guided model output: eps, or a velocity for flow models):
+    step_mode (d = the guided model output: eps, or a velocity for flow models):
       ddpm    DiT's p_sample, learned-range variance. coefs A, B, C1, C2, Lmin, Lmax, mask
       ddim    DiT's ddim_sample (eps re-derived from x0). coefs A, B, sqrt(abp), sqrt(1-abp-s^2), mask*s
       linear  x0 = A*x - B*d (clamped if clip_denoised);
@@ -219,43 +233,43 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale: float = 1.0, guidanc
               towards the fine-tuned eps's per-sample std. It needs a reduction over each sample,
               so the guided eps is formed here in torch and the fused step runs unguided on it.
     """
-    _check_step_mode(mode, prev, return_state)
-    k = guidance_channels if out_pre is not None else 0
+    _check_step_mode(step_mode, prev, return_state)
+    k = guidance_channels if out_guide is not None else 0
     if guidance_rescale and k > 0:
-        out_ft, out_pre, k = rescale_guided(out_ft, out_pre, scale, k, x.shape[1], guidance_rescale), None, 0
+        out_ft, out_guide, k = rescale_guided(out_ft, out_guide, scale, k, x.shape[1], guidance_rescale), None, 0
     which = _chosen(backend, x)
-    if which in ("cpp", "triton") and mode not in backend_modes(which):
-        raise ValueError(f"{_origin(backend, which)} does not implement mode {mode!r}; use backend='torch'")
-    args = (x, out_ft, out_pre, noise, prev, coef_row(coefs, mode, x), float(scale), int(k), mode,
+    if which in ("cpp", "triton") and step_mode not in backend_modes(which):
+        raise ValueError(f"{_origin(backend, which)} does not implement step_mode {step_mode!r}; use backend='torch'")
+    args = (x, out_ft, out_guide, noise, prev, coef_row(coefs, step_mode, x), float(scale), int(k), step_mode,
             bool(clip_denoised))
     return _run("guided_step_with_state" if return_state else "guided_step", which, args)
 
 
-def _check_step_mode(mode, prev, return_state):
-    if mode not in SAMPLER_MODES:
-        raise ValueError(f"mode must be one of {SAMPLER_MODES}, got {mode!r}")
-    if return_state and mode not in STATE_MODES:
-        raise ValueError(f"return_state: mode {mode!r} has no state; modes with one: {STATE_MODES}")
-    if mode == "flow_heun" and prev is None:
-        raise ValueError("mode='flow_heun' needs prev= (the first stage's guided output)")
-    if prev is not None and mode not in PREV_MODES:
-        raise ValueError(f"prev: mode {mode!r} reads no earlier state; modes that do: {PREV_MODES}")
+def _check_step_mode(step_mode, prev, return_state):
+    if step_mode not in SAMPLER_MODES:
+        raise ValueError(f"step_mode must be one of {SAMPLER_MODES}, got {step_mode!r}")
+    if return_state and step_mode not in STATE_MODES:
+        raise ValueError(f"return_state: step_mode {step_mode!r} has no state; modes with one: {STATE_MODES}")
+    if step_mode == "flow_heun" and prev is None:
+        raise ValueError("step_mode='flow_heun' needs prev= (the first stage's guided output)")
+    if prev is not None and step_mode not in PREV_MODES:
+        raise ValueError(f"prev: step_mode {step_mode!r} reads no earlier state; modes that do: {PREV_MODES}")
 
 
-def coef_row(coefs, mode: str, x: Tensor) -> Tensor:
+def coef_row(coefs, step_mode: str, x: Tensor) -> Tensor:
     """The step's coefficients as the ops take them: a 1-d float32 tensor on x's device (each value
     rounded once to float32, as DiT's _extract_into_tensor). Flow modes read h alone, the others 7."""
     c = torch.as_tensor(coefs, dtype=torch.float32, device=x.device)
-    least = 1 if mode in FLOW_MODES else NUM_COEFS
+    least = 1 if step_mode in FLOW_MODES else NUM_COEFS
     if c.dim() != 1 or not least <= c.shape[0] <= NUM_COEFS:
-        raise ValueError(f"coefs: mode {mode!r} takes a row of {least} to {NUM_COEFS} values, got shape "
+        raise ValueError(f"coefs: step_mode {step_mode!r} takes a row of {least} to {NUM_COEFS} values, got shape "
                          f"{tuple(c.shape)}")
     return c
 
 
-def rescale_guided(out_ft, out_pre, scale, k, C, phi):
+def rescale_guided(out_ft, out_guide, scale, k, C, phi):
     """out_ft with its eps channels replaced by the guided, std-rescaled eps (variance channels kept)."""
-    g = guide_eps(out_ft[:, :C], out_pre, scale, k)
+    g = guide_eps(out_ft[:, :C], out_guide, scale, k)
     g = rescale_noise_cfg(g, out_ft[:, :C], phi)
     return g if out_ft.shape[1] == C else torch.cat([g, out_ft[:, C:]], dim=1)
 
@@ -268,42 +282,43 @@ def rescale_noise_cfg(guided, cond, phi):
     return phi * rescaled + (1 - phi) * guided
 
 
-def guide_eps(eps_ft, eps_pre, scale, k):
+def guide_eps(eps_ft, eps_guide, scale, k):
     """eps with channels [0, k) guided as u + s*(c - u) (the reference's op order), rest from eps_ft."""
-    if eps_pre is None or k == 0:
+    if eps_guide is None or k == 0:
         return eps_ft
-    g = eps_pre[:, :k] + scale * (eps_ft[:, :k] - eps_pre[:, :k])
+    g = eps_guide[:, :k] + scale * (eps_ft[:, :k] - eps_guide[:, :k])
     return g if k == eps_ft.shape[1] else torch.cat([g, eps_ft[:, k:]], dim=1)
 
 
-def guided_step_torch(x, out_ft, out_pre, noise, coefs, *, scale=1.0, guidance_channels=0, mode="ddpm",
+@_renamed_keywords(mode="step_mode", out_pre="out_guide")
+def guided_step_torch(x, out_ft, out_guide, noise, coefs, *, scale=1.0, guidance_channels=0, step_mode="ddpm",
                       clip_denoised=False, prev=None, return_state=False):
     """Plain-torch twin, op for op as DiT's p_mean_variance + p_sample (or ddim_sample); the other
     modes op for op as written in guided_step's docstring (the compiled backends follow this order)."""
     c = [torch.tensor(v, dtype=torch.float32, device=x.device) for v in coefs]  # f32 scalars, as _extract
-    return guided_step_math(x, out_ft, out_pre, noise, c, scale=scale, guidance_channels=guidance_channels, mode=mode,
-                            clip_denoised=clip_denoised, prev=prev, return_state=return_state)
+    return guided_step_math(x, out_ft, out_guide, noise, c, scale=scale, guidance_channels=guidance_channels,
+                            step_mode=step_mode, clip_denoised=clip_denoised, prev=prev, return_state=return_state)
 
 
-def guided_step_math(x, out_ft, out_pre, noise, c, *, scale, guidance_channels, mode, clip_denoised, prev,
+def guided_step_math(x, out_ft, out_guide, noise, c, *, scale, guidance_channels, step_mode, clip_denoised, prev,
                      return_state):
     """guided_step_torch's arithmetic with the coefficients `c` as float32 0-dim tensors: a list
     (the twin), or the rows of a (7,) device tensor, which a captured CUDA graph reads afresh on
     every replay (cuda_graph.guided_step_graphable). One body, so both stay op for op the same."""
     C = x.shape[1]
-    eps = guide_eps(out_ft[:, :C], out_pre, scale, guidance_channels)
-    if mode == "flow_euler":
+    eps = guide_eps(out_ft[:, :C], out_guide, scale, guidance_channels)
+    if step_mode == "flow_euler":
         out = x + c[0] * eps
         if not return_state:
             return out
-        unguided = out_pre is None or guidance_channels == 0  # then eps is a view of the model's output
+        unguided = out_guide is None or guidance_channels == 0  # then eps is a view of the model's output
         return out, (eps.clone() if unguided else eps)
-    if mode == "flow_heun":
+    if step_mode == "flow_heun":
         return x + c[0] * (prev + eps)
     x0 = c[0] * x - c[1] * eps
     if clip_denoised:
         x0 = x0.clamp(-1, 1)
-    if mode == "linear":
+    if step_mode == "linear":
         out = c[2] * x + c[3] * x0
         out = out + c[4] * eps
         if prev is not None:
@@ -311,7 +326,7 @@ def guided_step_math(x, out_ft, out_pre, noise, c, *, scale, guidance_channels, 
         if noise is not None:
             out = out + c[6] * noise
         return (out, x0) if return_state else out
-    if mode == "ddim":
+    if step_mode == "ddim":
         eps2 = (c[0] * x - x0) / c[1]
         mean = x0 * c[2] + c[3] * eps2
         return mean + c[4] * noise
@@ -321,32 +336,34 @@ def guided_step_math(x, out_ft, out_pre, noise, c, *, scale, guidance_channels, 
     return mean + c[6] * torch.exp(0.5 * logvar) * noise
 
 
-# The step on the op's arguments (x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_denoised),
-# one function per implementation. The DiT modes read a draw: a step without one (noise None) reads zeros.
+# The step on the op's arguments (x, out_ft, out_guide, noise, prev, coefs, scale, k, step_mode,
+# clip_denoised), one function per implementation. The DiT modes read a draw: a step without one
+# (noise None) reads zeros.
 
-def _dit_noise(x, noise, mode):
-    return torch.zeros_like(x) if noise is None and mode in DIT_MODES else noise
-
-
-def _torch_step(x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_denoised, return_state=False):
-    return guided_step_math(x, out_ft, out_pre, _dit_noise(x, noise, mode), coefs.to(torch.float32), scale=scale,
-                            guidance_channels=k, mode=mode, clip_denoised=clip_denoised, prev=prev,
-                            return_state=return_state)
+def _dit_noise(x, noise, step_mode):
+    return torch.zeros_like(x) if noise is None and step_mode in DIT_MODES else noise
 
 
-def _cpp_step(x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_denoised, return_state=False):
-    ext, c, noise = cpp_extension(), coefs.tolist(), _dit_noise(x, noise, mode)
-    if mode in DIT_MODES:
-        return ext.guided_step(x, out_ft, out_pre, noise, c, scale, k, mode == "ddim", clip_denoised)
-    res = ext.guided_step_modes(x, out_ft, out_pre, noise, prev, c, scale, k, SAMPLER_MODES.index(mode),
+def _torch_step(x, out_ft, out_guide, noise, prev, coefs, scale, k, step_mode, clip_denoised, return_state=False):
+    return guided_step_math(x, out_ft, out_guide, _dit_noise(x, noise, step_mode), coefs.to(torch.float32),
+                            scale=scale, guidance_channels=k, step_mode=step_mode, clip_denoised=clip_denoised,
+                            prev=prev, return_state=return_state)
+
+
+def _cpp_step(x, out_ft, out_guide, noise, prev, coefs, scale, k, step_mode, clip_denoised, return_state=False):
+    ext, c, noise = cpp_extension(), coefs.tolist(), _dit_noise(x, noise, step_mode)
+    if step_mode in DIT_MODES:
+        return ext.guided_step(x, out_ft, out_guide, noise, c, scale, k, step_mode == "ddim", clip_denoised)
+    res = ext.guided_step_modes(x, out_ft, out_guide, noise, prev, c, scale, k, SAMPLER_MODES.index(step_mode),
                                 clip_denoised, return_state)
     return tuple(res) if return_state else res[0]
 
 
-def _triton_step(x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_denoised, return_state=False,
+def _triton_step(x, out_ft, out_guide, noise, prev, coefs, scale, k, step_mode, clip_denoised, return_state=False,
                  traceable=False):
-    return _triton_guided_step(x, out_ft, out_pre, _dit_noise(x, noise, mode), coefs, scale=scale, k=k, mode=mode,
-                               clip_denoised=clip_denoised, prev=prev, return_state=return_state, traceable=traceable)
+    return _triton_guided_step(x, out_ft, out_guide, _dit_noise(x, noise, step_mode), coefs, scale=scale, k=k,
+                               step_mode=step_mode, clip_denoised=clip_denoised, prev=prev,
+                               return_state=return_state, traceable=traceable)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +442,7 @@ def _cpu_kernel(name: str, cpp_runs=lambda args: True):
 
 
 def _step_in_cpp(args):
-    return args[8] in backend_modes("cpp")  # args[8]: mode
+    return args[8] in backend_modes("cpp")  # args[8]: step_mode
 
 
 # The device implementations triton_op registers (their annotations are the schemas): the Triton
@@ -437,18 +454,18 @@ def _on_device(name: str, args: tuple, triton_impl):
     return _op_output(_IMPLS["torch"][name](*args), args[0])
 
 
-def _guided_step(x: Tensor, out_ft: Tensor, out_pre: Optional[Tensor], noise: Optional[Tensor],
-                 prev: Optional[Tensor], coefs: Tensor, scale: float, k: int, mode: str,
+def _guided_step(x: Tensor, out_ft: Tensor, out_guide: Optional[Tensor], noise: Optional[Tensor],
+                 prev: Optional[Tensor], coefs: Tensor, scale: float, k: int, step_mode: str,
                  clip_denoised: bool) -> Tensor:
-    return _on_device("guided_step", (x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_denoised),
+    return _on_device("guided_step", (x, out_ft, out_guide, noise, prev, coefs, scale, k, step_mode, clip_denoised),
                       _triton_step)
 
 
-def _guided_step_with_state(x: Tensor, out_ft: Tensor, out_pre: Optional[Tensor], noise: Optional[Tensor],
-                            prev: Optional[Tensor], coefs: Tensor, scale: float, k: int, mode: str,
+def _guided_step_with_state(x: Tensor, out_ft: Tensor, out_guide: Optional[Tensor], noise: Optional[Tensor],
+                            prev: Optional[Tensor], coefs: Tensor, scale: float, k: int, step_mode: str,
                             clip_denoised: bool) -> tuple[Tensor, Tensor]:
     return _on_device("guided_step_with_state",
-                      (x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip_denoised),
+                      (x, out_ft, out_guide, noise, prev, coefs, scale, k, step_mode, clip_denoised),
                       functools.partial(_triton_step, return_state=True))
 
 

@@ -1,7 +1,7 @@
 """Samplers as data, and the one loop that runs them through the fused guided step.
 
 A sampler here is a short function from a noise schedule to a `Plan`: for every step, the
-ops.guided_step mode, its row of float32 coefficients, the timestep the model sees and whether the
+ops.guided_step step_mode, its row of float32 coefficients, the timestep the model sees and whether the
 step draws noise or reads the previous step's state. The loop (`run`) evaluates the two branches,
 then hands everything to ops.guided_step, which forms the guided prediction and applies the update
 in one pass. Coefficients are computed once per sampling call, never inside the loop.
@@ -19,8 +19,8 @@ The guidance controls (interval, pre-trained reuse, CFG with the fine-tuned null
 Names: `pretrained` (`pre`) is DoG's pre-trained model; the guiding branch, whichever model runs it (DoG:
 the pre-trained model with its null label; mode="cfg": the fine-tuned model with its own), is `guide`
 (`out_guide`, `guide_label`); `uncond` appears only where code mirrors upstream (DiT's forward_with_cfg,
-diffusers' guiders, the DoG scripts' CLI flags). `mode` is sample()'s dog/cfg; an ops.guided_step mode
-(ddpm, ddim, linear, flow_*) is a `step_mode` here.
+diffusers' guiders, the DoG scripts' CLI flags). `mode` is sample()'s dog/cfg; a step's kind (ddpm, ddim,
+linear, flow_*) is its `step_mode`, as ops.guided_step takes it.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ GUIDANCE_MODES = ("dog", "cfg")
 @dataclass
 class Plan:
     """What the loop does at step i (i = 0 is the first, noisiest step)."""
-    modes: list                  # ops.guided_step mode of each step
+    step_modes: list             # ops.guided_step step_mode of each step
     rows: np.ndarray             # (S, NUM_COEFS) float32 coefficient rows
     timesteps: list              # the model's timestep at each step (heun: the S + 1 grid points)
     t_dtype: torch.dtype         # int64 (diffusion index) or float32 (continuous t, sigma-derived t)
@@ -60,7 +60,7 @@ class Plan:
 
     @property
     def num_steps(self) -> int:
-        return len(self.modes)
+        return len(self.step_modes)
 
 
 def _rows(values) -> np.ndarray:
@@ -80,8 +80,9 @@ def dit(schedule: Schedule, sampler: str, eta: float = 0.0) -> Plan:
     draw per step over the doubled batch, the model sees the original training index."""
     coefs = schedule.ddim_coefs(eta) if sampler == "ddim" else schedule.ddpm_coefs()
     S = schedule.num_steps
-    return Plan(modes=[sampler] * S, rows=coefs[::-1].copy(), timesteps=[int(t) for t in schedule.timestep_map[::-1]],
-                t_dtype=torch.int64, noise=[True] * S, prev=[False] * S, doubled_noise=True)
+    return Plan(step_modes=[sampler] * S, rows=coefs[::-1].copy(),
+                timesteps=[int(t) for t in schedule.timestep_map[::-1]], t_dtype=torch.int64, noise=[True] * S,
+                prev=[False] * S, doubled_noise=True)
 
 
 def dpmpp_2m(alpha, sigma, *, order: int = 2, sde: bool = False, solver: str = "midpoint",
@@ -142,7 +143,7 @@ def dit_dpm2m(schedule: Schedule) -> Plan:
     rows[:, 0] = t["sqrt_recip_alphas_cumprod"][::-1].astype(np.float32)
     rows[:, 1] = t["sqrt_recipm1_alphas_cumprod"][::-1].astype(np.float32)
     S = schedule.num_steps
-    return Plan(modes=["linear"] * S, rows=rows, timesteps=[int(v) for v in schedule.timestep_map[::-1]],
+    return Plan(step_modes=["linear"] * S, rows=rows, timesteps=[int(v) for v in schedule.timestep_map[::-1]],
                 t_dtype=torch.int64, noise=[False] * S, prev=prev)
 
 
@@ -161,7 +162,7 @@ def flow(num_points: int, heun: bool = False) -> Plan:
     dt = t[1:] - t[:-1]
     S = num_points - 1
     rows = _rows([(d,) for d in dt])
-    return Plan(modes=["flow_euler"] * S, rows=rows, timesteps=[float(v) for v in (t if heun else t[:-1])],
+    return Plan(step_modes=["flow_euler"] * S, rows=rows, timesteps=[float(v) for v in (t if heun else t[:-1])],
                 t_dtype=torch.float32, noise=[False] * S, prev=[False] * S, heun=heun)
 
 
@@ -214,9 +215,9 @@ def scheduler_plan(scheduler, steps, device, eta: float = 0.0) -> Plan:
     plan = builder(scheduler, eta) if builder is not None else None
     if plan is None:
         S = len(scheduler.timesteps)
-        plan = Plan(modes=["step"] * S, rows=np.zeros((S, NUM_COEFS), np.float32), timesteps=list(scheduler.timesteps),
-                    t_dtype=scheduler.timesteps.dtype, noise=[False] * S, prev=[False] * S, scheduler=scheduler,
-                    eta=float(eta))
+        plan = Plan(step_modes=["step"] * S, rows=np.zeros((S, NUM_COEFS), np.float32),
+                    timesteps=list(scheduler.timesteps), t_dtype=scheduler.timesteps.dtype, noise=[False] * S,
+                    prev=[False] * S, scheduler=scheduler, eta=float(eta))
     plan.init_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
     return plan
 
@@ -263,8 +264,8 @@ def _ddpm_plan(sch, eta) -> Plan | None:
             rows.append((A, B, c2, c1, 0.0, 0.0, std if t > 0 else 0.0))
         noise.append(t > 0)
     S = len(rows)
-    return Plan(modes=modes, rows=_rows(rows), timesteps=[int(t) for t in sch.timesteps], t_dtype=torch.int64,
-                noise=noise, prev=[False] * S, clip=clip)
+    return Plan(step_modes=modes, rows=_rows(rows), timesteps=[int(t) for t in sch.timesteps],
+                t_dtype=torch.int64, noise=noise, prev=[False] * S, clip=clip)
 
 
 def _ddim_plan(sch, eta) -> Plan | None:
@@ -287,7 +288,7 @@ def _ddim_plan(sch, eta) -> Plan | None:
         rows.append((1 / ab ** 0.5, (1 - ab) ** 0.5 / ab ** 0.5, 0.0, abp ** 0.5, (1 - abp - std ** 2) ** 0.5,
                      0.0, std if eta > 0 else 0.0))
     S = len(rows)
-    return Plan(modes=["linear"] * S, rows=_rows(rows), timesteps=[int(t) for t in sch.timesteps],
+    return Plan(step_modes=["linear"] * S, rows=_rows(rows), timesteps=[int(t) for t in sch.timesteps],
                 t_dtype=torch.int64, noise=[eta > 0] * S, prev=[False] * S, clip=clip)
 
 
@@ -310,7 +311,7 @@ def _dpm_plan(sch, eta) -> Plan | None:
     sde = cfg.algorithm_type == "sde-dpmsolver++"
     rows, prev = dpmpp_2m(alpha, sigma, order=cfg.solver_order, sde=sde, solver=cfg.solver_type,
                           first_order_last=last_first)
-    return Plan(modes=["linear"] * S, rows=rows, timesteps=[int(t) for t in sch.timesteps], t_dtype=torch.int64,
+    return Plan(step_modes=["linear"] * S, rows=rows, timesteps=[int(t) for t in sch.timesteps], t_dtype=torch.int64,
                 noise=[sde] * S, prev=prev)
 
 
@@ -321,7 +322,7 @@ def _euler_plan(sch, eta) -> Plan | None:
         return None
     sig = sch.sigmas.to(torch.float32).cpu()
     S = len(sch.timesteps)
-    return Plan(modes=["flow_euler"] * S, rows=_rows([(sig[i + 1] - sig[i],) for i in range(S)]),
+    return Plan(step_modes=["flow_euler"] * S, rows=_rows([(sig[i + 1] - sig[i],) for i in range(S)]),
                 timesteps=[float(t) for t in sch.timesteps], t_dtype=torch.float32, noise=[False] * S,
                 prev=[False] * S, in_div=[float((sig[i] ** 2 + 1) ** 0.5) for i in range(S)])
 
@@ -334,9 +335,9 @@ def _flow_match_plan(sch, eta) -> Plan | None:
     ts = [float(t) for t in sch.timesteps]
     if sch.config.get("stochastic_sampling", False):
         rows = [(1.0, sig[i], 0.0, 1.0 - sig[i + 1], 0.0, 0.0, sig[i + 1]) for i in range(S)]
-        return Plan(modes=["linear"] * S, rows=_rows(rows), timesteps=ts, t_dtype=torch.float32,
+        return Plan(step_modes=["linear"] * S, rows=_rows(rows), timesteps=ts, t_dtype=torch.float32,
                     noise=[True] * S, prev=[False] * S)
-    return Plan(modes=["flow_euler"] * S, rows=_rows([(sig[i + 1] - sig[i],) for i in range(S)]), timesteps=ts,
+    return Plan(step_modes=["flow_euler"] * S, rows=_rows([(sig[i + 1] - sig[i],) for i in range(S)]), timesteps=ts,
                 t_dtype=torch.float32, noise=[False] * S, prev=[False] * S)
 
 
@@ -495,13 +496,14 @@ def run(plan: Plan, z, forwards: StepForwards, *, scale: float, guidance_channel
 def _run_steps(plan, x, forwards, steps, t_at, draw, step_args, watch):
     state = None
     for i in steps:
-        step_mode = plan.modes[i]
+        step_mode = plan.step_modes[i]
         x_in = x if plan.in_div is None else x / torch.tensor(plan.in_div[i], dtype=torch.float32)
         out_ft, out_guide = forwards(x_in, t_at(plan.timesteps[i]), i)
         check_output(out_ft, x, step_mode, forwards.names[0])
         keep = i + 1 < plan.num_steps and plan.prev[i + 1]
-        res = ops.guided_step(x, out_ft, out_guide, draw() if plan.noise[i] else None, plan.rows[i], mode=step_mode,
-                              prev=state if plan.prev[i] else None, return_state=keep, **step_args)
+        res = ops.guided_step(x, out_ft, out_guide, draw() if plan.noise[i] else None, plan.rows[i],
+                              step_mode=step_mode, prev=state if plan.prev[i] else None, return_state=keep,
+                              **step_args)
         x, state = res if keep else (res, None)
         watch.record(i, out_ft, out_guide, x)
     return x
@@ -512,12 +514,13 @@ def _run_heun(plan, x, forwards, steps, t_at, step_args, watch):
         h = plan.rows[i, 0]
         out_ft, out_guide = forwards(x, t_at(plan.timesteps[i]), i)
         check_output(out_ft, x, "flow_euler", forwards.names[0])
-        x_euler, d = ops.guided_step(x, out_ft, out_guide, None, (h,), mode="flow_euler", return_state=True,
+        x_euler, d = ops.guided_step(x, out_ft, out_guide, None, (h,), step_mode="flow_euler", return_state=True,
                                      **step_args)
         watch.record(i, out_ft, out_guide, x_euler)
         out_ft, out_guide = forwards(x_euler, t_at(plan.timesteps[i + 1]), i)
         check_output(out_ft, x, "flow_heun", forwards.names[0])
-        x = ops.guided_step(x, out_ft, out_guide, None, (h * 0.5,), mode="flow_heun", prev=d, **step_args)
+        x = ops.guided_step(x, out_ft, out_guide, None, (h * 0.5,), step_mode="flow_heun", prev=d,
+                            **step_args)
         watch.record(i, out_ft, out_guide, x)
     return x
 

@@ -131,7 +131,7 @@ def coef_slots(coefs, device):
     return c if c.numel() == NUM_SLOTS else torch.cat([c, c.new_zeros(NUM_SLOTS - c.numel())])
 
 
-def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm", clip_denoised=False,
+def guided_step(x, out_ft, out_guide, noise, coefs, *, scale=1.0, k=0, step_mode="ddpm", clip_denoised=False,
                 out=None, block=1024, prev=None, return_state=False, traceable=False):
     """x_prev (n, C, H, W) in x's dtype; float32 math. See ops.guided_step for the arguments.
 
@@ -141,34 +141,34 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm"
     traceable: launch through torch.library.wrap_triton, so that torch.compile sees the kernel
     (dgfast.ops' custom op passes True; a plain call launches directly).
     """
-    if mode not in MODES:
-        raise ValueError(f"guided_step: mode must be one of {tuple(MODES)}, got {mode!r}")
+    if step_mode not in MODES:
+        raise ValueError(f"guided_step: step_mode must be one of {tuple(MODES)}, got {step_mode!r}")
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError("guided_step: x must be a 4-d tensor (n, C, H, W)")
     n, C, H, W = x.shape
     _check("x", x, n, C, H, W, x.device)
-    _check("out_ft", out_ft, n, 2 * C if mode == "ddpm" else C, H, W, x.device)
-    if noise is not None or mode in DIT_MODES:  # the DiT modes always take a draw
+    _check("out_ft", out_ft, n, 2 * C if step_mode == "ddpm" else C, H, W, x.device)
+    if noise is not None or step_mode in DIT_MODES:  # the DiT modes always take a draw
         _check("noise", noise, n, C, H, W, x.device)
         if noise.shape[1] != C:
             raise ValueError(f"guided_step: noise must have {C} channels, got {noise.shape[1]}")
-    if mode == "flow_heun" and prev is None:
-        raise ValueError("guided_step: mode 'flow_heun' needs prev (the first stage's d)")
+    if step_mode == "flow_heun" and prev is None:
+        raise ValueError("guided_step: step_mode 'flow_heun' needs prev (the first stage's d)")
     if prev is not None:
-        if mode not in PREV_MODES:
-            raise ValueError(f"guided_step: mode {mode!r} takes no prev")
+        if step_mode not in PREV_MODES:
+            raise ValueError(f"guided_step: step_mode {step_mode!r} takes no prev")
         _check("prev", prev, n, C, H, W, x.device)
         if prev.shape[1] != C:
             raise ValueError(f"guided_step: prev must have {C} channels, got {prev.shape[1]}")
-    if return_state and mode not in STATE_MODES:
-        raise ValueError(f"guided_step: mode {mode!r} has no state to return")
+    if return_state and step_mode not in STATE_MODES:
+        raise ValueError(f"guided_step: step_mode {step_mode!r} has no state to return")
     k = int(k)
     if not 0 <= k <= C:
         raise ValueError(f"guided_step: k must be in [0, {C}], got {k}")
-    if out_pre is not None:
-        _check("out_pre", out_pre, n, k, H, W, x.device)
+    if out_guide is not None:
+        _check("out_guide", out_guide, n, k, H, W, x.device)
     elif k > 0:
-        raise ValueError(f"guided_step: k={k} guided channels need out_pre")
+        raise ValueError(f"guided_step: k={k} guided channels need out_guide")
     coefs = coef_slots(coefs, x.device)
     if out is None:
         out = torch.empty((n, C, H, W), dtype=x.dtype, device=x.device)
@@ -181,8 +181,8 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm"
         return (out, state) if return_state else out
 
     x, out_ft = _planes(x), _planes(out_ft)
-    has_pre = out_pre is not None and k > 0
-    pre = _planes(out_pre) if has_pre else x  # placeholder pointers, never read when their flag is False
+    has_pre = out_guide is not None and k > 0
+    pre = _planes(out_guide) if has_pre else x  # placeholder pointers, never read when their flag is False
     has_noise = noise is not None
     noise = _planes(noise) if has_noise else x
     prev_t = _planes(prev) if prev is not None else x
@@ -197,7 +197,7 @@ def guided_step(x, out_ft, out_pre, noise, coefs, *, scale=1.0, k=0, mode="ddpm"
         noise.stride(0), noise.stride(1), out.stride(0), out.stride(1),
         prev_t.stride(0), prev_t.stride(1), state_t.stride(0), state_t.stride(1),
         coefs, float(scale),
-        MODE=MODES[mode], HAS_PRE=has_pre, CLIP=bool(clip_denoised), HAS_NOISE=has_noise,
+        MODE=MODES[step_mode], HAS_PRE=has_pre, CLIP=bool(clip_denoised), HAS_NOISE=has_noise,
         HAS_PREV=prev is not None, WRITE_STATE=state is not None, BLOCK=block,
         num_warps=4 if block <= 1024 else 8,
         enable_fp_fusion=False, enable_reflect_ftz=False)

@@ -141,11 +141,11 @@ def combos(impl, i, *axes, cases=len(STEP_CASES)):
 
 
 def step_inputs(shape, layout, device="cpu", dtype=torch.float32, seed=0, ft_channels=None, v_range=1.5):
-    """x, out_ft, out_pre, noise, prev of `shape` as a sampler holds them, in a memory layout:
-    contiguous  plain tensors; out_pre with only the C channels a step may read;
+    """x, out_ft, out_guide, noise, prev of `shape` as a sampler holds them, in a memory layout:
+    contiguous  plain tensors; out_guide with only the C channels a step may read;
     strided     the two models' outputs interleaved per sample (batch stride 2 * out_ft's), x a channel
                 slice, noise the first n rows of a 2n draw taken channel-major, prev every other row;
-    rows        every other row of bigger tensors with a channel offset, out_pre with transposed planes;
+    rows        every other row of bigger tensors with a channel offset, out_guide with transposed planes;
     planes      (H, W) planes not contiguous (transposed, channels_last): the implementations copy.
     out_ft has ft_channels (default 2C + 1: eps, variance values, one extra); its variance values
     [C, 2C) are mostly in [-1, 1] as the model's (v_range wide)."""

@@ -99,19 +99,21 @@ def ddpm(x, ft, pre, z, row):
 
 
 def ddim(x, ft, pre, z, row):
-    return ops.guided_step(x, ft[:, :4], pre, z, row, scale=1.5, guidance_channels=3, mode="ddim", clip_denoised=True)
+    return ops.guided_step(x, ft[:, :4], pre, z, row, scale=1.5, guidance_channels=3, step_mode="ddim",
+                           clip_denoised=True)
 
 
 def linear_multistep(x, ft, pre, z, row):
     """Two DPM-Solver++(2M)-like steps: the first returns its x0, the second reads it as prev."""
-    x1, x0 = ops.guided_step(x, ft, pre, z, row, scale=1.5, guidance_channels=4, mode="linear", return_state=True)
-    return ops.guided_step(x1, ft, pre, None, row, scale=1.5, guidance_channels=4, mode="linear", prev=x0)
+    x1, x0 = ops.guided_step(x, ft, pre, z, row, scale=1.5, guidance_channels=4, step_mode="linear", return_state=True)
+    return ops.guided_step(x1, ft, pre, None, row, scale=1.5, guidance_channels=4, step_mode="linear", prev=x0)
 
 
 def heun(x, ft, pre, z, row):
-    x1, d = ops.guided_step(x, ft, pre, None, row[:1], scale=1.5, guidance_channels=3, mode="flow_euler",
+    x1, d = ops.guided_step(x, ft, pre, None, row[:1], scale=1.5, guidance_channels=3, step_mode="flow_euler",
                             return_state=True)
-    return ops.guided_step(x1, ft, pre, None, row[:1] * 0.5, scale=1.5, guidance_channels=3, mode="flow_heun", prev=d)
+    return ops.guided_step(x1, ft, pre, None, row[:1] * 0.5, scale=1.5, guidance_channels=3, step_mode="flow_heun",
+                           prev=d)
 
 
 STEPS = [(ddpm, DDPM[20]), (ddim, Schedule.from_steps("ddim50").ddim_coefs(1.0)[20]), (linear_multistep, LINEAR),

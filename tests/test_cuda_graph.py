@@ -142,7 +142,7 @@ def test_dpm2m_needs_the_state_copied(models):
     want = dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps=STEPS, sampler="dpm2m", backend="torch")
     assert torch.equal(good, want)
 
-    step = GraphedDoGStep(forward, z, y, 1000, scale=1.5, k=3, mode="linear", clip_denoised=False,
+    step = GraphedDoGStep(forward, z, y, 1000, scale=1.5, k=3, step_mode="linear", clip_denoised=False,
                           uses_noise=False, uses_prev=True, _capture=False)
     S = plan.num_steps
     timesteps = torch.as_tensor(plan.timesteps, dtype=torch.int64)
@@ -166,13 +166,13 @@ def test_graphable_linear_step_is_the_torch_step(clip, with_prev, with_noise):
     out_ft, out_pre = torch.randn(3, 8, 5, 7, generator=g), torch.randn(3, 8, 5, 7, generator=g)
     row = [1.3, 0.7, 0.4, 0.9, -0.2, 0.35, 0.6]
     want, want_x0 = ops.guided_step_torch(x, out_ft, out_pre, noise if with_noise else None, row, scale=1.5,
-                                          guidance_channels=3, mode="linear", clip_denoised=clip,
+                                          guidance_channels=3, step_mode="linear", clip_denoised=clip,
                                           prev=prev if with_prev else None, return_state=True)
     c = torch.tensor(row, dtype=torch.float32)
     c[5] = c[5] if with_prev else 0.0
     c[6] = c[6] if with_noise else 0.0
     got, got_x0 = guided_step_graphable(x, out_ft, out_pre, noise if with_noise else torch.zeros(shape), c,
-                                        scale=1.5, k=3, mode="linear", clip_denoised=clip,
+                                        scale=1.5, k=3, step_mode="linear", clip_denoised=clip,
                                         prev=prev if with_prev else torch.zeros(shape), return_state=True)
     assert torch.equal(got, want) and torch.equal(got_x0, want_x0)
 

@@ -25,7 +25,7 @@ needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="the C++ extension could not 
 
 
 def step_args(variant, shape, layout, k, seed=0, dtype=torch.float32):
-    """The op's schema arguments (x, out_ft, out_pre, noise, prev, coefs, scale, k, mode, clip)."""
+    """The op's schema arguments (x, out_ft, out_guide, noise, prev, coefs, scale, k, step_mode, clip)."""
     mode, reads_prev, takes_noise, _ = variant
     x, ft, pre, z, prev = step_inputs(shape, layout, dtype=dtype, seed=seed)
     return (x, ft, pre if k else None, z if takes_noise else None, prev if reads_prev else None,
@@ -77,6 +77,14 @@ def test_every_fused_op_is_registered_under_dgfast():
         assert not op._schema.is_mutable  # functional: outputs are new tensors
 
 
+def test_guided_step_schema_names_the_guiding_output_and_the_step_mode():
+    """The schema's names are the package's: out_guide (the guiding branch) and step_mode (ddpm, ddim, ...)."""
+    for name in ("guided_step", "guided_step_with_state"):
+        names = [a.name for a in getattr(torch.ops.dgfast, name).default._schema.arguments]
+        assert names == ["x", "out_ft", "out_guide", "noise", "prev", "coefs", "scale", "k", "step_mode",
+                         "clip_denoised"]
+
+
 @pytest.mark.parametrize("variant,shape,layout,k", step_cases())
 def test_guided_step_opcheck(variant, shape, layout, k):
     opcheck(step_op(variant), step_args(variant, shape, layout, k))
@@ -125,7 +133,7 @@ def twin_step(args, variant):
     x, ft, pre, z, prev, coefs, scale, k, mode, clip = args
     if mode in ops.DIT_MODES and z is None:
         z = torch.zeros_like(x)
-    return ops.guided_step_torch(x, ft, pre, z, coefs.tolist(), scale=scale, guidance_channels=k, mode=mode,
+    return ops.guided_step_torch(x, ft, pre, z, coefs.tolist(), scale=scale, guidance_channels=k, step_mode=mode,
                                  clip_denoised=clip, prev=prev, return_state=variant[3])
 
 
@@ -196,7 +204,7 @@ def test_outputs_never_alias_inputs():
     """Unguided flow_euler's state is the model's eps: the op hands out a copy (the twin clones it)."""
     x, ft, _, _, _ = step_inputs((2, 4, 3, 3), "contiguous")
     for backend in ("auto", "torch"):
-        out, d = ops.guided_step(x, ft, None, None, (0.5,), mode="flow_euler", return_state=True, backend=backend)
+        out, d = ops.guided_step(x, ft, None, None, (0.5,), step_mode="flow_euler", return_state=True, backend=backend)
         assert d.untyped_storage().data_ptr() != ft.untyped_storage().data_ptr()
         assert torch.equal(d, ft[:, :4])
 
@@ -207,8 +215,8 @@ def test_dit_modes_without_noise_read_zeros():
     x, ft, pre, _, _ = step_inputs((2, 4, 3, 3), "contiguous")
     zeros = torch.zeros_like(x)
     for mode, row in (("ddpm", DDPM[0]), ("ddim", DDIM[1.0][0])):
-        want = ops.guided_step_torch(x, ft, pre, zeros, row, scale=2.0, guidance_channels=3, mode=mode)
-        assert torch.equal(ops.guided_step(x, ft, pre, None, row, scale=2.0, guidance_channels=3, mode=mode), want)
+        want = ops.guided_step_torch(x, ft, pre, zeros, row, scale=2.0, guidance_channels=3, step_mode=mode)
+        assert torch.equal(ops.guided_step(x, ft, pre, None, row, scale=2.0, guidance_channels=3, step_mode=mode), want)
         got = torch.ops.dgfast.guided_step(x, ft, pre, None, None, torch.as_tensor(row), 2.0, 3, mode, False)
         assert torch.equal(got, want)
 
@@ -227,7 +235,7 @@ def test_coefficient_rows(backend):
             ops.guided_step(x, ft, pre, z, bad, scale=1.5, guidance_channels=3, backend=backend)
     with pytest.raises(ValueError, match="prev"):
         ops.guided_step(x, ft, pre, z, row, scale=1.5, guidance_channels=3, prev=prev, backend=backend)
-    ops.guided_step(x, ft, pre, None, (0.5,), mode="flow_heun", prev=prev, backend=backend)  # h alone is a row
+    ops.guided_step(x, ft, pre, None, (0.5,), step_mode="flow_heun", prev=prev, backend=backend)  # h alone is a row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +271,7 @@ def forward_and_every_step(model, backend):
         out = model(x, torch.tensor([3, 700]), torch.tensor([1, 10]))
         for mode, reads_prev, takes_noise, state in STEP_VARIANTS:
             ops.guided_step(x, out, out, torch.randn_like(x) if takes_noise else None, ROWS[mode], scale=2.0,
-                            guidance_channels=3, mode=mode, prev=x if reads_prev else None, return_state=state,
+                            guidance_channels=3, step_mode=mode, prev=x if reads_prev else None, return_state=state,
                             backend=backend)
 
 
@@ -319,13 +327,13 @@ def test_errors_caused_by_the_variable_name_it(monkeypatch):
         ops.gelu_tanh(h, backend="fast")
 
 
-def test_a_mode_a_forced_backend_lacks_is_an_error_naming_the_choice(monkeypatch):
+def test_a_step_mode_a_forced_backend_lacks_is_an_error_naming_the_choice(monkeypatch):
     x, ft, _, _, prev = step_inputs((2, 4, 3, 3), "contiguous")
     monkeypatch.setattr(ops, "backend_modes", lambda which: ops.DIT_MODES)  # an older build
     monkeypatch.setenv("DGFAST_BACKEND", "cpp" if HAS_CPP else "triton")
-    with pytest.raises(ValueError, match="DGFAST_BACKEND=(cpp|triton) does not implement mode 'linear'"):
-        ops.guided_step(x, ft, None, None, ROWS["linear"], mode="linear", prev=prev)
-    ops.guided_step(x, ft, None, None, ROWS["linear"], mode="linear", prev=prev, backend="torch")
+    with pytest.raises(ValueError, match="DGFAST_BACKEND=(cpp|triton) does not implement step_mode 'linear'"):
+        ops.guided_step(x, ft, None, None, ROWS["linear"], step_mode="linear", prev=prev)
+    ops.guided_step(x, ft, None, None, ROWS["linear"], step_mode="linear", prev=prev, backend="torch")
 
 
 def test_empty_variable_means_auto(monkeypatch):

@@ -90,7 +90,7 @@ def test_sampler_step_itself_is_named(pair):
     """Finite, in-range model outputs and a step whose arithmetic overflows: the sampler step is named."""
     ft, _ = pair
     z, y = z_y(3)
-    plan = samplers.Plan(modes=["linear"] * 3, rows=np.array([[1, 0, 1e30, 0, 0, 0, 0]] * 3, np.float32),
+    plan = samplers.Plan(step_modes=["linear"] * 3, rows=np.array([[1, 0, 1e30, 0, 0, 0, 0]] * 3, np.float32),
                          timesteps=[10, 5, 0], t_dtype=torch.int64, noise=[False] * 3, prev=[False] * 3)
     forwards = samplers.StepForwards(ft, y)
     with pytest.warns(DivergenceWarning, match="first at step 1 of 3, in the sampler step") as record:

@@ -124,9 +124,9 @@ def test_rescale_matches_diffusers_rescale_noise_cfg(k):
     row = (1.3, 0.7, 0.9, 0.4, -0.2, 0.0, 0.3)
     guided = ops.guide_eps(ft_out[:, :C], pre_out, 2.0, k)
     eps = guider_utils.rescale_noise_cfg(guided, ft_out[:, :C], 0.7)
-    want = ops.guided_step_torch(x, eps, None, noise, row, mode="linear")
+    want = ops.guided_step_torch(x, eps, None, noise, row, step_mode="linear")
     for backend in ("torch", "auto"):
-        out = ops.guided_step(x, ft_out, pre_out, noise, row, scale=2.0, guidance_channels=k, mode="linear",
+        out = ops.guided_step(x, ft_out, pre_out, noise, row, scale=2.0, guidance_channels=k, step_mode="linear",
                               guidance_rescale=0.7, backend=backend)
         assert torch.equal(out, want)
     # ddpm mode keeps the fine-tuned variance channels next to the rescaled eps
@@ -175,7 +175,7 @@ def test_cfg_uses_the_finetuned_null_label():
         t = torch.full((2,), plan.timesteps[i])
         c, u = ft2(x, t, y), ft2(x, t, torch.full_like(y, 10))
         x = ops.guided_step_torch(x, c, u, torch.randn(4, C, 4, 6)[:2], plan.rows[i], scale=1.5,
-                                  guidance_channels=C, mode="ddim")
+                                  guidance_channels=C, step_mode="ddim")
     assert rel_err(out, x) < 1e-6
 
 
@@ -218,7 +218,7 @@ def test_pretrained_every_counts_and_reuse(every):
                 cache = pre2(x, t, torch.full_like(y, 1000))
             u = cache
         x, state = ops.guided_step_torch(x, c, u, None, plan.rows[i], scale=1.5, guidance_channels=C if u is not None
-                                         else 0, mode="linear", prev=state if plan.prev[i] else None,
+                                         else 0, step_mode="linear", prev=state if plan.prev[i] else None,
                                          return_state=True)
     assert torch.equal(out, x)
 

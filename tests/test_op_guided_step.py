@@ -54,7 +54,7 @@ def test_ddim_bit_equal(impl, eta, i, shape, layout):
     for j, ft_channels, k, clip in combos(impl, i, (len(rows) - 1, 20, 1, 0), (C, 2 * C), (0, C - 1, C),
                                           (False, True)):
         inputs = step_inputs(shape, layout, impl[1], seed=j + int(eta * 7), ft_channels=ft_channels)[:4]
-        check_steps(impl, inputs, rows[j], [(k, clip)], mode="ddim")
+        check_steps(impl, inputs, rows[j], [(k, clip)], step_mode="ddim")
 
 
 @pytest.mark.parametrize("impl", backends(*FUSED))
@@ -68,7 +68,7 @@ def test_sampler_modes_bit_equal(impl, variant, i, shape, layout):
     C = shape[1]
     for k, clip in combos(impl, i, (0, C - 1, C), (False, True) if mode == "linear" else (False,)):
         args = (x, ft, pre if k else None, z if takes_noise else None, ROWS[mode])
-        opts = dict(scale=SCALE, guidance_channels=k, mode=mode, clip_denoised=clip,
+        opts = dict(scale=SCALE, guidance_channels=k, step_mode=mode, clip_denoised=clip,
                     prev=prev if reads_prev else None, return_state=state)
         got, want = run_step(impl, *args, **opts), ops.guided_step_torch(*args, **opts)
         for g, w in zip(got if state else [got], want if state else [want]):
@@ -117,8 +117,9 @@ def test_nan_propagates(impl, mode, clip):
         pre[1, 2, 3, 3] = math.nan     # guided channel of the pre-trained model
         pre[1, 3, 4, 4] = math.nan     # channel 3: not guided with k = 3, so ignored
         z[1, 0, 0, 6] = math.nan
-        got = run_step(impl, x, ft, pre, z, rows[j], scale=SCALE, guidance_channels=3, mode=mode, clip_denoised=clip)
-        want = reference_step(impl, x, ft, pre, z, rows[j], scale=SCALE, guidance_channels=3, mode=mode,
+        got = run_step(impl, x, ft, pre, z, rows[j], scale=SCALE, guidance_channels=3, step_mode=mode,
+                       clip_denoised=clip)
+        want = reference_step(impl, x, ft, pre, z, rows[j], scale=SCALE, guidance_channels=3, step_mode=mode,
                               clip_denoised=clip)
         nan = got.isnan()
         assert nan[0, 0, 0, 0] and nan[0, 1, 1, 1] and nan[1, 2, 3, 3] and nan[1, 0, 0, 6]
@@ -130,7 +131,7 @@ def test_nan_propagates(impl, mode, clip):
 def test_empty_batch(impl):
     x, ft, pre, z, _ = step_inputs((2, 4, 3, 3), "contiguous", impl[1])
     for mode, row in (("ddpm", DDPM[5]), ("ddim", DDIM[1.0][5])):
-        out = run_step(impl, x[:0], ft[:0], pre[:0], z[:0], row, guidance_channels=3, mode=mode)
+        out = run_step(impl, x[:0], ft[:0], pre[:0], z[:0], row, guidance_channels=3, step_mode=mode)
         assert out.shape == (0, 4, 3, 3)
 
 
@@ -146,9 +147,9 @@ def test_triton_half_inputs(impl, dtype, mode):
     rounded once to the output dtype (see op_cases.rounded for the interpreter's bf16 cast)."""
     x, ft, pre, z, _ = step_inputs((2, 4, 5, 7), "strided", impl[1], dtype=dtype)
     row = DDPM[200] if mode == "ddpm" else DDIM[1.0][20]
-    got = run_step(impl, x, ft, pre, z, row, scale=SCALE, guidance_channels=3, mode=mode)
+    got = run_step(impl, x, ft, pre, z, row, scale=SCALE, guidance_channels=3, step_mode=mode)
     want = reference_step(impl, *(t.float() for t in (x, ft, pre, z)), row, scale=SCALE, guidance_channels=3,
-                          mode=mode)
+                          step_mode=mode)
     assert got.dtype == dtype and torch.equal(got, rounded(want, dtype, impl[1]))
 
 
@@ -159,10 +160,10 @@ def test_triton_launcher_writes_every_element_of_out(impl, variant):
     mode, reads_prev, takes_noise, state = variant
     x, ft, pre, z, prev = step_inputs((2, 4, 5, 7), "strided", impl[1], seed=2)
     out = poisoned(x.shape, impl[1])
-    got = KERNELS.guided_step(x, ft, pre, z if takes_noise else None, ROWS[mode], scale=SCALE, k=3, mode=mode,
+    got = KERNELS.guided_step(x, ft, pre, z if takes_noise else None, ROWS[mode], scale=SCALE, k=3, step_mode=mode,
                               out=out, prev=prev if reads_prev else None, return_state=state)
     want = reference_step(impl, x, ft, pre, z if takes_noise else None, ROWS[mode], scale=SCALE,
-                          guidance_channels=3, mode=mode, prev=prev if reads_prev else None, return_state=state)
+                          guidance_channels=3, step_mode=mode, prev=prev if reads_prev else None, return_state=state)
     assert (got[0] if state else got) is out
     for g, w in zip(got if state else [got], want if state else [want]):
         assert_bits(g, w)
@@ -190,14 +191,14 @@ def test_triton_launcher_errors():
     ft = ft[:, :8]
     c = DDPM[5].tolist()
     with pytest.raises(ValueError, match="mode"):
-        KERNELS.guided_step(x, ft, pre, z, c, mode="euler")
+        KERNELS.guided_step(x, ft, pre, z, c, step_mode="euler")
     with pytest.raises(ValueError, match="out_ft"):
         KERNELS.guided_step(x, ft[:, :4], pre, z, c, k=3)  # ddpm needs the variance channels
     with pytest.raises(ValueError, match="noise"):
         KERNELS.guided_step(x, ft, pre, z[:, :, :4], c, k=3)
-    with pytest.raises(ValueError, match="out_pre"):
+    with pytest.raises(ValueError, match="out_guide"):
         KERNELS.guided_step(x, ft, pre[:, :2], z, c, k=3)
-    with pytest.raises(ValueError, match="out_pre"):
+    with pytest.raises(ValueError, match="out_guide"):
         KERNELS.guided_step(x, ft, None, z, c, k=3)
     with pytest.raises(ValueError, match="k must"):
         KERNELS.guided_step(x, ft, pre, z, c, k=5)
@@ -212,6 +213,27 @@ def test_triton_launcher_errors():
     assert KERNELS.guided_step(x[:0], ft[:0], pre[:0], z[:0], c, k=3).shape == (0, 4, 5, 7)
 
 
+@pytest.mark.parametrize("fn", [ops.guided_step, ops.guided_step_torch], ids=lambda f: f.__name__)
+def test_old_keyword_names_warn_for_one_release(fn):
+    """mode= and out_pre= (step_mode= and out_guide= before the rename) still work, with a
+    DeprecationWarning naming the new name, and give the new names' step; both names at once raise."""
+    x, ft, pre, z, _ = step_inputs((2, 4, 5, 7), "contiguous", seed=7)
+    row = ROWS["ddim"].tolist()  # not the default step_mode: a dropped mode= would give ddpm's step
+    want = fn(x, ft, pre, z, row, scale=SCALE, guidance_channels=3, step_mode="ddim")
+    with pytest.warns(DeprecationWarning, match=r"mode= is deprecated.*use step_mode="):
+        got = fn(x, ft, pre, z, row, scale=SCALE, guidance_channels=3, mode="ddim")
+    assert_bits(got, want)
+    with pytest.warns(DeprecationWarning, match=r"out_pre= is deprecated.*use out_guide="):
+        got = fn(x, ft, noise=z, coefs=row, out_pre=pre, scale=SCALE, guidance_channels=3, step_mode="ddim")
+    assert_bits(got, want)
+    with pytest.raises(TypeError, match="both mode= and step_mode="):
+        fn(x, ft, pre, z, row, step_mode="ddim", mode="ddim")
+    with pytest.raises(TypeError, match="both out_pre= and out_guide="):
+        fn(x, ft, pre, z, row, out_pre=pre)  # out_guide given by position
+    with pytest.raises(TypeError, match="both out_pre= and out_guide="):
+        fn(x, ft, noise=z, coefs=row, out_guide=pre, out_pre=pre)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(INTERPRET, reason="checks compiled Triton: unset TRITON_INTERPRET")
 @pytest.mark.parametrize("mode", ["ddpm", "ddim"])
@@ -220,8 +242,8 @@ def test_cuda_full_size(mode):
     x, ft, pre, z, _ = step_inputs((64, 4, 64, 64), "strided", "cuda")
     table = DDPM if mode == "ddpm" else DDIM[1.0]
     for j in (0, 1, len(table) // 2, len(table) - 1):
-        got = run_step(("triton", "cuda"), x, ft, pre, z, table[j], scale=SCALE, guidance_channels=3, mode=mode)
-        want = ops.guided_step_torch(x, ft, pre, z, table[j], scale=SCALE, guidance_channels=3, mode=mode)
+        got = run_step(("triton", "cuda"), x, ft, pre, z, table[j], scale=SCALE, guidance_channels=3, step_mode=mode)
+        want = ops.guided_step_torch(x, ft, pre, z, table[j], scale=SCALE, guidance_channels=3, step_mode=mode)
         assert torch.equal(got, want), f"step {j}"
 
 
@@ -237,17 +259,17 @@ def test_cpp_module_errors():
     bad = [
         (dict(x=x.double()), "x must be float32"),
         (dict(ft=ft.double()), "out_ft must be float32"),
-        (dict(pre=pre.double()), "out_pre must be float32"),
+        (dict(pre=pre.double()), "out_guide must be float32"),
         (dict(z=z.to(torch.int32)), "noise must be float32"),
         (dict(z=z[:, :3]), "noise must have x's shape"),
         (dict(ft=ft[:, :7]), "out_ft must be"),
         (dict(ft=ft[:1]), "out_ft must be"),
-        (dict(pre=pre[:, :2]), "out_pre must be"),
-        (dict(pre=pre[:, :, :3]), "out_pre must be"),
+        (dict(pre=pre[:, :2]), "out_guide must be"),
+        (dict(pre=pre[:, :, :3]), "out_guide must be"),
         (dict(coefs=row[:6]), "7 values"),
         (dict(k=5), r"k \(guided channels\)"),
         (dict(k=-1), r"k \(guided channels\)"),
-        (dict(pre=None), "out_pre is None"),
+        (dict(pre=None), "out_guide is None"),
         (dict(x=x[0]), "noise must have"),
         (dict(x=x[0, 0, 0], z=z[0, 0, 0], ft=ft[0, 0, 0]), r"x must be \(n, C, ...\)"),
     ]

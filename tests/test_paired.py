@@ -421,9 +421,9 @@ def test_graphable_step_is_the_torch_step(mode):
     sched = Schedule.from_steps("10")
     rows = sched.ddim_coefs(0.3) if mode == "ddim" else sched.ddpm_coefs()
     for j in (0, 4, 9):
-        want = ops.guided_step_torch(x, out_ft, out_pre, noise, rows[j], scale=1.5, guidance_channels=3, mode=mode)
+        want = ops.guided_step_torch(x, out_ft, out_pre, noise, rows[j], scale=1.5, guidance_channels=3, step_mode=mode)
         got = guided_step_graphable(x, out_ft, out_pre, noise, torch.as_tensor(rows[j], dtype=torch.float32),
-                                    scale=1.5, k=3, mode=mode, clip_denoised=False)
+                                    scale=1.5, k=3, step_mode=mode, clip_denoised=False)
         assert torch.equal(got, want)
 
 
@@ -434,7 +434,7 @@ def _eager_plan(steps):
     sched = Schedule.from_steps(steps)
     order = list(range(sched.num_steps - 1, -1, -1))  # the loop runs j = S-1 ... 0
     rows = sched.ddpm_coefs()[order]
-    return SimpleNamespace(modes=["ddpm"] * len(order), rows=rows, noise=[True] * len(order),
+    return SimpleNamespace(step_modes=["ddpm"] * len(order), rows=rows, noise=[True] * len(order),
                            timesteps=[int(sched.timestep_map[j]) for j in order], num_steps=len(order))
 
 

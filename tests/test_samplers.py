@@ -150,7 +150,7 @@ def test_scheduler_fused_matches_its_step(pair, name, backend):
         pytest.skip("interpreted Triton: one scheduler per kernel path (see TRITON_CASES)")
     plan = samplers.scheduler_plan(make(), 12, "cpu", kw.get("eta", 0.0))
     assert plan.scheduler is None, "expected a fused plan"
-    need_modes(backend, *set(plan.modes))
+    need_modes(backend, *set(plan.step_modes))
     ft, pre = pair
     z, y = torch.randn(3, C, 5, 7, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2, 3])
     torch.manual_seed(7)  # both loops draw their noise from the default generator, same steps and shapes
@@ -344,10 +344,10 @@ def test_ddpm_default_plan_is_dits_table():
 
 def op_inputs(seed, n=3, H=5, W=7, device="cpu"):
     """Awkward sizes and strides: x and prev are every other row of a bigger batch, out_ft carries
-    an extra channel, noise is rows of a 2n draw, out_pre is a channel slice."""
+    an extra channel, noise is rows of a 2n draw, out_guide is a channel slice."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
-    return dict(x=r(2 * n, C, H, W)[::2], out_ft=r(n, 2 * C + 1, H, W), out_pre=r(n, C + 2, H, W)[:, 1:],
+    return dict(x=r(2 * n, C, H, W)[::2], out_ft=r(n, 2 * C + 1, H, W), out_guide=r(n, C + 2, H, W)[:, 1:],
                 noise=r(2 * n, C, H, W)[:n], prev=r(2 * n, C, H, W)[1::2])
 
 
@@ -362,13 +362,13 @@ def test_linear_mode_backends_bit_equal(backend, k, variant):
     a = op_inputs(11, device=device_for(backend))
     prev = None if variant == "no-prev" else a["prev"]
     noise = None if variant == "no-noise" else a["noise"]
-    kw = dict(scale=1.6, guidance_channels=k, mode="linear", clip_denoised=variant == "clip", prev=prev,
+    kw = dict(scale=1.6, guidance_channels=k, step_mode="linear", clip_denoised=variant == "clip", prev=prev,
               return_state=True)
-    out, x0 = ops.guided_step(a["x"], a["out_ft"], a["out_pre"], noise, LINEAR_ROW, backend=backend, **kw)
-    ref, ref_x0 = ops.guided_step(a["x"], a["out_ft"], a["out_pre"], noise, LINEAR_ROW, backend="torch", **kw)
+    out, x0 = ops.guided_step(a["x"], a["out_ft"], a["out_guide"], noise, LINEAR_ROW, backend=backend, **kw)
+    ref, ref_x0 = ops.guided_step(a["x"], a["out_ft"], a["out_guide"], noise, LINEAR_ROW, backend="torch", **kw)
     assert torch.isfinite(out).all() and torch.isfinite(x0).all()
     assert torch.equal(out.cpu(), ref.cpu()) and torch.equal(x0.cpu(), ref_x0.cpu())
-    single = ops.guided_step(a["x"], a["out_ft"], a["out_pre"], noise, LINEAR_ROW, backend=backend,
+    single = ops.guided_step(a["x"], a["out_ft"], a["out_guide"], noise, LINEAR_ROW, backend=backend,
                              **{**kw, "return_state": False})
     assert torch.equal(single.cpu(), ref.cpu())
 
@@ -379,14 +379,14 @@ def test_euler_heun_modes_backends_bit_equal(backend, k):
     need_modes(backend, "flow_euler", "flow_heun")
     a = op_inputs(12, device=device_for(backend))
     kw = dict(scale=2.5, guidance_channels=k)
-    out, d = ops.guided_step(a["x"], a["out_ft"], a["out_pre"], None, (-0.0625,), mode="flow_euler", return_state=True,
-                             backend=backend, **kw)
-    ref, ref_d = ops.guided_step_torch(a["x"], a["out_ft"], a["out_pre"] if k else None, None, (-0.0625,),
-                                       mode="flow_euler", return_state=True, scale=2.5, guidance_channels=k)
+    out, d = ops.guided_step(a["x"], a["out_ft"], a["out_guide"], None, (-0.0625,), step_mode="flow_euler",
+                             return_state=True, backend=backend, **kw)
+    ref, ref_d = ops.guided_step_torch(a["x"], a["out_ft"], a["out_guide"] if k else None, None, (-0.0625,),
+                                       step_mode="flow_euler", return_state=True, scale=2.5, guidance_channels=k)
     assert torch.equal(out.cpu(), ref.cpu()) and torch.equal(d.cpu(), ref_d.cpu())
-    out = ops.guided_step(a["x"], a["out_ft"], a["out_pre"], None, (0.03125,), mode="flow_heun", prev=a["prev"],
+    out = ops.guided_step(a["x"], a["out_ft"], a["out_guide"], None, (0.03125,), step_mode="flow_heun", prev=a["prev"],
                           backend=backend, **kw)
-    ref = ops.guided_step(a["x"], a["out_ft"], a["out_pre"], None, (0.03125,), mode="flow_heun", prev=a["prev"],
+    ref = ops.guided_step(a["x"], a["out_ft"], a["out_guide"], None, (0.03125,), step_mode="flow_heun", prev=a["prev"],
                           backend="torch", **kw)
     assert torch.isfinite(out).all() and torch.equal(out.cpu(), ref.cpu())
 
@@ -395,19 +395,19 @@ def test_linear_mode_formula():
     """The torch twin is the documented formula (x0 = A x - B d, out = R x + P x0 + Q d + T (x0 - prev) + S z)."""
     a = op_inputs(13)
     A, B, R, P, Q, T, S = LINEAR_ROW
-    d = a["out_pre"][:, :C] + 1.6 * (a["out_ft"][:, :C] - a["out_pre"][:, :C])
+    d = a["out_guide"][:, :C] + 1.6 * (a["out_ft"][:, :C] - a["out_guide"][:, :C])
     x0 = A * a["x"] - B * d
     want = R * a["x"] + P * x0 + Q * d + T * (x0 - a["prev"]) + S * a["noise"]
-    out = ops.guided_step(a["x"], a["out_ft"], a["out_pre"], a["noise"], LINEAR_ROW, scale=1.6, guidance_channels=C,
-                          mode="linear", prev=a["prev"], backend="torch")
+    out = ops.guided_step(a["x"], a["out_ft"], a["out_guide"], a["noise"], LINEAR_ROW, scale=1.6, guidance_channels=C,
+                          step_mode="linear", prev=a["prev"], backend="torch")
     assert rel_err(out, want) < 1e-6
 
 
 def test_new_modes_validate():
     a = op_inputs(14)
     with pytest.raises(ValueError, match="prev"):
-        ops.guided_step(a["x"], a["out_ft"], None, None, (0.1,), mode="flow_heun")
+        ops.guided_step(a["x"], a["out_ft"], None, None, (0.1,), step_mode="flow_heun")
     with pytest.raises(ValueError, match="return_state"):
-        ops.guided_step(a["x"], a["out_ft"], None, a["noise"], LINEAR_ROW, mode="ddim", return_state=True)
+        ops.guided_step(a["x"], a["out_ft"], None, a["noise"], LINEAR_ROW, step_mode="ddim", return_state=True)
     with pytest.raises(ValueError, match="mode"):
-        ops.guided_step(a["x"], a["out_ft"], None, None, (0.1,), mode="rk4")
+        ops.guided_step(a["x"], a["out_ft"], None, None, (0.1,), step_mode="rk4")

@@ -26,12 +26,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402  (the repo's kernels/, as dgfast.kernels)
-from kernels.adaln_modulate import _adaln_modulate_kernel  # noqa: E402
-from kernels.gated_residual_modulate import _gated_residual_modulate_kernel  # noqa: E402
-from kernels.gelu_tanh import _gelu_tanh_kernel  # noqa: E402
-from kernels.guided_step import _guided_step_kernel  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's dgfast
+import dgfast.kernels as kernels  # noqa: E402  (the repo's kernels/, through setup.py's package_dir)
+from dgfast.kernels.adaln_modulate import _adaln_modulate_kernel  # noqa: E402
+from dgfast.kernels.gated_residual_modulate import _gated_residual_modulate_kernel  # noqa: E402
+from dgfast.kernels.gelu_tanh import _gelu_tanh_kernel  # noqa: E402
+from dgfast.kernels.guided_step import _guided_step_kernel  # noqa: E402
 
 
 class Compiled(Exception):
@@ -89,18 +89,18 @@ def cases():
         def step(x=x, ft=ft, pre=ft, z=z, **kw):  # defaults bind this dtype's tensors now
             return lambda: kernels.guided_step(x, ft, pre, z, [0.9, 0.1, 0.5, 0.4, -3.0, -2.0, 1.0], **kw)
         out += [
-            (f"guided_step ddpm {d}", _guided_step_kernel, step(ft=ft2, pre=ft2, scale=1.5, k=3, mode="ddpm")),
+            (f"guided_step ddpm {d}", _guided_step_kernel, step(ft=ft2, pre=ft2, scale=1.5, k=3, step_mode="ddpm")),
             (f"guided_step ddpm clip {d}", _guided_step_kernel,
-             step(ft=ft2, pre=ft2, scale=1.5, k=4, mode="ddpm", clip_denoised=True)),
-            (f"guided_step ddim {d}", _guided_step_kernel, step(scale=1.5, k=4, mode="ddim")),
+             step(ft=ft2, pre=ft2, scale=1.5, k=4, step_mode="ddpm", clip_denoised=True)),
+            (f"guided_step ddim {d}", _guided_step_kernel, step(scale=1.5, k=4, step_mode="ddim")),
             (f"guided_step linear {d}", _guided_step_kernel,
-             step(scale=1.5, k=4, mode="linear", prev=ft, return_state=True)),
+             step(scale=1.5, k=4, step_mode="linear", prev=ft, return_state=True)),
             (f"guided_step linear unguided {d}", _guided_step_kernel,
-             step(pre=None, z=None, mode="linear", return_state=True)),
+             step(pre=None, z=None, step_mode="linear", return_state=True)),
             (f"guided_step flow_euler {d}", _guided_step_kernel,
-             step(z=None, scale=1.5, k=4, mode="flow_euler", return_state=True)),
+             step(z=None, scale=1.5, k=4, step_mode="flow_euler", return_state=True)),
             (f"guided_step flow_heun {d}", _guided_step_kernel,
-             step(z=None, scale=1.5, k=3, mode="flow_heun", prev=ft)),
+             step(z=None, scale=1.5, k=3, step_mode="flow_heun", prev=ft)),
         ]
         h, y, mods = r(2, 5, 72, dtype=dtype), r(2, 5, 72, dtype=dtype), r(2, 3 * 72, dtype=dtype).chunk(3, dim=1)
         out += [

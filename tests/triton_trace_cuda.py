@@ -32,13 +32,14 @@ def ddpm(x, ft, pre, z, c, c1, h, y, m, b):
 
 
 def linear_multistep(x, ft, pre, z, c, c1, h, y, m, b):
-    x1, x0 = ops.guided_step(x, ft, pre, z, c, scale=1.5, guidance_channels=4, mode="linear", return_state=True)
-    return ops.guided_step(x1, ft, pre, None, c, scale=1.5, guidance_channels=4, mode="linear", prev=x0)
+    x1, x0 = ops.guided_step(x, ft, pre, z, c, scale=1.5, guidance_channels=4, step_mode="linear", return_state=True)
+    return ops.guided_step(x1, ft, pre, None, c, scale=1.5, guidance_channels=4, step_mode="linear", prev=x0)
 
 
 def heun(x, ft, pre, z, c, c1, h, y, m, b):
-    x1, d = ops.guided_step(x, ft, pre, None, c1, scale=1.5, guidance_channels=3, mode="flow_euler", return_state=True)
-    return ops.guided_step(x1, ft, pre, None, c1, scale=1.5, guidance_channels=3, mode="flow_heun", prev=d)
+    x1, d = ops.guided_step(x, ft, pre, None, c1, scale=1.5, guidance_channels=3, step_mode="flow_euler",
+                            return_state=True)
+    return ops.guided_step(x1, ft, pre, None, c1, scale=1.5, guidance_channels=3, step_mode="flow_heun", prev=d)
 
 
 def block(x, ft, pre, z, c, c1, h, y, m, b):
