@@ -35,7 +35,7 @@ import torch
 from dgfast import ops
 from dgfast.divergence import Watch, warn_divergence
 from dgfast.ops import NUM_COEFS
-from dgfast.schedule import Schedule
+from dgfast.schedule import NUM_TRAIN_STEPS, Schedule
 
 NATIVE_SAMPLERS = ("ddpm", "ddim", "dpm2m", "flow_euler", "flow_heun")
 GUIDANCE_MODES = ("dog", "cfg")
@@ -227,6 +227,37 @@ def scheduler_plan(scheduler, steps, device, eta: float = 0.0) -> Plan:
                     eta=float(eta))
     plan.init_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
     return plan
+
+
+# Named diffusers schedulers (sample(scheduler="dpmpp-2m-karras"), `dgfast sample --scheduler`): each on DiT's
+# linear 1000-step schedule (schedule.base_betas), epsilon prediction, diffusers' defaults otherwise (linspace
+# timesteps, final sigma 0, lower_order_final). Measured against DDPM-250 in bench/RESULTS.md (bench/frontier.py).
+DIT_BETAS = dict(num_train_timesteps=NUM_TRAIN_STEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+NAMED_SCHEDULERS = {
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp-2m-sde-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                            "use_karras_sigmas": True}),
+    "dpmpp-3m-karras": ("DPMSolverMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
+    "dpmpp-3m-sde-karras": ("DPMSolverMultistepScheduler", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++",
+                                                            "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "unipc-karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+def named_scheduler(name: str):
+    """A fresh diffusers scheduler for one of NAMED_SCHEDULERS (they keep state between steps: one per call)."""
+    if name not in NAMED_SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} is not a named scheduler; choose one of {', '.join(NAMED_SCHEDULERS)}, "
+                         f"or pass a diffusers scheduler instance")
+    try:
+        import diffusers
+    except ImportError:
+        raise ImportError(f"scheduler {name!r} is a diffusers scheduler, and diffusers is not installed "
+                          f"(pip install diffusers); the native samplers need nothing more") from None
+    cls, config = NAMED_SCHEDULERS[name]
+    return getattr(diffusers, cls)(**DIT_BETAS, **config)
 
 
 def _clip(config):

@@ -219,6 +219,35 @@ def test_scheduler_class_instead_of_instance(pair):
 
 
 @needs_diffusers
+@pytest.mark.parametrize("name", list(samplers.NAMED_SCHEDULERS))
+def test_named_scheduler_is_the_instance(pair, name):
+    """sample(scheduler="dpmpp-2m-karras") is the diffusers scheduler it names, on DiT's betas (the
+    defaults of these two classes), built afresh for every call."""
+    ft, pre = pair
+    cls, config = samplers.NAMED_SCHEDULERS[name]
+    sch = samplers.named_scheduler(name)
+    assert type(sch).__name__ == cls and all(sch.config[k] == v for k, v in config.items())
+    assert (sch.config.beta_start, sch.config.beta_end, sch.config.beta_schedule) == (1e-4, 0.02, "linear")
+    make = {"DPMSolverMultistepScheduler": DPMSolverMultistepScheduler, "UniPCMultistepScheduler":
+            UniPCMultistepScheduler}[cls]
+    z, y = torch.randn(2, C, 4, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([4, 5])
+    kw = dict(guidance_scale=1.5, steps=9, noise="per-sample", seeds=[3, 4])
+    want = dgfast.sample(ft, pre, z, y, scheduler=make(**config), **kw)
+    assert torch.equal(dgfast.sample(ft, pre, z, y, scheduler=name, **kw), want)
+    assert torch.equal(dgfast.sample(ft, pre, z, y, scheduler=name, **kw), want)  # no state kept between calls
+
+
+def test_named_scheduler_errors(pair, monkeypatch):
+    ft, pre = pair
+    z, y = torch.randn(1, C, 4, 4), torch.tensor([1])
+    with pytest.raises(ValueError, match="'dpm-fast' is not a named scheduler; choose one of dpmpp-2m, "):
+        dgfast.sample(ft, pre, z, y, scheduler="dpm-fast", steps=4)
+    monkeypatch.setitem(__import__("sys").modules, "diffusers", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="diffusers is not installed"):
+        dgfast.sample(ft, pre, z, y, scheduler="dpmpp-2m-karras", steps=4)
+
+
+@needs_diffusers
 def test_learned_range_on_a_tiny_dit():
     """DDPMScheduler(learned_range) with real DiTs: the fine-tuned variance channels are used."""
     torch.manual_seed(0)
