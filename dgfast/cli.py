@@ -96,9 +96,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     one.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     one.add_argument("--scheduler", choices=list(NAMED_SCHEDULERS), default=None,
                      help="a diffusers scheduler on DiT's schedule instead of --sampler (needs diffusers; "
-                          "--num-sampling-steps an int). dpmpp-2m-karras with 11 steps and --guidance-interval "
-                          "0.3 1 is the fastest setting within 3%% of DDPM-250's FD on the embedded pair "
-                          "(bench/RESULTS.md)")
+                          "--num-sampling-steps an int). unipc-karras with --num-sampling-steps 12 "
+                          "--guidance-interval 0.2 1 came within 3%% of DDPM-250's FD at 1/22 of its forwards on "
+                          "the embedded pair (bench/RESULTS.md)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("START", "STOP"),
                    help="guide only steps int(START*N) <= i < int(STOP*N) of N (step 0 the noisiest); the "
