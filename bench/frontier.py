@@ -4,7 +4,8 @@ wall time and model forwards, for every sampler dgfast runs.
     python bench/frontier.py --threads 1                  # the whole frontier, 1000 samples per point
     python bench/frontier.py --quick                      # a seconds-long smoke run
     python bench/frontier.py --points 'dpmpp-2m-karras:1*' --samples 300
-    python bench/frontier.py --points ddpm:250 dpmpp-2m-karras:11:0.3-1 --seeds 0 1 2 --resume
+    python bench/frontier.py --points ddpm:250 unipc-karras:12:0.2-1 --seeds 0 1 2 --resume
+    python bench/frontier.py --threads 1 --resume --check       # the 3-seed check of the points near the goal
     python bench/frontier.py --threads 1 --update-results bench/RESULTS.md    # also rewrite its frontier section
 
 A point is `SAMPLER:STEPS[:START-STOP][:everyK]`: a native sampler (ddpm, ddim, dpm2m: DiT's respacing)
@@ -51,6 +52,13 @@ BASELINE = "ddpm:250"
 RECOMMENDED = "unipc-karras:12:0.2-1"  # meets the goal on 3 seeds with the most speed margin (bench/RESULTS.md)
 GOAL_SPEEDUP, GOAL_FD = 20.0, 0.03   # issue 14: >= 20x less wall time at <= 3% worse FD than DDPM-250,
 GOAL_SEEDS = 3                       # confirmed on 3 seeds
+# --check: the baseline, DDPM-100 for scale, and the points near the goal, on 3 seeds
+CHECK_POINTS = ("ddpm:250", "ddpm:100", "dpmpp-2m-karras:15", "dpmpp-2m-sde-karras:20", "unipc-karras:12",
+                "unipc-karras:11", "unipc-karras:10", "dpmpp-2m-karras:12", "dpmpp-2m-karras:11",
+                "dpmpp-2m-karras:15:0.2-0.8", "dpmpp-2m-karras:12:0.2-0.8", "dpmpp-2m-karras:12:0.2-1",
+                "dpmpp-2m-karras:12:0.3-1", "dpmpp-2m-karras:11:0.3-1", "unipc-karras:12:0.2-1",
+                "unipc-karras:12:0.3-1", "unipc-karras:11:0.2-1", "unipc-karras:11:0.3-1", "unipc-karras:10:0.3-1")
+CHECK_SEEDS = (0, 1, 2)
 DEFAULT_OUT = "frontier-out"
 MARK_BEGIN, MARK_END = "<!-- frontier.py: begin -->", "<!-- frontier.py: end -->"
 
@@ -350,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-results", metavar="MD", default=None,
                    help="also replace the frontier block of this Markdown file (bench/RESULTS.md)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run: tiny points, 16 samples")
+    p.add_argument("--check", action="store_true",
+                   help=f"the 3-seed check: the points near the goal and the baseline (CHECK_POINTS) on seeds "
+                        f"{' '.join(map(str, CHECK_SEEDS))} (with --resume, seed 0 comes from the full run)")
     return p
 
 
@@ -399,6 +410,10 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         pool = quick_points() if args.quick else default_points()
+        if args.check:
+            if args.points or args.quick:
+                raise ValueError("--check picks its own points: it does not combine with --points or --quick")
+            args.points, args.seeds = list(CHECK_POINTS), list(CHECK_SEEDS)
         points = select_points(args.points, pool)
     except ValueError as err:
         parser.error(str(err))

@@ -151,6 +151,9 @@ def test_frontier_points_and_forwards(frontier):
             P.parse(bad)
     pool = frontier.default_points()
     assert pool[0].name == frontier.BASELINE and frontier.RECOMMENDED in {p.name for p in pool}
+    assert set(frontier.CHECK_POINTS) <= {p.name for p in pool} and frontier.RECOMMENDED in frontier.CHECK_POINTS
+    with pytest.raises(SystemExit):  # --check picks its own points
+        frontier.main(["--check", "--points", "ddim:4"])
     assert len({p.name for p in pool}) == len(pool)
     assert [p.name for p in frontier.select_points(["ddim:*"], pool)] == ["ddim:50", "ddim:25"]
     assert [p.name for p in frontier.select_points(["ddim:7"], pool)] == ["ddim:7"]  # not in the pool: added
