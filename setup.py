@@ -85,9 +85,10 @@ setup(
     # (an argparse.Namespace inside) without an unsafe full-pickle load
     install_requires=["torch>=2.4", "numpy", "tqdm", "safetensors", "pillow"],
     extras_require={
-        # triton: the kernels' tests run under its interpreter (TRITON_INTERPRET=1) without a GPU
+        # triton: the kernels' tests run under its interpreter (TRITON_INTERPRET=1) without a GPU;
+        # matplotlib: bench/frontier.py's plot only (imported where it is drawn)
         "dev": ["pytest", "pytest-benchmark", "pybind11", "ninja", "numpy", "pillow", "tqdm", "safetensors", "ruff",
-                "scikit-learn", "triton>=3.0"],
+                "scikit-learn", "triton>=3.0", "matplotlib"],
         "triton": ["triton>=3.0"],
         "diffusers": ["diffusers", "peft"],
         "xformers": ["xformers"],

@@ -300,12 +300,14 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
                   guidance_scale: float = 1.5, steps="250", guidance_channels=3, null_label: int = 1000,
                   sampler: str = "ddpm", eta: float = 0.0, backend: str = "auto", paired=True,
                   npz: bool = True, npz_resize: int | None = None, progress: bool = True,
-                  run_config: dict | None = None, exact: bool = False, compile=False) -> SampleDirResult:
+                  run_config: dict | None = None, exact: bool = False, compile=False, scheduler: str | None = None,
+                  guidance_interval=(0.0, 1.0), pretrained_every: int = 1) -> SampleDirResult:
     """Sample `num_samples` images (indices 0..num_samples-1) into `sample_dir`; see the module doc.
 
     finetuned / pretrained / guidance_scale / steps / guidance_channels / null_label / sampler /
-    eta / backend / paired / exact / compile are passed to `dgfast.sample` (guidance_scale 1:
-    `pretrained` unused).
+    eta / backend / paired / exact / compile / guidance_interval / pretrained_every are passed to
+    `dgfast.sample` (guidance_scale 1: `pretrained` unused). scheduler: a name from
+    dgfast.samplers.NAMED_SCHEDULERS (a fresh scheduler per batch; steps an int; per-sample seeds only).
     Models must be in eval mode on this rank's device. batch_size is per process.
     vae: None saves latents as `.npy` (float32 (C, L, L)) and the .npz holds float32 (N, C, L, L);
     otherwise an object with `decode(latents).sample` (diffusers AutoencoderKL), decoded as
@@ -319,10 +321,13 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     cannot fit in free memory is refused before anything is written.
     """
     from dgfast.ops import resolve_backend
-    from dgfast.api import check_bool, check_eta, model_device, model_info
+    from dgfast.api import check_bool, model_device, model_info
 
     resume, npz, progress = check_bool(resume, "resume"), check_bool(npz, "npz"), check_bool(progress, "progress")
-    eta = check_eta(eta, sampler)  # before the folder exists, not in the first batch
+    # before the folder exists, not in the first batch
+    sched_settings = _check_sampler_options(sampler, eta, scheduler, steps, seed_mode, guidance_interval,
+                                            pretrained_every)
+    eta = float(eta)
     num_samples = _check_int(num_samples, "num_samples", 1, MAX_INDEX)
     batch_size = _check_int(batch_size, "batch_size", 1)
     num_classes = _check_int(num_classes, "num_classes", 1)
@@ -341,7 +346,7 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     settings = dict(num_classes=num_classes, global_seed=global_seed, seed_mode=seed_mode,
                     guidance_scale=float(guidance_scale), steps=str(steps), guidance_channels=guidance_channels,
                     null_label=null_label, sampler=sampler, eta=float(eta), output=ext, backend=resolved,
-                    run=run_config, exact=bool(exact), compile=cmode)
+                    run=run_config, exact=bool(exact), compile=cmode, **sched_settings)
     d = init_distributed()
     if seed_mode == "reference":  # the script's stream depends on both
         settings.update(world_size=d.world_size, batch_size=batch_size)
@@ -362,7 +367,8 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
 
         call = dict(guidance_scale=guidance_scale, steps=steps, guidance_channels=guidance_channels,
                     null_label=null_label, sampler=sampler, eta=eta, backend=backend, paired=paired,
-                    exact=exact, compile=compile)
+                    exact=exact, compile=compile, scheduler=scheduler, guidance_interval=tuple(guidance_interval),
+                    pretrained_every=pretrained_every)
         draw = _block_sampler(finetuned, pretrained, call, seed_mode=seed_mode, global_seed=global_seed,
                               num_classes=num_classes, info=info, device=device, d=d)
         seconds = _draw_and_write(draw, zip(batches, todo), pending, num_samples, sample_dir, vae, log, d, progress)
@@ -374,6 +380,30 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
         dist.destroy_process_group()
     return SampleDirResult(sample_dir, path if npz else None, num_samples, pending, num_samples - pending,
                            seconds, d.world_size)
+
+
+def _check_sampler_options(sampler: str, eta, scheduler, steps, seed_mode: str, guidance_interval,
+                           pretrained_every) -> dict:
+    """sample_to_dir's sampler options, checked before any folder exists; returns the settings that
+    differ from the defaults (recorded for --resume only then, so that folders from before these
+    options existed resume as they were: with the defaults)."""
+    from dgfast import samplers
+    from dgfast.api import check_eta
+    if scheduler is not None:
+        if sampler != "ddpm":
+            raise ValueError(f"pass either sampler= or scheduler=, not both (sampler={sampler!r})")
+        if seed_mode == "reference":
+            raise ValueError(f"scheduler={scheduler!r} needs seed_mode='per-sample' (seed_mode='reference' replays "
+                             f"sample_ddp.py's random stream, which has no diffusers schedulers)")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+            raise ValueError(f"steps must be an int with scheduler={scheduler!r}, got {steps!r}")
+        check_eta(eta, sampler, samplers.named_scheduler(scheduler))  # unknown name / no diffusers: said here
+    else:
+        check_eta(eta, sampler)
+    interval = samplers.check_controls(guidance_interval, 0.0, "dog", pretrained_every)
+    given = dict(scheduler=scheduler, guidance_interval=list(interval), pretrained_every=pretrained_every)
+    defaults = dict(scheduler=None, guidance_interval=[0.0, 1.0], pretrained_every=1)
+    return {k: v for k, v in given.items() if v != defaults[k]}
 
 
 def _check_run_options(seed_mode: str, guidance_scale, exact: bool, compile, npz_resize, vae) -> str | None:

@@ -35,7 +35,7 @@ import torch
 from dgfast import ops
 from dgfast.divergence import Watch, warn_divergence
 from dgfast.ops import NUM_COEFS
-from dgfast.schedule import Schedule
+from dgfast.schedule import NUM_TRAIN_STEPS, Schedule
 
 NATIVE_SAMPLERS = ("ddpm", "ddim", "dpm2m", "flow_euler", "flow_heun")
 GUIDANCE_MODES = ("dog", "cfg")
@@ -86,7 +86,7 @@ def dit(schedule: Schedule, sampler: str, eta: float = 0.0) -> Plan:
 
 
 def dpmpp_2m(alpha, sigma, *, order: int = 2, sde: bool = False, solver: str = "midpoint",
-             first_order_last: bool = True) -> tuple[np.ndarray, list]:
+             first_order_final: int = 1) -> tuple[np.ndarray, list]:
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Alg. 2) as "linear" rows.
 
     alpha, sigma: (S + 1,) tensors, the noise levels x = alpha x0 + sigma eps of the S evaluation
@@ -94,7 +94,7 @@ def dpmpp_2m(alpha, sigma, *, order: int = 2, sde: bool = False, solver: str = "
         x0_i = (x - sigma_i eps) / alpha_i                              data prediction
         h_i = lambda_{i+1} - lambda_i,   lambda = log(alpha / sigma)
         x_{i+1} = (sigma_{i+1} / sigma_i) x + alpha_{i+1} (1 - e^{-h}) D      (ODE)
-        D = x0_i                                  first order (step 0, and the last if asked)
+        D = x0_i                                  first order (step 0, and the last first_order_final steps)
         D = x0_i + (x0_i - x0_{i-1}) / (2 r_i),  r_i = h_{i-1} / h_i     second order, midpoint
     solver="heun" (diffusers' solver_type="heun") instead adds alpha_{i+1} ((e^{-h} - 1)/h + 1)
     (x0_i - x0_{i-1}) / r_i to the first-order update.
@@ -117,7 +117,7 @@ def dpmpp_2m(alpha, sigma, *, order: int = 2, sde: bool = False, solver: str = "
             R = s_t / s_s
             P = -(a_t * (torch.exp(-h) - 1.0))
             Z = torch.zeros_like(h)
-        second = order >= 2 and i >= 1 and not (first_order_last and i == S - 1)
+        second = order >= 2 and i >= 1 and i < S - first_order_final
         T = torch.zeros_like(h)
         if second:
             r = (lam[i] - lam[i - 1]) / h
@@ -132,14 +132,22 @@ def dpmpp_2m(alpha, sigma, *, order: int = 2, sde: bool = False, solver: str = "
     return _rows(rows), uses_prev
 
 
-def dit_dpm2m(schedule: Schedule) -> Plan:
-    """DPM-Solver++(2M) on DiT's respaced schedule: one evaluation per kept step, the last step
-    goes to sigma = 0 (first order, i.e. it returns x0). x0 uses DiT's own f32(float64) A and B."""
+def dit_dpm2m(schedule: Schedule, first_order_final: int = 2) -> Plan:
+    """DPM-Solver++(2M) on DiT's respaced schedule: one evaluation per kept step (the model sees DiT's
+    timesteps, t = 0 included, as DiT's ddpm/ddim loops); the last step goes to sigma = 0 (first
+    order, i.e. it returns x0). x0 uses DiT's own f32(float64) A and B.
+
+    The last two steps are first order (first_order_final=2): the step into the grid's t = 0 point
+    too. DiT's grid is uniform in t, so its last interval (t = stride -> 0, sigma 0.18 -> 0.01 at 20
+    steps) is 2-5x longer in log-SNR than the one before (r = h_{i-1}/h_i ~ 0.2-0.45 at 4-250 steps),
+    and the 2M term would extrapolate the guided x0 change by 1/(2r) ~ 2.2x into the sample: on the
+    embedded pair that cost 9-17 points of class accuracy at 10-20 steps (docs/upstream_sampling.md
+    §2.10). first_order_final=1 is k-diffusion's sample_dpmpp_2m on the same grid."""
     t = schedule.tables
     ac = torch.from_numpy(t["alphas_cumprod"][::-1].copy())
     alpha = torch.cat([ac.sqrt(), torch.ones(1, dtype=torch.float64)])
     sigma = torch.cat([(1 - ac).sqrt(), torch.zeros(1, dtype=torch.float64)])
-    rows, prev = dpmpp_2m(alpha, sigma)
+    rows, prev = dpmpp_2m(alpha, sigma, first_order_final=first_order_final)
     rows[:, 0] = t["sqrt_recip_alphas_cumprod"][::-1].astype(np.float32)
     rows[:, 1] = t["sqrt_recipm1_alphas_cumprod"][::-1].astype(np.float32)
     S = schedule.num_steps
@@ -220,6 +228,37 @@ def scheduler_plan(scheduler, steps, device, eta: float = 0.0) -> Plan:
                     prev=[False] * S, scheduler=scheduler, eta=float(eta))
     plan.init_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
     return plan
+
+
+# Named diffusers schedulers (sample(scheduler="dpmpp-2m-karras"), `dgfast sample --scheduler`): each on DiT's
+# linear 1000-step schedule (schedule.base_betas), epsilon prediction, diffusers' defaults otherwise (linspace
+# timesteps, final sigma 0, lower_order_final). Measured against DDPM-250 in bench/RESULTS.md (bench/frontier.py).
+DIT_BETAS = dict(num_train_timesteps=NUM_TRAIN_STEPS, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+NAMED_SCHEDULERS = {
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp-2m-sde-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                            "use_karras_sigmas": True}),
+    "dpmpp-3m-karras": ("DPMSolverMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
+    "dpmpp-3m-sde-karras": ("DPMSolverMultistepScheduler", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++",
+                                                            "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "unipc-karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+}
+
+
+def named_scheduler(name: str):
+    """A fresh diffusers scheduler for one of NAMED_SCHEDULERS (they keep state between steps: one per call)."""
+    if name not in NAMED_SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} is not a named scheduler; choose one of {', '.join(NAMED_SCHEDULERS)}, "
+                         f"or pass a diffusers scheduler instance")
+    try:
+        import diffusers
+    except ImportError:
+        raise ImportError(f"scheduler {name!r} is a diffusers scheduler, and diffusers is not installed "
+                          f"(pip install diffusers); the native samplers need nothing more") from None
+    cls, config = NAMED_SCHEDULERS[name]
+    return getattr(diffusers, cls)(**DIT_BETAS, **config)
 
 
 def _clip(config):
@@ -310,7 +349,7 @@ def _dpm_plan(sch, eta) -> Plan | None:
     last_first = bool(cfg.euler_at_final or (cfg.lower_order_final and S < 15) or cfg.final_sigmas_type == "zero")
     sde = cfg.algorithm_type == "sde-dpmsolver++"
     rows, prev = dpmpp_2m(alpha, sigma, order=cfg.solver_order, sde=sde, solver=cfg.solver_type,
-                          first_order_last=last_first)
+                          first_order_final=1 if last_first else 0)
     return Plan(step_modes=["linear"] * S, rows=rows, timesteps=[int(t) for t in sch.timesteps], t_dtype=torch.int64,
                 noise=[sde] * S, prev=prev)
 

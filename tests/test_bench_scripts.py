@@ -101,3 +101,64 @@ def test_ratios_table(monkeypatch):
     assert dg[2:] == ["2.000", "2.000x", "1.500x"]
     assert next(r for r in rows if r[1] == "upstream compile")[3:] == ["1.333x", "1.000x"]
     assert "avx2 fma" in rows[-1][0] and "Test CPU" in rows[-1][0]
+
+
+@pytest.fixture
+def frontier(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    import frontier
+    return frontier
+
+
+def test_frontier_quick(frontier, tmp_path):
+    """bench/frontier.py --quick end to end: every point measured and written, the table and the plot;
+    --resume keeps what was measured (nothing is sampled again) and adds the new seeds."""
+    pytest.importorskip("diffusers")  # the quick points include a named diffusers scheduler
+    out = tmp_path / "f"
+    assert frontier.main(["--quick", "--out", str(out), "--threads", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    names = [p.name for p in frontier.quick_points()]
+    assert [r["point"] for r in res["records"]] == names
+    assert all(r["fd"] > 0 and 0 <= r["accuracy"] <= 1 and r["seconds"] > 0 for r in res["records"])
+    table = (out / "frontier.md").read_text()
+    assert table.count("\n| ") == len(names) + 1 and "1.0x / 1.0x" in table  # the baseline's own row
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "frontier.png").stat().st_size > 1000
+    except ImportError:
+        pass
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# R\n\n{frontier.MARK_BEGIN}\nSTALE TABLE\n{frontier.MARK_END}\n\nafter\n")
+    assert frontier.main(["--quick", "--out", str(out), "--resume", "--points", "ddim:4", "--seeds", "0", "1",
+                          "--update-results", str(md)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["records"]) == len(names) + 1 and res["records"][-1]["point"] == "ddim:4"
+    text = md.read_text()
+    assert "STALE" not in text and "ddim (2 seeds)" in text and text.endswith("after\n")
+    assert text.count("\n| ") == len(names) + 1  # the points kept from the first run are in the table too
+
+
+def test_frontier_points_and_forwards(frontier):
+    """Point names round-trip; the forwards per sample follow the guidance controls (counted with
+    stand-ins: no model runs)."""
+    from dgfast.zoo import load_pair
+    P = frontier.Point
+    for name in ("ddpm:250", "dpmpp-2m-karras:12:0.2-1", "dpm2m:12:every3", "unipc:8:0.1-0.6:every2"):
+        assert P.parse(name).name == name
+    assert P.parse("dpm2m:12:0.2-1").curve == "dpm2m:0.2-1"
+    for bad in ("ddpm", "nope:10", "ddpm:x", "ddim:10:0.8-0.2", "ddim:10:fast"):
+        with pytest.raises(ValueError, match="--points"):
+            P.parse(bad)
+    pool = frontier.default_points()
+    assert pool[0].name == frontier.BASELINE and frontier.RECOMMENDED in {p.name for p in pool}
+    assert set(frontier.CHECK_POINTS) <= {p.name for p in pool} and frontier.RECOMMENDED in frontier.CHECK_POINTS
+    with pytest.raises(SystemExit):  # --check picks its own points
+        frontier.main(["--check", "--points", "ddim:4"])
+    assert len({p.name for p in pool}) == len(pool)
+    assert [p.name for p in frontier.select_points(["ddim:*"], pool)] == ["ddim:50", "ddim:25"]
+    assert [p.name for p in frontier.select_points(["ddim:7"], pool)] == ["ddim:7"]  # not in the pool: added
+    ft, pre, info = load_pair()
+    want = {"ddpm:10": (10, 10), "dpm2m:12:every3": (12, 4), "dpm2m:12:0.2-1": (12, 10),
+            "dpm2m:10:0.3-0.7:every2": (10, 2)}
+    for name, forwards in want.items():
+        assert frontier.count_forwards(P.parse(name), ft, pre, info, 1.2) == forwards, name

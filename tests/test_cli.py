@@ -458,6 +458,13 @@ BAD = {
                                               "\\(1000 rows\\)"),
     "ddim eta above 1": (lambda c, t: ["--sampler", "ddim", "--eta", "2"], "--eta must be in \\[0, 1\\]"),
     "eta with ddpm": (lambda c, t: ["--eta", "0.5"], "--eta 0.5 is DDIM's: --sampler ddpm would ignore it"),
+    "eta with a scheduler": (lambda c, t: ["--eta", "0.5", "--scheduler", "unipc"],
+                             "--eta 0.5 is DDIM's: --scheduler unipc would ignore it"),
+    "scheduler with a respacing string": (lambda c, t: ["--scheduler", "dpmpp-2m-karras", "--num-sampling-steps",
+                                                        "ddim10"], "--num-sampling-steps must be an int with --sch"),
+    "scheduler in reference mode": (lambda c, t: ["--scheduler", "dpmpp-2m-karras", "--seed-mode", "reference"],
+                                    "--scheduler needs --seed-mode per-sample"),
+    "pretrained every 0": (lambda c, t: ["--pretrained-every", "0"], "--pretrained-every must be >= 1, got 0"),
     "model config a JSON list": (lambda c, t: ["--model-config", "[1, 2]"],
                                  "--model-config must be a JSON object .*got a JSON list: \\[1, 2\\]"),
     "model config a JSON number": (lambda c, t: ["--model-config", "42"], "--model-config must be a JSON object"),
@@ -784,6 +791,46 @@ def test_flags_that_set_one_thing_twice_are_refused(pair, ckpts, tmp_path, capsy
     assert f"argument {flag}: not allowed with argument {other}" in err or \
         f"argument {other}: not allowed with argument {flag}" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_guidance_interval_and_scheduler_flags_are_checked(ckpts, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    base = sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", "2")
+    assert cli.main(base + ["--guidance-interval", "0.8", "0.2"]) == 2
+    assert "--guidance-interval 0.8 0.2: need 0 <= START < 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one of the two
+        cli.main(base + ["--sampler", "ddim", "--scheduler", "unipc"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if it were not installed
+    assert cli.main(base + ["--scheduler", "dpmpp-2m-karras", "--num-sampling-steps", "4"]) == 2
+    assert "--scheduler dpmpp-2m-karras is a diffusers scheduler, and diffusers is not installed: pip install " \
+        "diffusers" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_zoo_pair_with_the_recommended_scheduler(tmp_path, capsys, one_thread):
+    """--scheduler unipc-karras --guidance-interval 0.2 1 (README's recommendation, there with 12 steps)
+    writes what dgfast.sample gives with the same settings; a resume without the interval is refused."""
+    pytest.importorskip("diffusers")
+    import dgfast.zoo
+    out = tmp_path / "dog"
+    flags = ["--scheduler", "unipc-karras", "--num-sampling-steps", "5", "--guidance-interval", "0.2", "1"]
+    with one_thread():
+        assert cli.main(_zoo_args(out, *flags)) == 0
+        ft, pre, _ = dgfast.zoo.load_pair()
+        y = torch.tensor([sample_label(0, i, 5) for i in range(2)])
+        want = dgfast.sample(ft, pre, None, y, guidance_scale=1.5, steps=5, null_label=10, noise="per-sample",
+                             seeds=[sample_seed(0, i) for i in range(2)], scheduler="unipc-karras",
+                             guidance_interval=(0.2, 1.0))
+        other = dgfast.sample(ft, pre, None, y, guidance_scale=1.5, steps=5, null_label=10, noise="per-sample",
+                              seeds=[sample_seed(0, i) for i in range(2)], scheduler="unipc-karras")
+    got = torch.stack([torch.from_numpy(np.load(out / f"{i:06d}.npy")) for i in range(2)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - other).abs().max() > 1e-3  # the interval reached the sampler
+    capsys.readouterr()
+    assert cli.main(_zoo_args(out, *flags[:-3], "--resume")) == 2
+    assert "guidance_interval: [0.2, 1.0] -> None" in capsys.readouterr().err
+    assert cli.main(_zoo_args(out, *flags, "--resume")) == 0
 
 
 def test_no_null_row_is_needed_for_a_table_of_num_classes_rows(tmp_path, capsys, one_thread):

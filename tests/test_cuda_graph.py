@@ -19,7 +19,7 @@ from dgfast.api import ReferenceNoise
 
 CFG = dict(input_size=6, patch_size=2, hidden_size=36, depth=2, num_heads=3)  # 3x3 tokens
 SAMPLERS = [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm2m", 0.0)]
-STEPS = "5"  # dpm2m: steps 1..3 read the previous x0, steps 0 and 4 do not
+STEPS = "5"  # dpm2m: steps 1..2 read the previous x0, steps 0, 3 and 4 do not (samplers.dit_dpm2m)
 
 
 def rand_dit(num_classes, seed) -> DiT:
@@ -135,8 +135,8 @@ def test_dpm2m_needs_the_state_copied(models):
     no x0 copied between steps) ends elsewhere, so dropping the copy fails the equality tests."""
     ft, pre, z, y = models
     forward, plan, draw = _dpm2m_inputs(models)
-    assert plan.prev == [False, True, True, True, False] and not any(plan.noise)
-    assert (plan.rows[[1, 2, 3], 5] != 0).all()
+    assert plan.prev == [False, True, True, False, False] and not any(plan.noise)
+    assert (plan.rows[[1, 2], 5] != 0).all()
     good = run_cuda_graph(forward, z, y, 1000, plan, draw, scale=1.5, guidance_channels=3, _capture=False)
     torch.manual_seed(0)
     want = dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps=STEPS, sampler="dpm2m", backend="torch")

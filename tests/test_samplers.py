@@ -219,6 +219,35 @@ def test_scheduler_class_instead_of_instance(pair):
 
 
 @needs_diffusers
+@pytest.mark.parametrize("name", list(samplers.NAMED_SCHEDULERS))
+def test_named_scheduler_is_the_instance(pair, name):
+    """sample(scheduler="dpmpp-2m-karras") is the diffusers scheduler it names, on DiT's betas (the
+    defaults of these two classes), built afresh for every call."""
+    ft, pre = pair
+    cls, config = samplers.NAMED_SCHEDULERS[name]
+    sch = samplers.named_scheduler(name)
+    assert type(sch).__name__ == cls and all(sch.config[k] == v for k, v in config.items())
+    assert (sch.config.beta_start, sch.config.beta_end, sch.config.beta_schedule) == (1e-4, 0.02, "linear")
+    make = {"DPMSolverMultistepScheduler": DPMSolverMultistepScheduler, "UniPCMultistepScheduler":
+            UniPCMultistepScheduler}[cls]
+    z, y = torch.randn(2, C, 4, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([4, 5])
+    kw = dict(guidance_scale=1.5, steps=9, noise="per-sample", seeds=[3, 4])
+    want = dgfast.sample(ft, pre, z, y, scheduler=make(**config), **kw)
+    assert torch.equal(dgfast.sample(ft, pre, z, y, scheduler=name, **kw), want)
+    assert torch.equal(dgfast.sample(ft, pre, z, y, scheduler=name, **kw), want)  # no state kept between calls
+
+
+def test_named_scheduler_errors(pair, monkeypatch):
+    ft, pre = pair
+    z, y = torch.randn(1, C, 4, 4), torch.tensor([1])
+    with pytest.raises(ValueError, match="'dpm-fast' is not a named scheduler; choose one of dpmpp-2m, "):
+        dgfast.sample(ft, pre, z, y, scheduler="dpm-fast", steps=4)
+    monkeypatch.setitem(__import__("sys").modules, "diffusers", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="diffusers is not installed"):
+        dgfast.sample(ft, pre, z, y, scheduler="dpmpp-2m-karras", steps=4)
+
+
+@needs_diffusers
 def test_learned_range_on_a_tiny_dit():
     """DDPMScheduler(learned_range) with real DiTs: the fine-tuned variance channels are used."""
     torch.manual_seed(0)
@@ -250,9 +279,10 @@ def guided_fn(ft, pre, y, scale, k=C):
     return f
 
 
-def kdiffusion_dpmpp_2m(f, z, schedule):
+def kdiffusion_dpmpp_2m(f, z, schedule, first_order_into_last=False):
     """k-diffusion's sample_dpmpp_2m (sigma space, x_ve = x_vp / alpha) on DiT's respaced schedule,
-    in float64; the model sees x_vp and the original timestep index."""
+    in float64; the model sees x_vp and the original timestep index. first_order_into_last: the step
+    into the grid's last point (t = 0) is first order too, as dgfast's dpm2m takes it (dit_dpm2m)."""
     ac = schedule.tables["alphas_cumprod"][::-1]
     tmap = schedule.timestep_map[::-1]
     sig = np.append(np.sqrt((1 - ac) / ac), 0.0)
@@ -266,7 +296,7 @@ def kdiffusion_dpmpp_2m(f, z, schedule):
             return denoised
         t, t_next = -np.log(sig[i]), -np.log(sig[i + 1])
         h = t_next - t
-        if old is None:
+        if old is None or (first_order_into_last and sig[i + 2] == 0):
             x = (sig[i + 1] / sig[i]) * x - np.expm1(-h) * denoised
         else:
             r = (t - (-np.log(sig[i - 1]))) / h
@@ -297,10 +327,44 @@ def test_dpm2m_matches_kdiffusion(pair, steps, backend):
     need_modes(backend, "linear")
     ft, pre = pair
     z, y = torch.randn(3, C, 5, 7, generator=torch.Generator().manual_seed(4)), torch.tensor([1, 2, 3])
-    ref = kdiffusion_dpmpp_2m(guided_fn(ft, pre, y, 1.5), z, Schedule.from_steps(steps))
+    ref = kdiffusion_dpmpp_2m(guided_fn(ft, pre, y, 1.5), z, Schedule.from_steps(steps), first_order_into_last=True)
     out = dgfast.sample(ft, pre, z, y, guidance_scale=1.5, steps=steps, sampler="dpm2m", guidance_channels="all",
                         backend=backend)
     assert rel_err(out, ref) < RTOL
+
+
+@pytest.mark.parametrize("steps", ["20", "ddim10"])
+def test_dpm2m_plan_with_one_first_order_step_is_kdiffusion(pair, steps):
+    """dit_dpm2m(first_order_final=1) is k-diffusion's sample_dpmpp_2m exactly (second order up to
+    the t = 0 point); the default differs from it in that one step only."""
+    ft, pre = pair
+    z, y = torch.randn(3, C, 5, 7, generator=torch.Generator().manual_seed(4)), torch.tensor([1, 2, 3])
+    f = guided_fn(ft, pre, y, 1.5)
+    ref = kdiffusion_dpmpp_2m(f, z, Schedule.from_steps(steps))
+    plan = samplers.dit_dpm2m(Schedule.from_steps(steps), first_order_final=1)
+    def two_pass(x, t, labels, null):
+        return ft(x, t, labels), pre(x, t, torch.full_like(labels, null))
+    forwards = samplers.StepForwards(ft, y, two_pass, 1000, range(plan.num_steps))
+    out = samplers.run(plan, z, forwards, scale=1.5, guidance_channels=C, draw=None, backend="torch")
+    assert rel_err(out, ref) < RTOL
+    default = samplers.dit_dpm2m(Schedule.from_steps(steps))
+    assert [i for i in range(plan.num_steps) if plan.prev[i] != default.prev[i]] == [plan.num_steps - 2]
+
+
+@pytest.mark.parametrize("steps", ["3", "4", "5", "8", "10", "12", "15", "20", "25", "50", "100", "250", "ddim10",
+                                   "ddim25"])
+def test_dpm2m_never_extrapolates_the_x0_change(steps):
+    """On DiT's uniform grids no second-order step amplifies the change of the guided x0: its weight
+    1/(2r) = T/P stays <= 1 (r = h_{i-1}/h_i >= 1/2). The step into t = 0 had r ~ 0.2-0.45, weight up
+    to 2.4: with k-diffusion's order rule native dpm2m lost ~10 points of class accuracy on the
+    embedded pair at 10-20 steps (docs/upstream_sampling.md)."""
+    plan = samplers.native_plan("dpm2m", steps)
+    weight = plan.rows[:, 5] / plan.rows[:, 3]
+    assert all(plan.prev[i] == (weight[i] != 0) for i in range(plan.num_steps))
+    assert weight.max() <= 1.0, (steps, weight)
+    old = samplers.dit_dpm2m(Schedule.from_steps(steps), first_order_final=1)
+    if old.num_steps > 3:  # the property is what tells the two order rules apart
+        assert (old.rows[:, 5] / old.rows[:, 3]).max() > 1.0
 
 
 @pytest.mark.parametrize("backend", backends())

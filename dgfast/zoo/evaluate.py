@@ -93,6 +93,11 @@ def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n, dtype=torch.int64) % num_classes
 
 
+def sample_seeds(seed: int, n: int) -> list:
+    """The per-sample seeds of run `seed`: sample i uses generator seed * 10**6 + i (every mode alike)."""
+    return [seed * 10 ** 6 + i for i in range(n)]
+
+
 def summarize(values):
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
@@ -134,7 +139,7 @@ def _context_rows(args, pretrained, info: dict, metric, K: int, per_seed: dict) 
         lab = torch.tensor([data.TARGET_DIGITS.index(int(d)) for d in domains.digits[idx]])
         real = data.render(domains.glyphs[idx], **data.target_style(args.samples, g))
         per_seed.setdefault("real target (train glyphs)", []).append(metric(real, lab))
-        seeds = [s * 10 ** 6 + i for i in range(args.samples)]
+        seeds = sample_seeds(s, args.samples)
         null = torch.full((args.samples,), info["pretrained"]["null_label"], dtype=torch.int64)
         x = dgfast.sample(pretrained, None, None, null, guidance_scale=1.0, steps=args.steps,
                           guidance_channels="all", noise="per-sample", seeds=seeds, backend=args.backend)
@@ -188,7 +193,7 @@ def main(argv=None) -> int:
         per-sample noise makes a row independent of the order rows are run in."""
         y = balanced_labels(args.samples, K)
         for s in args.seeds:
-            seeds = [s * 10 ** 6 + i for i in range(args.samples)]
+            seeds = sample_seeds(s, args.samples)
             t0 = time.time()
             x = sample_mode(finetuned, pretrained, info, mode, w, y, seeds, steps=args.steps, backend=args.backend,
                             **extra)
