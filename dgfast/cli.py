@@ -51,7 +51,12 @@ Nothing is downloaded: checkpoints and the VAE are local files."""
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models")
+    _add_model_arguments(p.add_argument_group("models"))
+    _add_guidance_arguments(p.add_argument_group("guidance and sampler"))
+    _add_output_arguments(p.add_argument_group("output"))
+
+
+def _add_model_arguments(g) -> None:
     # each pair below sets one thing two ways: both given would silently keep one, so argparse refuses
     one = g.add_mutually_exclusive_group()
     one.add_argument("--model", default="DiT-XL/2", help="fine-tuned DiT architecture (a DiT_models name)")
@@ -84,7 +89,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", help="local diffusers AutoencoderKL directory (saved with save_pretrained), or "
                                  "'none' to save latents as .npy (then the .npz holds float32 (N, 4, L, L))")
 
-    g = p.add_argument_group("guidance and sampler")
+
+def _add_guidance_arguments(g) -> None:
     g.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale w (1: no guidance)")
     g.add_argument("--num-sampling-steps", default="250", help="sampling steps (respacing, e.g. 250 or ddim50)")
     g.add_argument("--guidance-channels", default="3",
@@ -117,7 +123,8 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the paired forward (MODE: default, reduce-overhead, max-autotune, "
                         "max-autotune-no-cudagraphs; bare --compile: default)")
 
-    g = p.add_argument_group("output")
+
+def _add_output_arguments(g) -> None:
     g.add_argument("--sample-dir", default="samples", help="output folder; the .npz goes to {sample-dir}.npz")
     g.add_argument("--num-fid-samples", type=int, default=50_000, help="number of samples (indices 0..N-1)")
     g.add_argument("--per-proc-batch-size", type=int, default=32, help="batch size of each process")

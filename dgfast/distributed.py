@@ -320,7 +320,6 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     or after the VAE) raises SamplingDiverged naming them, the files written so far kept; a batch that
     cannot fit in free memory is refused before anything is written.
     """
-    from dgfast.ops import resolve_backend
     from dgfast.api import check_bool, model_device, model_info
 
     resume, npz, progress = check_bool(resume, "resume"), check_bool(npz, "npz"), check_bool(progress, "progress")
@@ -328,10 +327,8 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     sched_settings = _check_sampler_options(sampler, eta, scheduler, steps, seed_mode, guidance_interval,
                                             pretrained_every)
     eta = float(eta)
-    num_samples = _check_int(num_samples, "num_samples", 1, MAX_INDEX)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    num_classes = _check_int(num_classes, "num_classes", 1)
-    global_seed = _check_int(global_seed, "global_seed", 0, 1 << 31)
+    num_samples, batch_size, num_classes, global_seed = _check_counts(num_samples, batch_size, num_classes,
+                                                                      global_seed)
     cmode = _check_run_options(seed_mode, guidance_scale, exact, compile, npz_resize, vae)
     sample_dir = check_sample_dir(sample_dir, resume)
     ext = "npy" if vae is None else "png"
@@ -340,13 +337,11 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
     device = model_device(finetuned) or torch.device("cpu")
     check_batch_memory(finetuned, vae, batch_size, info["input_size"], device,
                        "batch_size (dgfast sample: --per-proc-batch-size)")
-    # the step's implementation as resolved here ("auto" differs by device and DGFAST_BACKEND): backends
-    # round differently, so a resume with another one would rewrite finished samples with other bytes
-    resolved = resolve_backend(backend, torch.empty(0, device=device))
     settings = dict(num_classes=num_classes, global_seed=global_seed, seed_mode=seed_mode,
                     guidance_scale=float(guidance_scale), steps=str(steps), guidance_channels=guidance_channels,
-                    null_label=null_label, sampler=sampler, eta=float(eta), output=ext, backend=resolved,
-                    run=run_config, exact=bool(exact), compile=cmode, **sched_settings)
+                    null_label=null_label, sampler=sampler, eta=float(eta), output=ext,
+                    backend=_resolved_backend(backend, device), run=run_config, exact=bool(exact), compile=cmode,
+                    **sched_settings)
     d = init_distributed()
     if seed_mode == "reference":  # the script's stream depends on both
         settings.update(world_size=d.world_size, batch_size=batch_size)
@@ -380,6 +375,18 @@ def sample_to_dir(finetuned, pretrained, sample_dir, *, num_samples: int, batch_
         dist.destroy_process_group()
     return SampleDirResult(sample_dir, path if npz else None, num_samples, pending, num_samples - pending,
                            seconds, d.world_size)
+
+
+def _check_counts(num_samples, batch_size, num_classes, global_seed) -> tuple[int, int, int, int]:
+    return (_check_int(num_samples, "num_samples", 1, MAX_INDEX), _check_int(batch_size, "batch_size", 1),
+            _check_int(num_classes, "num_classes", 1), _check_int(global_seed, "global_seed", 0, 1 << 31))
+
+
+def _resolved_backend(backend: str, device) -> str:
+    """The step's implementation as resolved here ("auto" differs by device and DGFAST_BACKEND): backends
+    round differently, so a resume with another one would rewrite finished samples with other bytes."""
+    from dgfast.ops import resolve_backend
+    return resolve_backend(backend, torch.empty(0, device=device))
 
 
 def _check_sampler_options(sampler: str, eta, scheduler, steps, seed_mode: str, guidance_interval,
