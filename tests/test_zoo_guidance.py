@@ -7,29 +7,17 @@ The scale: at the best scales (w ~ 1.2) the shipped 8x8 pair's DoG and CFG are w
 seed spread, so a quick check there could not tell them apart; at w = 2 the sweep separates them by
 far more than the spread (21.9 +- 1.2 vs 32.2 +- 1.6), and that gap is what the check guards: a
 guide that lost the pre-trained branch (or its null label) makes DoG into CFG or worse."""
-import torch
-
-from dgfast.zoo import load_pair
-from dgfast.zoo.evaluate import balanced_labels, sample_mode
-from dgfast.zoo.metrics import load_metric
+from zoo_quick import quick_scorer
 
 SAMPLES, STEPS = 200, "20"  # ~20 s on one idle core; measured here: FT 7.8, DoG 1.2 7.0, DoG 2 27.7, CFG 2 37.4
 
 
 def test_dog_beats_cfg_and_no_guidance():
-    finetuned, pretrained, info = load_pair()
-    metric = load_metric()
-    y = balanced_labels(SAMPLES, info["finetuned"]["config"]["num_classes"])
-    seeds = list(range(SAMPLES))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small batches: one thread is as fast, and leaves the other core alone
-    try:
-        def fd(mode, scale):
-            x = sample_mode(finetuned, pretrained, info, mode, scale, y, seeds, steps=STEPS)
-            return metric(x, y)["fd"]
-        got = {"finetuned": fd("finetuned", 1.0), "dog 1.2": fd("dog", 1.2), "dog 2": fd("dog", 2.0),
-               "cfg 2": fd("cfg", 2.0)}
-    finally:
-        torch.set_num_threads(threads)
+    score = quick_scorer(SAMPLES)
+
+    def fd(mode, scale):
+        return score(mode, scale, steps=STEPS)["fd"]
+    got = {"finetuned": fd("finetuned", 1.0), "dog 1.2": fd("dog", 1.2), "dog 2": fd("dog", 2.0),
+           "cfg 2": fd("cfg", 2.0)}
     assert got["dog 2"] < 0.85 * got["cfg 2"], got
     assert got["dog 1.2"] < got["finetuned"], got
