@@ -49,7 +49,7 @@ BEST = ("dpmpp-2m-karras", "unipc-karras")  # the guidance controls are tried on
 INTERVALS = ((0.2, 0.8), (0.3, 0.7), (0.1, 0.6))
 NOISY_START_OFF = ((0.2, 1.0), (0.3, 1.0))
 BASELINE = "ddpm:250"
-RECOMMENDED = "unipc-karras:12:0.2-1"  # met the goal on the 3 seeds it was chosen on, not on fresh ones (bench/RESULTS.md)
+RECOMMENDED = "unipc-karras:12:0.2-1"  # met the goal on the seeds it was chosen on, not on fresh ones (RESULTS.md)
 GOAL_SPEEDUP, GOAL_FD = 20.0, 0.03   # issue 14: >= 20x less wall time at <= 3% worse FD than DDPM-250,
 GOAL_SEEDS = 3                       # confirmed on 3 seeds
 # --check: the baseline, DDPM-100 for scale, and the points near the goal, on 3 seeds
