@@ -2,15 +2,19 @@
 
 Reproduce the shipped files (overwrites dgfast/zoo/*.safetensors and zoo.json):
 
-    nice -n 5 python -m dgfast.zoo.train --threads 1      # pre-train 53 + fine-tune ~10 + encoder 13 min
+    nice -n 5 python -m dgfast.zoo.train --threads 1      # pre-train 53 + fine-tune 7 + encoder 13 min
                                                           # (one core of a busy 2-core machine)
-    python -m dgfast.zoo.evaluate --update-shipped        # RESULTS.md / results.json
+    python -m dgfast.zoo.evaluate --update-shipped --seeds 1 2 3 --scales 1.15 1.25 1.35 1.5 1.6 2 \
+        --interval-scales --every                         # RESULTS.md / results.json (~70 min on one core)
     python -m dgfast.zoo.finetune_sweep --update-shipped  # DoG's gain vs fine-tune length
     python -m dgfast.zoo.evaluate --markdown-only --update-shipped   # RESULTS.md with both tables
 (without --update-shipped, evaluate and finetune_sweep write to ./zoo-eval instead)
 
 `--out DIR` writes elsewhere; `--quick` is a seconds-long smoke run (useless weights).
 Bit-identical weights need the same torch build and thread count (1); the quality does not.
+The shipped pre-trained model and encoder were trained with these settings by scratch scripts
+before the recipe moved here (the fine-tune by this script, --skip-pretrain --skip-encoder); a
+byte-for-byte rerun of the first two stages through this script has not been done yet.
 
 What it does, in order (data: dgfast.zoo.data):
 1. pre-train a dgfast DiT on the *source* domain (ten digits in random inks on flat paper, 16x16),
@@ -20,8 +24,9 @@ What it does, in order (data: dgfast.zoo.data):
    sand-to-mint wash) the paper's way: all weights, 2000 steps (the loss has flattened), DiT's
    label dropout 0.1 and a 5 + 1-row label table whose class rows start as the pre-trained rows of
    the same digits and whose null row is new, so the fine-tuned model's null branch is trained on
-   the target set only (plain CFG with null label 5 is its own CFG). dgfast/zoo/RESULTS.md shows
-   how DoG's gain depends on the fine-tune's length (`python -m dgfast.zoo.finetune_sweep`);
+   the target set only (plain CFG with null label 5 is its own CFG). How DoG's gain depends on
+   the fine-tune's length: `python -m dgfast.zoo.finetune_sweep` (not yet run for this pair; the
+   README's model card gives one run's snapshots);
 3. train the metric encoder (dgfast.zoo.metrics) on probe renders.
 Both DiTs are saved as their EMA weights (as DiT's train.py checkpoints are used), in float16.
 """
