@@ -20,7 +20,7 @@ DiT on their own weights (dgfast.convert; with diffusers' numerics), paired into
 exact=True runs them as given.
 
 vae=None means pixel-space models (e.g. dgfast.zoo's pair through adapters.to_diffusers, which
-samples 3-channel 8x8 images directly): nothing is decoded, the samples are mapped from [-1, 1]
+samples 3-channel 16x16 images directly): nothing is decoded, the samples are mapped from [-1, 1]
 to [0, 1] as decoded images are, and every output_type works ("latent" gives the raw samples).
 """
 from __future__ import annotations

@@ -598,8 +598,8 @@ ZOO = os.path.join(ROOT, "dgfast", "zoo")
 
 
 def _zoo_args(out, *extra):
-    arch = dict(patch_size=2, in_channels=3, hidden_size=96, depth=6, num_heads=4, learn_sigma=True)
-    return ["sample", "--model-config", json.dumps(arch), "--image-size", "64", "--vae", "none",
+    arch = dict(patch_size=4, in_channels=3, hidden_size=128, depth=6, num_heads=4, learn_sigma=True)
+    return ["sample", "--model-config", json.dumps(arch), "--image-size", "128", "--vae", "none",
             "--num-classes", "5", "--ckpt", os.path.join(ZOO, "finetuned.safetensors"),
             "--pretrained-ckpt", os.path.join(ZOO, "pretrained.safetensors"), "--num-sampling-steps", "3",
             "--num-fid-samples", "2", "--per-proc-batch-size", "2", "--sample-dir", str(out), "--no-progress",

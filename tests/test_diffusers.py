@@ -312,7 +312,7 @@ def test_domain_guidance_null_class_reaches_the_pretrained_model(how):
     the pre-trained model's null class."""
     from dgfast import zoo
     ft, pre, info = zoo.load_pair()
-    x, t, y = torch.randn(3, 3, 8, 8, generator=gen(6)), torch.full((3,), 500), torch.tensor([0, 3, 4])
+    x, t, y = torch.randn(3, 3, 16, 16, generator=gen(6)), torch.full((3,), 500), torch.tensor([0, 3, 4])
     call = {"positional": lambda m, labels: m(x, t, labels), "class_labels": None,
             "y": lambda m, labels: m(x, t, y=labels)}[how]
     if call is None:

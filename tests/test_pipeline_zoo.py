@@ -1,5 +1,5 @@
 """The embedded model pair (dgfast.zoo) through diffusers' own API: adapters.to_diffusers turns both
-DiTs into DiTTransformer2DModels and DoGDiTPipeline(vae=None) samples 3x8x8 images from them.
+DiTs into DiTTransformer2DModels and DoGDiTPipeline(vae=None) samples 3x16x16 images from them.
 
 Nothing here looks at image quality: the zoo's weights get retrained. The tests pin the plumbing:
 the conversion is exact, and the pipeline is dgfast.sample on the converted-back pair (guidance,
@@ -18,6 +18,7 @@ from dgfast.diffusers_pipeline import DoGDiTPipeline  # noqa: E402
 from dgfast.models import DiT  # noqa: E402
 
 STEPS, SCALE = 20, 2.0
+S = dgfast.zoo.data.IMAGE_SIZE  # the embedded pair's image side
 
 
 def rel(a, b):
@@ -128,20 +129,20 @@ def test_zoo_pair_converts(zoo):
     info, ft_d, pre_d = zoo["info"], zoo["ft_d"], zoo["pre_d"]
     assert len(zoo["labels"]) == 5 == ft_d.config.num_embeds_ada_norm
     assert pre_d.config.num_embeds_ada_norm == info["pretrained"]["null_label"]  # the pipeline's default null
-    assert ft_d.config.in_channels == 3 and ft_d.config.sample_size == 8 and ft_d.out_channels == 6
+    assert ft_d.config.in_channels == 3 and ft_d.config.sample_size == S and ft_d.out_channels == 6
 
 
 def test_zoo_pipeline_outputs(zoo):
     B = len(zoo["labels"])
     arr = run_pipe(zoo, output_type="np")
-    assert arr.shape == (B, 8, 8, 3) and arr.dtype.kind == "f"
+    assert arr.shape == (B, S, S, 3) and arr.dtype.kind == "f"
     assert torch.isfinite(torch.from_numpy(arr)).all() and arr.min() >= 0 and arr.max() <= 1
     pil = run_pipe(zoo, output_type="pil")
-    assert len(pil) == B and all(im.size == (8, 8) and im.mode == "RGB" for im in pil)
+    assert len(pil) == B and all(im.size == (S, S) and im.mode == "RGB" for im in pil)
     pt = run_pipe(zoo, output_type="pt")
-    assert pt.shape == (B, 3, 8, 8) and torch.equal(pt.permute(0, 2, 3, 1), torch.from_numpy(arr))
+    assert pt.shape == (B, 3, S, S) and torch.equal(pt.permute(0, 2, 3, 1), torch.from_numpy(arr))
     raw = run_pipe(zoo, output_type="latent")  # vae=None: the undecoded samples, [-1, 1] space
-    assert raw.shape == (B, 3, 8, 8) and torch.equal((raw / 2 + 0.5).clamp(0, 1), pt)
+    assert raw.shape == (B, 3, S, S) and torch.equal((raw / 2 + 0.5).clamp(0, 1), pt)
 
 
 def test_zoo_pipeline_is_dgfast_sample(zoo):
@@ -155,8 +156,8 @@ def test_zoo_pipeline_is_dgfast_sample(zoo):
     # noise="reference" draws from the default generator: seeded as the pipeline's generator, it gives
     # the same initial latents first, then the same per-step noise
     torch.manual_seed(seed)
-    z = torch.randn(B, 3, 8, 8)
-    assert torch.equal(z, torch.randn(B, 3, 8, 8, generator=torch.Generator().manual_seed(seed)))
+    z = torch.randn(B, 3, S, S)
+    assert torch.equal(z, torch.randn(B, 3, S, S, generator=torch.Generator().manual_seed(seed)))
     out = dgfast.sample(ft, pre, z, torch.tensor(zoo["labels"]), guidance_scale=SCALE, scheduler=ddpm(),
                         steps=STEPS, guidance_channels="all", null_label=info["pretrained"]["null_label"])
     assert rel(raw, out) < 1e-4
@@ -171,7 +172,7 @@ def test_zoo_pipeline_is_dgfast_sample(zoo):
     assert rel(other_null, raw) > 1e-2
     # and the w = 1 pipeline is dgfast.sample of the fine-tuned model alone
     torch.manual_seed(seed)
-    z = torch.randn(B, 3, 8, 8)
+    z = torch.randn(B, 3, S, S)
     alone = dgfast.sample(ft, None, z, torch.tensor(zoo["labels"]), guidance_scale=1.0, scheduler=ddpm(),
                           steps=STEPS, guidance_channels="all")
     assert rel(plain, alone) < 1e-4

@@ -129,7 +129,8 @@ def test_demo_arguments_register_on_a_subparser():
 
 def test_finetune_starts_from_the_pretrained_rows():
     """The fine-tune's label table: target class k starts as the pre-trained row of digit
-    TARGET_DIGITS[k], the null row as the pre-trained null row; every other weight is copied."""
+    TARGET_DIGITS[k], the null row is new (DiT's init, std 0.02, drawn from the seed); every other
+    weight is copied."""
     from dgfast.zoo import train
     torch.manual_seed(0)
     pre = train.build_dit(10)
@@ -140,7 +141,10 @@ def test_finetune_starts_from_the_pretrained_rows():
     assert table_ft.shape == (len(data.TARGET_DIGITS) + 1, table_pre.shape[1])
     for k, digit in enumerate(data.TARGET_DIGITS):
         assert torch.equal(table_ft[k], table_pre[digit])
-    assert torch.equal(table_ft[-1], table_pre[10])
+    assert not torch.allclose(table_ft[-1], table_pre[10])
+    assert 0.01 < table_ft[-1].std() < 0.03
+    again = train.finetune_from(pre, data.TARGET_DIGITS, seed=1).y_embedder.embedding_table.weight
+    assert torch.equal(again, table_ft)
     for (name, a), b in zip(pre.state_dict().items(), ft.state_dict().values()):
         if not name.startswith("y_embedder"):
             assert torch.equal(a, b), name

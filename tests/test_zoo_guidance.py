@@ -3,13 +3,13 @@ guided by the pre-trained model's null branch (DoG), samples land nearer the tar
 guided by the fine-tuned model's own null branch (CFG) at the same scale, and both beat no guidance
 at a small scale. dgfast/zoo/RESULTS.md has the 3-seed x 1000-sample sweep this samples from.
 
-The scale: at the best scales (w ~ 1.2) the shipped 8x8 pair's DoG and CFG are within each other's
-seed spread, so a quick check there could not tell them apart; at w = 2 the sweep separates them by
-far more than the spread (21.9 +- 1.2 vs 32.2 +- 1.6), and that gap is what the check guards: a
-guide that lost the pre-trained branch (or its null label) makes DoG into CFG or worse."""
+The scales: the check asks for DoG ahead of CFG at w = 2, where the sweep separates them by far
+more than the seed spread (dgfast/zoo/RESULTS.md: 20.9 +- 0.2 vs 34.2 +- 0.2), and for DoG at a small
+scale ahead of no guidance: a guide that lost the pre-trained branch (or its null label) makes DoG
+into CFG or worse. test_zoo_demo_order checks the order at each mode's best scale."""
 from zoo_quick import quick_scorer
 
-SAMPLES, STEPS = 200, "20"  # ~20 s on one idle core; measured here: FT 7.8, DoG 1.2 7.0, DoG 2 27.7, CFG 2 37.4
+SAMPLES, STEPS = 200, "20"  # ~25 s on one core; measured here: FT 21.8, DoG 1.2 17.8, DoG 2 21.4, CFG 2 34.6
 
 
 def test_dog_beats_cfg_and_no_guidance():

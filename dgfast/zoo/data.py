@@ -1,20 +1,22 @@
 """The embedded pair's two domains, rendered procedurally from scikit-learn's 8x8 digits.
 
-Every image is one of the 1797 `load_digits` glyphs (8x8, 17 grey levels), thickened, moved by a
-random affine map at 16x16, coloured and area-downsampled to 8x8 (anti-aliased):
+Every image is one of the 1797 `load_digits` glyphs (8x8, 17 grey levels), upsampled, thickened,
+moved by a random affine map at 32x32, coloured and area-downsampled to 16x16 (anti-aliased):
 
 - **source** ("many inks"): all ten digits, ink and paper colours drawn uniformly from the RGB cube
   (with a minimum luminance contrast), flat paper, any stroke weight, +-15 degree rotation. The broad
   domain the model is pre-trained on (the ImageNet of this toy).
-- **target** ("teal on sand"): five digits (0, 2, 4, 6, 8 = target classes 0..4) in dark teal ink
-  on sand paper, medium strokes, nearly upright: one narrow corner of the source domain (as CUB
-  birds or Caltech-101 are corners of ImageNet). Fine-tuning sees only `SHOTS` glyphs per class.
+- **target** ("teal on a sand-to-mint wash"): five digits (0, 2, 4, 6, 8 = target classes 0..4) in
+  dark teal ink on paper that fades from sand at the top to mint at the bottom, medium strokes,
+  nearly upright. The ink and the top colour are one corner of the source domain, the vertical wash
+  is outside it (source paper is flat): a real shift the fine-tune must learn, as a photo domain's
+  lighting or texture is new to ImageNet. Fine-tuning sees only `SHOTS` glyphs per class.
 - **probe** (encoder training only): any ink, any paper (flat or gradient), any weight: a superset
   of both domains, so the metric encoder is not tuned to either.
 
 The glyphs are split once, per class, into a train half (pre-training, the few-shot picks, the
 encoder) and a held-out half (the reference images the target FD is measured against).
-Images are uint8-quantised (like real data) and returned in [-1, 1], shape (N, 3, 8, 8).
+Images are uint8-quantised (like real data) and returned in [-1, 1], shape (N, 3, 16, 16).
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_SIZE = 8           # the models' resolution (the glyphs' own)
-RENDER_SIZE = 16         # rendered at this size, then area-downsampled to IMAGE_SIZE (anti-aliasing)
+IMAGE_SIZE = 16          # the models' resolution (twice the glyphs' own: large enough to see the modes differ)
+RENDER_SIZE = 32         # rendered at this size, then area-downsampled to IMAGE_SIZE (anti-aliasing)
 CHANNELS = 3
 TARGET_DIGITS = (0, 2, 4, 6, 8)       # target class k is digit TARGET_DIGITS[k]
 SHOTS = 20                            # few-shot: fine-tuning glyphs per target class
@@ -121,16 +123,18 @@ def source_style(n: int, g: torch.Generator) -> dict:
 
 
 TARGET_INK = (0.10, 0.40, 0.45)     # dark teal
-TARGET_PAPER = (0.85, 0.75, 0.55)   # sand
+TARGET_PAPER = (0.85, 0.75, 0.55)   # sand, at the top of the paper
+TARGET_WASH = (0.55, 0.80, 0.75)    # mint, at the bottom
 
 
 def target_style(n: int, g: torch.Generator) -> dict:
-    """Teal ink on sand paper, medium strokes, nearly upright: a narrow corner *inside* the source
-    domain (the source draws every ink/paper pair with enough contrast, this is one of them)."""
+    """Teal ink on a sand-to-mint vertical wash, medium strokes, nearly upright. Colours as the
+    source could draw them, the wash as it never does (source paper is flat)."""
     def jitter(c, s):
         return (torch.tensor(c) + s * torch.randn(n, 3, generator=g)).clamp(0, 1)
     paper = jitter(TARGET_PAPER, 0.04)
-    return dict(ink=jitter(TARGET_INK, 0.04), paper_top=paper, paper_bottom=paper.clone(),
+    ink = jitter(TARGET_INK, 0.04)
+    return dict(ink=ink, paper_top=paper, paper_bottom=jitter(TARGET_WASH, 0.04),
                 weight=_uniform(n, 0.7, 1.0, g), angle_deg=_uniform(n, -5, 5, g), scale=_uniform(n, 0.92, 1.05, g),
                 shift=(torch.rand(n, 2, generator=g) - 0.5) * 0.1)
 

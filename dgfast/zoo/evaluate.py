@@ -78,7 +78,7 @@ def mode_args(mode: str, scale: float, info: dict) -> dict:
 @torch.no_grad()
 def sample_mode(finetuned, pretrained, info, mode: str, scale: float, y: torch.Tensor, seeds, *,
                 steps=DEFAULT_STEPS, backend="auto", batch: int = 500, **extra) -> torch.Tensor:
-    """Samples (n, 3, 8, 8) in [-1, 1] for labels y; sample i depends only on seeds[i].
+    """Samples (n, 3, size, size) in [-1, 1] for labels y; sample i depends only on seeds[i].
     extra: more dgfast.sample keywords (e.g. pretrained_every)."""
     guide = pretrained if mode == "dog" else None  # CFG: the fine-tuned model guides itself
     out = []

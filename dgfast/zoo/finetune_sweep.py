@@ -1,6 +1,6 @@
 """How DoG's gain depends on the length of the fine-tune: one fresh fine-tune per length, each scored.
 
-    python -m dgfast.zoo.finetune_sweep          # ~10 min on 2 cores; a table, ./zoo-eval/finetune_sweep.json
+    python -m dgfast.zoo.finetune_sweep          # about an hour on one core; ./zoo-eval/finetune_sweep.json
     python -m dgfast.zoo.finetune_sweep --update-shipped   # the same, into the package (RESULTS.md's table)
 
 Every row fine-tunes the shipped pre-trained model exactly as `dgfast.zoo.train` does (same seed,
@@ -21,8 +21,8 @@ import torch
 from dgfast.zoo import ZOO_DIR, load_info, load_model
 from dgfast.zoo.evaluate import output_dir
 
-LENGTHS = (50, 100, 150, 300, 600, 1200)
-SCALES = (1.25, 1.5, 2.0)
+LENGTHS = (150, 400, 1000, 2000)  # 2000: the shipped length
+SCALES = (1.35, 1.6, 2.0)
 INTERVAL = (0.0, 0.5)       # DoG on the first half of the trajectory only (guidance_interval)
 INTERVAL_SCALES = (2.0,)
 

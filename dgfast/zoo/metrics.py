@@ -31,15 +31,18 @@ STYLE_DIM = 10
 
 
 class Encoder(nn.Module):
-    """8x8 RGB -> 128-d features; heads: digit logits (10) and appearance (10)."""
+    """size x size RGB (a power of two >= 4) -> 128-d features; heads: digit logits (10) and
+    appearance (10). Stride-2 convolutions halve the image down to 2x2."""
 
-    def __init__(self):
+    def __init__(self, image_size: int = 16):
         super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(3, 48, 3, padding=1), nn.GELU(),
-            nn.Conv2d(48, 96, 3, stride=2, padding=1), nn.GELU(),    # 4x4
-            nn.Conv2d(96, 96, 3, stride=2, padding=1), nn.GELU(),    # 2x2
-        )
+        if image_size < 4 or image_size & (image_size - 1):
+            raise ValueError(f"image_size must be a power of two >= 4, got {image_size}")
+        layers, width, size = [nn.Conv2d(3, 48, 3, padding=1), nn.GELU()], 48, image_size
+        while size > 2:
+            layers += [nn.Conv2d(width, 96, 3, stride=2, padding=1), nn.GELU()]
+            width, size = 96, size // 2
+        self.conv = nn.Sequential(*layers)
         self.fc = nn.Linear(96 * 4, FEATURE_DIM)
         self.digit_head = nn.Linear(FEATURE_DIM, 10)
         self.style_head = nn.Linear(FEATURE_DIM, STYLE_DIM)
@@ -103,7 +106,7 @@ def load_metric(zoo_dir: str | None = None) -> TargetMetric:
     from dgfast.checkpoint import load_checkpoint
     from dgfast.zoo import data
     zoo_dir = zoo_dir or os.path.dirname(os.path.abspath(__file__))
-    enc = Encoder()
+    enc = Encoder(data.IMAGE_SIZE)
     enc.load_state_dict(load_checkpoint(os.path.join(zoo_dir, "encoder.safetensors")))
     ref, _ = data.Domains().reference_target()
     return TargetMetric(enc.eval(), ref, data.TARGET_DIGITS)
