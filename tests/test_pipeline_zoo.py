@@ -16,9 +16,10 @@ import dgfast.zoo  # noqa: E402
 from dgfast.adapters import to_dgfast, to_diffusers  # noqa: E402
 from dgfast.diffusers_pipeline import DoGDiTPipeline  # noqa: E402
 from dgfast.models import DiT  # noqa: E402
+from dgfast.zoo import data as zoo_data  # noqa: E402
 
 STEPS, SCALE = 20, 2.0
-S = dgfast.zoo.data.IMAGE_SIZE  # the embedded pair's image side
+S = zoo_data.IMAGE_SIZE  # the embedded pair's image side
 
 
 def rel(a, b):
