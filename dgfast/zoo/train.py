@@ -13,8 +13,12 @@ Reproduce the shipped files (overwrites dgfast/zoo/*.safetensors and zoo.json):
 `--out DIR` writes elsewhere; `--quick` is a seconds-long smoke run (useless weights).
 Bit-identical weights need the same torch build and thread count (1); the quality does not.
 The shipped pre-trained model and encoder were trained with these settings by scratch scripts
-before the recipe moved here (the fine-tune by this script, --skip-pretrain --skip-encoder); a
-byte-for-byte rerun of the first two stages through this script has not been done yet.
+calling this module's train_diffusion / train_encoder before the recipe moved here (the fine-tune
+by this script, --skip-pretrain --skip-encoder). The pre-trained model's initial weights were
+drawn unseeded (torch 2.13 seeds its default generator anew in every process), so this script,
+which seeds them (init_seed), makes a different pre-trained model of the same recipe: the same
+quality within the seed spread is expected, not the same bytes, until the shipped files are
+remade by this script.
 
 What it does, in order (data: dgfast.zoo.data):
 1. pre-train a dgfast DiT on the *source* domain (ten digits in random inks on flat paper, 16x16),
@@ -51,8 +55,9 @@ ZOO_DIR = os.path.dirname(os.path.abspath(__file__))
 # Patch 4 at 16x16 keeps 16 tokens (DiT's /4 variants): the 8x8 pair's cost per image, 4x its pixels.
 MODEL = dict(input_size=data.IMAGE_SIZE, patch_size=4, in_channels=data.CHANNELS, hidden_size=128, depth=6,
              num_heads=4, mlp_ratio=4.0, class_dropout_prob=0.1, learn_sigma=True)
-# init_seed: the generator state the weights are initialised from; the shipped pre-trained model was
-# initialised from torch's default seed (67280421310721), before `seed` seeds the training draws.
+# init_seed: seeds the weights' initialisation (torch 2.13 seeds its default generator differently in
+# every process, so an unseeded init is not reproducible; the shipped pre-trained model's was not
+# seeded: see the module docstring).
 PRETRAIN = dict(steps=5000, batch=128, lr=1.5e-3, warmup=200, ema=0.998, seed=0, init_seed=67280421310721)
 FINETUNE = dict(steps=2000, batch=64, lr=2e-4, warmup=50, ema=0.99, seed=1)
 ENCODER = dict(steps=1000, batch=256, lr=2e-3, seed=2)
