@@ -290,10 +290,10 @@ def test_torchrun_reference_mode_is_the_scripts_stream(ckpts, tmp_path, one_thre
 # Resume
 # ----------------------------------------------------------------------------------------------
 
-def _run_until(ckpts, out, done: int):
-    """(args, process): a 12-sample `dgfast sample` run in a subprocess, returned once `done`
+def _run_until(ckpts, out, done: int, samples: int = 12):
+    """(args, process): a `samples`-sample `dgfast sample` run in a subprocess, returned once `done`
     samples are finished (or it ended, or 120 s passed), for the interruption tests."""
-    args = sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", "12", "--per-proc-batch-size", "1",
+    args = sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", str(samples), "--per-proc-batch-size", "1",
                        "--num-sampling-steps", "30")
     proc = subprocess.Popen([sys.executable, "-m", "dgfast", *args], env=env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -334,7 +334,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_files(ckpts, tmp_path, one_
 
 
 def test_ctrl_c_says_how_to_continue(ckpts, tmp_path):
-    args, proc = _run_until(ckpts, tmp_path / "run", done=1)
+    # 200 samples: a busy machine once let the 12-sample run finish before the signal arrived
+    args, proc = _run_until(ckpts, tmp_path / "run", done=1, samples=200)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130, err
