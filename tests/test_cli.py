@@ -295,8 +295,11 @@ def _run_until(ckpts, out, done: int, samples: int = 12):
     samples are finished (or it ended, or 120 s passed), for the interruption tests."""
     args = sample_args(ckpts, out, "--vae", "none", "--num-fid-samples", str(samples), "--per-proc-batch-size", "1",
                        "--num-sampling-steps", "30")
+    # SIGINT back to its default in the child: a test run started in the background of a
+    # non-interactive shell ignores SIGINT, the child would inherit that and Ctrl-C would not reach it
     proc = subprocess.Popen([sys.executable, "-m", "dgfast", *args], env=env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if out.is_dir() and len(finished_indices(str(out), "npy")) >= done:
