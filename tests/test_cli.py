@@ -337,7 +337,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_files(ckpts, tmp_path, one_
 
 
 def test_ctrl_c_says_how_to_continue(ckpts, tmp_path):
-    # 200 samples: a busy machine once let the 12-sample run finish before the signal arrived
+    # 200 samples and the poll check: the signal must reach a run that is still going
     args, proc = _run_until(ckpts, tmp_path / "run", done=1, samples=200)
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
