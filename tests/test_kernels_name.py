@@ -10,22 +10,24 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_from_root(code: str, tmp_path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def run_from_root(code: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_a_distribution_named_kernels_wins_over_the_folder(tmp_path):
     fake = tmp_path / "site" / "kernels"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("CUDAProperties = 'the distribution'\n")
-    code = (f"import sys; sys.path.append({str(tmp_path / 'site')!r}); assert sys.path[0] == ''\n"
+    # the stand-in goes right after the root, ahead of site-packages (which may hold the real one)
+    code = (f"import sys; assert sys.path[0] == ''; sys.path.insert(1, {str(tmp_path / 'site')!r})\n"
             "from kernels import CUDAProperties; print(CUDAProperties)\n"
             "import dgfast.kernels as k; print(k.__name__, k.guided_step.__name__)")
-    out = run_from_root(code, tmp_path)
+    out = run_from_root(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["the distribution", "dgfast.kernels guided_step"], out.stdout
 
 
-def test_without_the_distribution_kernels_is_not_found(tmp_path):
-    out = run_from_root("import kernels", tmp_path)
+def test_without_the_distribution_kernels_is_not_found():
+    out = run_from_root("import kernels", "-S")  # -S: no site-packages, so no distribution of that name
     assert out.returncode == 1 and "ModuleNotFoundError: No module named 'kernels'" in out.stderr, out.stderr
