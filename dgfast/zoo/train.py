@@ -16,7 +16,7 @@ The shipped pre-trained model and encoder were trained with these settings by sc
 calling this module's train_diffusion / train_encoder before the recipe moved here (the fine-tune
 by this script, --skip-pretrain --skip-encoder). The pre-trained model's initial weights were
 drawn unseeded (torch 2.13 seeds its default generator anew in every process), so this script,
-which seeds them (init_seed), makes a different pre-trained model of the same recipe: the same
+which seeds them (PRETRAIN["seed"]), makes a different pre-trained model of the same recipe: the same
 quality within the seed spread is expected, not the same bytes, until the shipped files are
 remade by this script.
 
@@ -55,10 +55,7 @@ ZOO_DIR = os.path.dirname(os.path.abspath(__file__))
 # Patch 4 at 16x16 keeps 16 tokens (DiT's /4 variants): the 8x8 pair's cost per image, 4x its pixels.
 MODEL = dict(input_size=data.IMAGE_SIZE, patch_size=4, in_channels=data.CHANNELS, hidden_size=128, depth=6,
              num_heads=4, mlp_ratio=4.0, class_dropout_prob=0.1, learn_sigma=True)
-# init_seed: seeds the weights' initialisation (torch 2.13 seeds its default generator differently in
-# every process, so an unseeded init is not reproducible; the shipped pre-trained model's was not
-# seeded: see the module docstring).
-PRETRAIN = dict(steps=5000, batch=128, lr=1.5e-3, warmup=200, ema=0.998, seed=0, init_seed=67280421310721)
+PRETRAIN = dict(steps=5000, batch=128, lr=1.5e-3, warmup=200, ema=0.998, seed=0)
 FINETUNE = dict(steps=2000, batch=64, lr=2e-4, warmup=50, ema=0.99, seed=1)
 ENCODER = dict(steps=1000, batch=256, lr=2e-3, seed=2)
 
@@ -230,7 +227,7 @@ def pretrain_stage(args, pre_cfg: dict, domains, num_source: int, meta_path: str
         pretrained.eval()
         with open(meta_path) as f:
             return pretrained, json.load(f)["pretrained"]["training"]
-    torch.manual_seed(pre_cfg.get("init_seed", pre_cfg["seed"]))
+    torch.manual_seed(pre_cfg["seed"])  # the init: torch 2.13 seeds its default generator anew per process
 
     def snapshot(step, ema):
         if args.snapshot_every and step % args.snapshot_every == 0 and step < pre_cfg["steps"]:
