@@ -10,32 +10,28 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_from_root(code: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, capture_output=True, text=True,
+def run_from_root(tmp_path, stand_in: str, code: str) -> subprocess.CompletedProcess:
+    """Run `code` from the checkout's root with a `kernels` distribution stand-in (its __init__.py
+    source) right after the root on sys.path, ahead of site-packages (which may hold the real one)."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text(stand_in)
+    prefix = f"import sys; assert sys.path[0] == ''; sys.path.insert(1, {str(site)!r})\n"
+    return subprocess.run([sys.executable, "-c", prefix + code], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 
 
 def test_a_distribution_named_kernels_wins_over_the_folder(tmp_path):
-    fake = tmp_path / "site" / "kernels"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("CUDAProperties = 'the distribution'\n")
-    # the stand-in goes right after the root, ahead of site-packages (which may hold the real one)
-    code = (f"import sys; assert sys.path[0] == ''; sys.path.insert(1, {str(tmp_path / 'site')!r})\n"
-            "from kernels import CUDAProperties; print(CUDAProperties)\n"
-            "import dgfast.kernels as k; print(k.__name__, k.guided_step.__name__)")
-    out = run_from_root(code)
+    out = run_from_root(tmp_path, "CUDAProperties = 'the distribution'\n",
+                        "from kernels import CUDAProperties; print(CUDAProperties)\n"
+                        "import dgfast.kernels as k; print(k.__name__, k.guided_step.__name__)")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["the distribution", "dgfast.kernels guided_step"], out.stdout
 
 
 def test_without_the_distribution_kernels_stays_the_folder(tmp_path):
-    """No usable distribution (a stand-in that fails to import, ahead of site-packages, which may
-    hold the real one): `import kernels` gives the folder, as before, which transformers 5.24 imports
-    only to read a version."""
-    broken = tmp_path / "site" / "kernels"
-    broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text("raise ImportError('stand-in for a missing distribution')\n")
-    code = (f"import sys; assert sys.path[0] == ''; sys.path.insert(1, {str(tmp_path / 'site')!r})\n"
-            "import kernels; print(kernels.__name__, kernels.guided_step.__name__)")
-    out = run_from_root(code)
+    """No usable distribution (a stand-in that fails to import): `import kernels` gives the folder,
+    as before, which transformers 5.24 imports only to read a version."""
+    out = run_from_root(tmp_path, "raise ImportError('stand-in for a missing distribution')\n",
+                        "import kernels; print(kernels.__name__, kernels.guided_step.__name__)")
     assert out.returncode == 0 and out.stdout.strip() == "kernels guided_step", out.stderr
