@@ -214,3 +214,26 @@ def test_evaluate_fd_change_says_higher_when_worse():
     from dgfast.zoo.evaluate import fd_change
     assert fd_change(57.792, 36.887) == "56.7% higher"
     assert fd_change(30.0, 40.0) == "25.0% lower"
+
+
+def test_evaluate_jobs_makes_the_table_of_one_process(tmp_path):
+    """--jobs samples each seed in its own process and merges them: every row's values, seed by seed,
+    are those one process makes (same per-sample noise, 1 thread each), and an --every row is scored
+    once, by the parent, at the best scale over all seeds."""
+    import subprocess
+    import sys
+    common = ["--samples", "3", "--steps", "2", "--scales", "1.5", "3", "--interval-scales", "--seeds", "0", "1",
+              "--threads", "1"]
+    runs = {}
+    for name, extra in (("one", ["--every"]), ("jobs", ["--jobs", "2", "--every", "2"])):
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "dgfast.zoo.evaluate", *common, *extra, "--out", str(out)],
+                       check=True, capture_output=True, text=True)
+        runs[name] = json.loads((out / "results.json").read_text())
+    one, jobs = runs["one"]["per_seed"], runs["jobs"]["per_seed"]
+    every = [k for k in jobs if " every " in k]
+    assert len(every) == 1 and len(jobs[every[0]]) == 2
+    assert list(one) == [k for k in jobs if k not in every]
+    for key, rows in one.items():
+        assert [(r["fd"], r["accuracy"]) for r in rows] == [(r["fd"], r["accuracy"]) for r in jobs[key]], key
+    assert runs["jobs"]["setup"]["jobs"] == 2 and "2 processes" in (tmp_path / "jobs" / "RESULTS.md").read_text()

@@ -2,6 +2,7 @@
 
     python -m dgfast.zoo.evaluate            # 3 seeds x 1000 samples per mode -> ./zoo-eval/RESULTS.md, results.json
     python -m dgfast.zoo.evaluate --update-shipped   # the same, into the package (the shipped model card)
+    python -m dgfast.zoo.evaluate --jobs 3 --threads 1   # one process per seed, side by side; the same table
 
 Every mode samples the same labels (balanced over the five target classes) from the same noise
 (noise="per-sample": sample i of seed s uses generator s * 10**6 + i in every mode), so the
@@ -20,6 +21,7 @@ The metric: dgfast.zoo.metrics (encoder features, reference = held-out target gl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -121,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scales of the extra DoG rows with --interval")
     p.add_argument("--every", type=int, nargs="*", default=[2, 4],
                    help="also score the best DoG scale with pretrained_every=k for these k (issue: branch reuse)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="torch threads (of each process, with --jobs)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="sample the seeds in this many processes side by side (each seed's rows are independent "
+                        "of the others: the table is the one a single process makes)")
     p.add_argument("--markdown-only", action="store_true",
                    help="rewrite RESULTS.md from results.json (and finetune_sweep.json) without sampling")
     return p
@@ -164,6 +169,77 @@ def best_rows(summary: dict, with_interval: bool) -> dict:
     return {m: min(keys, key=lambda k: summary[k]["fd"]["mean"]) for m, keys in groups.items()}
 
 
+def _score(args, finetuned, pretrained, info, metric, K: int, per_seed: dict, key: str, mode: str, w: float,
+           **extra) -> None:
+    """One table row into per_seed: `mode` at scale w (plus dgfast.sample keywords) for every seed;
+    the per-sample noise makes a row independent of the order rows (and seeds) are run in."""
+    y = balanced_labels(args.samples, K)
+    for s in args.seeds:
+        seeds = sample_seeds(s, args.samples)
+        t0 = time.time()
+        x = sample_mode(finetuned, pretrained, info, mode, w, y, seeds, steps=args.steps, backend=args.backend, **extra)
+        r = {**metric(x, y), "seconds": round(time.time() - t0, 2)}
+        per_seed.setdefault(key, []).append(r)
+        print(f"seed {s}  {key:12s}  FD {r['fd']:8.3f}  acc {r['accuracy']:.3f}  ({r['seconds']:.0f}s)", flush=True)
+
+
+def _sweep_rows(args, finetuned, pretrained, info, metric, K: int, per_seed: dict) -> None:
+    """The fine-tuned row, CFG and DoG at every scale, and the DoG rows on part of the trajectory."""
+    full, part = (0.0, 1.0), tuple(args.interval)
+    runs = ([("finetuned", 1.0, full)] + [(m, w, full) for m in ("cfg", "dog") for w in args.scales]
+            + [("dog", w, part) for w in args.interval_scales])
+    # pairing the two models (weight prepacking) happens once, on the first guided call: do it here,
+    # outside the timed rows
+    sample_mode(finetuned, pretrained, info, "dog", 2.0, balanced_labels(2, K), [0, 1], steps="2", backend=args.backend)
+    for mode, w, interval in runs:
+        key = mode if mode == "finetuned" else f"{mode} {w:g}"
+        if interval != full:
+            key += f" interval {interval[0]:g}-{interval[1]:g}"
+        _score(args, finetuned, pretrained, info, metric, K, per_seed, key, mode, w, guidance_interval=interval)
+
+
+def child_argv(args, seed: int, out: str) -> list:
+    """The command line of one seed's process: this run's settings but the --every rows (they need the
+    best scale over all seeds: the parent scores them)."""
+    argv = ["--samples", str(args.samples), "--seeds", str(seed), "--steps", args.steps, "--out", out,
+            "--backend", args.backend, "--interval", *map(str, args.interval), "--every", "--jobs", "1",
+            "--scales", *map(str, args.scales), "--interval-scales", *map(str, args.interval_scales)]
+    if args.zoo_dir:
+        argv += ["--zoo-dir", args.zoo_dir]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    return argv
+
+
+def sweep_in_processes(args) -> dict:
+    """The context and sweep rows of every seed, sampled by one process per seed (--jobs at a time):
+    per_seed with each row's values in the order of args.seeds."""
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="dgfast-evaluate-") as tmp:
+        outs = {s: os.path.join(tmp, f"seed{s}") for s in args.seeds}
+        queue, running = list(args.seeds), {}
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                s = queue.pop(0)
+                cmd = [sys.executable, "-m", "dgfast.zoo.evaluate", *child_argv(args, s, outs[s])]
+                running[s] = subprocess.Popen(cmd)
+            s, proc = next(iter(running.items()))
+            if proc.wait() != 0:
+                for other in running.values():
+                    other.kill()
+                raise RuntimeError(f"--jobs: the process of seed {s} failed (exit {proc.returncode}); its output "
+                                   f"is above")
+            del running[s]
+        per_seed: dict[str, list[dict]] = {}
+        for s in args.seeds:
+            with open(os.path.join(outs[s], "results.json")) as f:
+                for key, rows in json.load(f)["per_seed"].items():
+                    per_seed.setdefault(key, []).extend(rows)
+    return per_seed
+
+
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -180,35 +256,14 @@ def main(argv=None) -> int:
     finetuned, pretrained, info = load_pair(args.zoo_dir)
     metric = load_metric(args.zoo_dir or ZOO_DIR)
     K = info["finetuned"]["config"]["num_classes"]
-    full, part = (0.0, 1.0), tuple(args.interval)
-    runs = ([("finetuned", 1.0, full)] + [(m, w, full) for m in ("cfg", "dog") for w in args.scales]
-            + [("dog", w, part) for w in args.interval_scales])
-    per_seed: dict[str, list[dict]] = {}
     t_start = time.time()
-
-    _context_rows(args, pretrained, info, metric, K, per_seed)
-
-    def score(key, mode, w, **extra):
-        """One table row: `mode` at scale w (plus dgfast.sample keywords) for every seed; the
-        per-sample noise makes a row independent of the order rows are run in."""
-        y = balanced_labels(args.samples, K)
-        for s in args.seeds:
-            seeds = sample_seeds(s, args.samples)
-            t0 = time.time()
-            x = sample_mode(finetuned, pretrained, info, mode, w, y, seeds, steps=args.steps, backend=args.backend,
-                            **extra)
-            r = {**metric(x, y), "seconds": round(time.time() - t0, 2)}
-            per_seed.setdefault(key, []).append(r)
-            print(f"seed {s}  {key:12s}  FD {r['fd']:8.3f}  acc {r['accuracy']:.3f}  ({r['seconds']:.0f}s)", flush=True)
-
-    # pairing the two models (weight prepacking) happens once, on the first guided call: do it here,
-    # outside the timed rows
-    sample_mode(finetuned, pretrained, info, "dog", 2.0, balanced_labels(2, K), [0, 1], steps="2", backend=args.backend)
-    for mode, w, interval in runs:
-        key = mode if mode == "finetuned" else f"{mode} {w:g}"
-        if interval != full:
-            key += f" interval {interval[0]:g}-{interval[1]:g}"
-        score(key, mode, w, guidance_interval=interval)
+    if args.jobs > 1 and len(args.seeds) > 1:
+        per_seed = sweep_in_processes(args)
+    else:
+        per_seed = {}
+        _context_rows(args, pretrained, info, metric, K, per_seed)
+        _sweep_rows(args, finetuned, pretrained, info, metric, K, per_seed)
+    score = functools.partial(_score, args, finetuned, pretrained, info, metric, K, per_seed)
 
     summary = summarize_rows(per_seed)
     ft = summary["finetuned"]["fd"]
@@ -218,6 +273,9 @@ def main(argv=None) -> int:
               f"{ft['mean']:.3f} +- {ft['std']:.3f} ({fd_change(summary[k]['fd']['mean'], ft['mean'])})")
     # pre-trained-branch reuse at the best DoG scale: quality and time against evaluating it every step
     w_best = float(best["dog"].split()[1])
+    if args.every:  # outside the timed rows, as in _sweep_rows
+        sample_mode(finetuned, pretrained, info, "dog", 2.0, balanced_labels(2, K), [0, 1], steps="2",
+                    backend=args.backend)
     for k in args.every:
         score(f"dog {w_best:g} every {k}", "dog", w_best, pretrained_every=k)
     summary = summarize_rows(per_seed)
@@ -229,7 +287,7 @@ def main(argv=None) -> int:
                   "noise": "per-sample, seed s * 10**6 + i, shared by all modes", "labels": "balanced, 5 classes",
                   "reference": "held-out target glyphs x4 target-style renders",
                   "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "seconds": round(time.time() - t_start, 1)},
+                  "jobs": min(args.jobs, len(args.seeds)), "seconds": round(time.time() - t_start, 1)},
         "best": best, "summary": summary, "per_seed": per_seed,
     }
     os.makedirs(args.out, exist_ok=True)
@@ -248,6 +306,8 @@ def check_args(args) -> None:
         raise ValueError(f"--seeds must be >= 0, got {args.seeds}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     check_steps(args.steps)
     check_zoo_dir(args.zoo_dir)
     args.out = output_dir(args.out, args.update_shipped)
@@ -301,6 +361,12 @@ def sweep_markdown(sweep: dict, info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def jobs_text(setup: dict) -> str:
+    jobs = setup.get("jobs", 1)
+    return f" in each of {jobs} processes side by side (one per seed; wall seconds are of a shared machine)" \
+        if jobs > 1 else ""
+
+
 def results_markdown(result: dict, info: dict) -> str:
     s, summ = result["setup"], result["summary"]
     ft = summ["finetuned"]["fd"]["mean"]
@@ -311,7 +377,7 @@ def results_markdown(result: dict, info: dict) -> str:
         f"labels over the 5 target classes. FD: Fréchet distance of encoder features to the held-out target "
         f"images ({s['reference']}); accuracy: the encoder's digit head reads the requested class "
         f"(dgfast/zoo/metrics.py explains the encoder). Mean ± standard deviation over the seeds; "
-        f"lower FD is better. torch {s['torch']}, {s['threads']} threads, {s['seconds']:.0f} s.", "",
+        f"lower FD is better. torch {s['torch']}, {s['threads']} threads{jobs_text(s)}, {s['seconds']:.0f} s.", "",
         "| mode | scale | target FD | vs fine-tuned | accuracy | s per 1000 |",
         "|---|---:|---:|---:|---:|---:|",
     ]
