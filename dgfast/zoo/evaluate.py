@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (of each process, with --jobs)")
     p.add_argument("--jobs", type=int, default=1,
                    help="sample the seeds in this many processes side by side (each seed's rows are independent "
-                        "of the others: the table is the one a single process makes)")
+                        "of the others: the table is the one a single process makes, to float tolerance)")
     p.add_argument("--markdown-only", action="store_true",
                    help="rewrite RESULTS.md from results.json (and finetune_sweep.json) without sampling")
     return p
