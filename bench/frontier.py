@@ -44,20 +44,22 @@ FULL = (0.0, 1.0)
 STEP_COUNTS = (25, 20, 15, 10, 8)
 CURVES = ("dpm2m", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde-karras", "dpmpp-3m-karras", "dpmpp-3m-sde-karras",
           "unipc", "unipc-karras")
-BEST = ("dpmpp-2m-karras", "unipc-karras")  # the guidance controls are tried on the best curves (bench/RESULTS.md)
+# the guidance controls are tried on the best curves (bench/RESULTS.md): the SDE solver on the 16x16 pair
+# (the ODE solvers stop short of DDPM-250's FD at any step count there), the Karras ODE solvers on the 8x8 one
+BEST = ("dpmpp-2m-sde-karras", "unipc-karras", "dpmpp-2m-karras")
 # Kynkaenniemi et al. 2024 guide the middle noise levels; (a, 1) only skips the noisiest steps
 INTERVALS = ((0.2, 0.8), (0.3, 0.7), (0.1, 0.6))
 NOISY_START_OFF = ((0.2, 1.0), (0.3, 1.0))
 BASELINE = "ddpm:250"
-RECOMMENDED = "unipc-karras:12:0.2-1"  # met the goal on the seeds it was chosen on, not on fresh ones (RESULTS.md)
+# the 16x16 pair's pick (bench/RESULTS.md): +3.8% FD on the seeds it was chosen on, +2.7% on fresh ones, about
+# 19x fewer forwards and less wall time than DDPM-250 (the goal asks 20x)
+RECOMMENDED = "dpmpp-2m-sde-karras:15:0.2-1"
 GOAL_SPEEDUP, GOAL_FD = 20.0, 0.03   # issue 14: >= 20x less wall time at <= 3% worse FD than DDPM-250,
 GOAL_SEEDS = 3                       # confirmed on 3 seeds
 # --check: the baseline, DDPM-100 for scale, and the points near the goal, on 3 seeds
-CHECK_POINTS = ("ddpm:250", "ddpm:100", "dpmpp-2m-karras:15", "dpmpp-2m-sde-karras:20", "unipc-karras:12",
-                "unipc-karras:11", "unipc-karras:10", "dpmpp-2m-karras:12", "dpmpp-2m-karras:11",
-                "dpmpp-2m-karras:15:0.2-0.8", "dpmpp-2m-karras:12:0.2-0.8", "dpmpp-2m-karras:12:0.2-1",
-                "dpmpp-2m-karras:12:0.3-1", "dpmpp-2m-karras:11:0.3-1", "unipc-karras:12:0.2-1",
-                "unipc-karras:12:0.3-1", "unipc-karras:11:0.2-1", "unipc-karras:11:0.3-1", "unipc-karras:10:0.3-1")
+CHECK_POINTS = ("ddpm:250", "ddpm:100", "dpmpp-2m-sde-karras:20", "dpmpp-2m-sde-karras:15:0.2-1",
+                "dpmpp-2m-sde-karras:13:0.2-1", "dpmpp-2m-sde-karras:12:0.2-1", "dpmpp-2m-sde-karras:13",
+                "dpmpp-2m-sde-karras:12", "unipc-karras:12:0.2-1", "unipc-karras:12", "dpmpp-2m-karras:12:0.2-1")
 CHECK_SEEDS = (0, 1, 2)
 DEFAULT_OUT = "frontier-out"
 MARK_BEGIN, MARK_END = "<!-- frontier.py: begin -->", "<!-- frontier.py: end -->"
@@ -115,9 +117,9 @@ class Point:
 def default_points() -> list:
     pts = [Point("ddpm", s) for s in (250, 100, 50)] + [Point("ddim", s) for s in (50, 25)]
     pts += [Point(c, s) for c in CURVES for s in STEP_COUNTS]
-    pts += [Point(c, s) for c in BEST for s in (12, 11)]  # where the goal is reached: between 15 and 10 steps
+    pts += [Point(c, s) for c in BEST for s in (13, 12, 11)]  # where the goal is reached: between 15 and 10 steps
     pts += [Point(BEST[0], s, iv) for s in (15, 12) for iv in INTERVALS]
-    pts += [Point(c, s, iv) for c in BEST for s in (12, 11, 10) for iv in NOISY_START_OFF]
+    pts += [Point(c, s, iv) for c in BEST for s in (15, 13, 12, 11, 10) for iv in NOISY_START_OFF]
     pts += [Point(BEST[0], s, FULL, k) for s in (15, 12) for k in (2, 3)]
     return pts
 

@@ -297,7 +297,7 @@ def sample(finetuned, pretrained, z, y, *, guidance_scale: float = 1.5, steps="2
     scheduler: a diffusers scheduler instance instead (see dgfast.samplers); steps=int sets its
     timesteps, steps=None keeps those already set; z is scaled by its init_noise_sigma, and noise is
     drawn (n rows) exactly when its step() would draw it. A name from samplers.NAMED_SCHEDULERS (e.g.
-    "unipc-karras"; its cost and quality against DDPM-250: bench/RESULTS.md, "Quality-time frontier")
+    "dpmpp-2m-sde-karras"; its cost and quality against DDPM-250: bench/RESULTS.md, "Quality-time frontier")
     builds a fresh one on DiT's schedule.
     guidance_interval=(start, stop): guide only steps int(start*N) <= i < int(stop*N); the other
     steps do not run the guiding model. guidance_rescale: phi of diffusers' rescale_noise_cfg.
