@@ -254,3 +254,15 @@ def test_train_makes_the_same_bytes_in_every_process(tmp_path):
     for name in ("pretrained", "finetuned", "encoder"):
         a, b = (tmp_path / run / f"{name}.safetensors" for run in ("a", "b"))
         assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_evaluate_jobs_names_the_seed_whose_process_failed(tmp_path, monkeypatch, capsys):
+    from dgfast.zoo import evaluate
+    real = evaluate.child_argv
+    monkeypatch.setattr(evaluate, "child_argv",  # seed 1's process gets a bad flag and exits 2
+                        lambda args, seed, out: real(args, seed, out) + (["--samples", "0"] if seed == 1 else []))
+    argv = ["--samples", "3", "--steps", "2", "--scales", "2", "--interval-scales", "--every", "--seeds", "0", "1",
+            "--jobs", "2", "--out", str(tmp_path / "o")]
+    assert evaluate.main(argv) == 1
+    assert "the process of seed 1 failed (exit 2)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

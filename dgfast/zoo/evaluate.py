@@ -24,6 +24,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -215,7 +216,6 @@ def sweep_in_processes(args) -> dict:
     """The context and sweep rows of every seed, sampled by one process per seed (--jobs at a time):
     per_seed with each row's values in the order of args.seeds."""
     import subprocess
-    import sys
     import tempfile
     with tempfile.TemporaryDirectory(prefix="dgfast-evaluate-") as tmp:
         outs = {s: os.path.join(tmp, f"seed{s}") for s in args.seeds}
@@ -258,7 +258,11 @@ def main(argv=None) -> int:
     K = info["finetuned"]["config"]["num_classes"]
     t_start = time.time()
     if args.jobs > 1 and len(args.seeds) > 1:
-        per_seed = sweep_in_processes(args)
+        try:
+            per_seed = sweep_in_processes(args)
+        except RuntimeError as err:
+            print(f"{p.prog}: {err}", file=sys.stderr)
+            return 1
     else:
         per_seed = {}
         _context_rows(args, pretrained, info, metric, K, per_seed)
