@@ -1,6 +1,7 @@
 """Train the embedded DiT pair and the metric encoder (CPU, fixed seeds, about 50 min on one core).
 
-Reproduce the shipped files (overwrites dgfast/zoo/*.safetensors and zoo.json):
+Make the pair and the encoder, then measure them (the first command overwrites dgfast/zoo/*.safetensors
+and zoo.json; it does not reproduce the shipped pre-trained model, see below):
 
     nice -n 5 python -m dgfast.zoo.train --threads 1      # pre-train 38 + fine-tune 7 + encoder 4 min
                                                           # (one core of a 2-core machine, the other busy)
