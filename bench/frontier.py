@@ -357,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     p.add_argument("--resume", action="store_true", help="keep OUT/results.json's records of the same settings")
+    p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                   help="add the records of these runs' folders (same settings; e.g. one process per seed run "
+                        "side by side) to OUT's; without --points nothing is measured, the table is remade")
     p.add_argument("--update-results", metavar="MD", default=None,
                    help="also replace the frontier block of this Markdown file (bench/RESULTS.md)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run: tiny points, 16 samples")
@@ -381,16 +384,45 @@ def check_args(args) -> None:
         raise ValueError(f"--update-results {args.update_results}: no such file")
 
 
+SAME_SETUP = ("scale", "samples", "zoo", "batch")  # records made under other values are not comparable
+
+
 def load_records(path: str, setup: dict, resume: bool) -> list:
     """The records of an earlier run with the same settings (--resume), else none."""
     if not resume or not os.path.isfile(path):
         return []
     with open(path) as f:
         old = json.load(f)
-    same = all(old["setup"].get(k) == setup[k] for k in ("scale", "samples", "zoo", "batch"))
+    same = all(old["setup"].get(k) == setup[k] for k in SAME_SETUP)
     if not same:
         print(f"frontier: {path} was made with other settings; starting afresh", file=sys.stderr)
     return old["records"] if same else []
+
+
+def merge_records(records: list, dirs: list, setup: dict) -> list:
+    """`records` plus those of other runs' folders (e.g. one process per seed, run side by side), which
+    must have been made with the same settings; a (point, seed) already held is kept, not replaced."""
+    held, merged = {(r["point"], r["seed"]) for r in records}, list(records)
+    for folder in dirs:
+        path = os.path.join(folder, "results.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"--merge {folder}: no results.json there")
+        with open(path) as f:
+            other = json.load(f)
+        differ = [f"{k} {other['setup'].get(k)!r} here {setup[k]!r}" for k in SAME_SETUP
+                  if other["setup"].get(k) != setup[k]]
+        if differ:
+            raise ValueError(f"--merge {folder}: made with other settings ({'; '.join(differ)})")
+        for r in other["records"]:
+            if (r["point"], r["seed"]) not in held:
+                held.add((r["point"], r["seed"]))
+                merged.append(r)
+    return merged
+
+
+def save_records(path: str, setup: dict, records: list, t_start: float) -> None:
+    with open(path, "w") as f:
+        json.dump(dict(setup=dict(setup, seconds=round(time.time() - t_start, 1)), records=records), f, indent=1)
 
 
 def machine() -> str:
@@ -416,7 +448,7 @@ def main(argv=None) -> int:
             if args.points or args.quick:
                 raise ValueError("--check picks its own points: it does not combine with --points or --quick")
             args.points, args.seeds = list(CHECK_POINTS), list(CHECK_SEEDS)
-        points = select_points(args.points, pool)
+        points = select_points(args.points, pool) if args.points or not args.merge else []
     except ValueError as err:
         parser.error(str(err))
     if args.threads:
@@ -433,9 +465,15 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
     records = load_records(path, setup, args.resume)
+    if args.merge:
+        try:
+            records = merge_records(records, args.merge, setup)
+        except ValueError as err:
+            parser.error(str(err))
+        save_records(path, setup, records, time.time())
     done = {(r["point"], r["seed"]) for r in records}
-    # pairing the two models (weight prepacking) happens on the first guided call: not in a timed point
-    sample_mode(*models, "dog", scale, torch.zeros(2, dtype=torch.int64), [0, 1], steps="2")
+    if points:  # pairing the two models (weight prepacking) happens on the first guided call: not timed
+        sample_mode(*models, "dog", scale, torch.zeros(2, dtype=torch.int64), [0, 1], steps="2")
     try:
         for name in {p.sampler for p in points} - set(NATIVE):  # nor importing diffusers' scheduler modules
             samplers.named_scheduler(name).set_timesteps(2)
@@ -450,9 +488,7 @@ def main(argv=None) -> int:
             records.append(r)
             print(f"{p.name:34s} seed {seed}  {r['ft_forwards']:3d}+{r['pre_forwards']:3d} forwards  "
                   f"{r['seconds']:8.2f} s  FD {r['fd']:8.3f}  acc {r['accuracy']:.3f}", flush=True)
-            with open(path, "w") as f:  # after every point: an interrupted run keeps what it measured
-                json.dump(dict(setup=dict(setup, seconds=round(time.time() - t_start, 1)), records=records), f,
-                          indent=1)
+            save_records(path, setup, records, t_start)  # after every point: an interruption keeps them
     setup["seconds"] = time.time() - t_start
     setup["sampling_s"] = sum(r["seconds"] for r in records)
     rows = summarize(records, table_points(points, pool, records), baseline)

@@ -138,6 +138,32 @@ def test_frontier_quick(frontier, tmp_path):
     assert text.count("\n| ") == len(names) + 1  # the points kept from the first run are in the table too
 
 
+def test_frontier_merge_makes_one_table_of_runs_side_by_side(frontier, tmp_path):
+    """--merge: the records of per-seed folders join OUT's (nothing sampled without --points), the table
+    is over all seeds; a folder made with other settings is a one-line error naming it."""
+    def run_dir(name, seeds, scale=1.2):
+        recs = [dict(point=p, seed=s, seconds=10.0 if p == "ddpm:250" else 1.0, ft_forwards=5, pre_forwards=5,
+                     fd=10.0 + s + (0.5 if p != "ddpm:250" else 0), accuracy=0.9, n=16.0)
+                for p in ("ddpm:250", "ddim:25") for s in seeds]
+        setup = dict(scale=scale, samples=16, zoo="shipped dgfast/zoo", batch=500, baseline="ddpm:250")
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(dict(setup=setup, records=recs)))
+        return str(tmp_path / name)
+    a, b, c = run_dir("a", [1]), run_dir("b", [2, 3]), run_dir("c", [4], scale=1.5)
+    out = tmp_path / "out"
+    args = ["--scale", "1.2", "--samples", "16", "--out", str(out), "--threads", "1"]
+    assert frontier.main(args + ["--merge", a, b]) == 0
+    res = json.loads((out / "results.json").read_text())
+    table = (out / "frontier.md").read_text()
+    assert "ddim (3 seeds)" in table and "ddpm (3 seeds)" in table, table
+    assert sorted((r["point"], r["seed"]) for r in res["records"]) == [(p, s) for p in ("ddim:25", "ddpm:250")
+                                                                        for s in (1, 2, 3)]
+    with pytest.raises(SystemExit):
+        frontier.main(args + ["--merge", a, c])
+    with pytest.raises(ValueError, match="--merge .*c: made with other settings .*scale 1.5"):
+        frontier.merge_records([], [c], dict(scale=1.2, samples=16, zoo="shipped dgfast/zoo", batch=500))
+
+
 def test_frontier_points_and_forwards(frontier):
     """Point names round-trip; the forwards per sample follow the guidance controls (counted with
     stand-ins: no model runs)."""
