@@ -188,3 +188,32 @@ def test_frontier_points_and_forwards(frontier):
             "dpm2m:10:0.3-0.7:every2": (10, 2)}
     for name, forwards in want.items():
         assert frontier.count_forwards(P.parse(name), ft, pre, info, 1.2) == forwards, name
+
+
+@pytest.fixture
+def roofline(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    import roofline
+    return roofline
+
+
+def test_roofline_records_every_matrix_product_of_a_forward(roofline):
+    """The floor counts each linear layer, the patch embedding and each attention call of one forward, and
+    a replayed call runs on operands of the recorded shapes and strides (the weights' transposed views)."""
+    import torch
+
+    from dgfast.reference import ReferenceDiT
+    depth = 2
+    model = ReferenceDiT(input_size=16, patch_size=8, hidden_size=384, depth=depth, num_heads=6, num_classes=10).eval()
+    z, y = torch.randn(3, 4, 16, 16), torch.tensor([0, 1, 2])
+    calls, funcs = roofline.floor_calls(model, z, y)
+    by_op = {}
+    for (name, _, _), count in calls.items():
+        by_op[name] = by_op.get(name, 0) + count
+    # per block adaLN, qkv, proj, fc1, fc2 (+ two timestep-MLP layers, the final adaLN and linear)
+    assert by_op["aten.addmm"] == 5 * depth + 4
+    assert by_op["aten.convolution"] == 1
+    assert sum(c for k, c in by_op.items() if "scaled_dot_product" in k) == depth
+    qkv = next(k for k in calls if k[0] == "aten.addmm" and k[1][1][1] == (3 * 4, 384))
+    assert qkv[1][2][2] == (1, 384)  # weight.t(): the replay keeps the transposed strides
+    assert roofline.time_call(funcs[qkv], qkv[1], dict(qkv[2]), min_s=0.001, repeats=1) > 0
