@@ -264,6 +264,13 @@ def make_pair_forward(finetuned, pretrained, paired, *, backend: str | None = No
                           stacklevel=3)
     if pair is not None:
         forward = convert.compiled(pair.forward_pair, compile_mode)
+        if compile_mode is not None:  # the traced forward uses the GEMM strategies measured eagerly first
+            compiled_forward = forward
+
+            def forward(x, t, y, null, backend=backend):
+                pair.prepare_plan(x, backend)
+                return compiled_forward(x, t, y, null, backend=backend)
+            return forward
         return forward if backend is None else functools.partial(forward, backend=backend)
     ft, pre = convert.runner(finetuned, backend, compile_mode), convert.runner(pretrained, backend, compile_mode)
 

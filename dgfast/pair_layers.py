@@ -9,8 +9,11 @@ model's side alone (the two-pass path), or as plain functional ops (torch.compil
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
+import weakref
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -107,6 +110,33 @@ def _onednn_linear(x, w, b, gelu: bool):
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
+# A prepacked weight is an opaque torch._mkldnn tensor: dynamo traces mkldnn._linear_pointwise on it,
+# but inductor cannot lower that call (LoweringException, torch 2.13), so a compiled graph fell back to
+# addmm, 22% slower than the prepacked GEMM on an AVX-512 CPU (bench/RESULTS.md). dgfast::packed_linear
+# names the packed weight by a handle instead: inductor keeps it as one opaque call, and the compiled
+# pair runs the oneDNN primitive the eager pair measured and chose.
+_PACKED: dict = {}            # handle -> prepacked weight (PairLinear.prepare("onednn") registers them)
+_HANDLES = itertools.count(1)
+
+
+def _drop_packed(handles) -> None:
+    for h in handles:
+        _PACKED.pop(h, None)
+
+
+@torch.library.custom_op("dgfast::packed_linear", mutates_args=(), device_types="cpu",
+                         schema="(Tensor x, Tensor? bias, int handle, int out_features, bool gelu) -> Tensor")
+def packed_linear(x: torch.Tensor, bias: Optional[torch.Tensor], handle: int, out_features: int,
+                  gelu: bool) -> torch.Tensor:
+    """_onednn_linear on the prepacked weight registered as `handle` (x: (M, in); out: (M, out_features))."""
+    return _onednn_linear(x, _PACKED[handle], bias, gelu)
+
+
+@packed_linear.register_fake
+def _packed_linear_fake(x, bias, handle, out_features, gelu):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 def _whole(x):
     return torch.cat(x) if isinstance(x, tuple) else x
 
@@ -138,7 +168,7 @@ class PairLinear:
         f, p = _parts(ft_mod, nn.Linear), _parts(pre_mod, nn.Linear)
         self.bytes_two = _param_bytes(ft_mod) + _param_bytes(pre_mod)
         self.loras, self.key, self.shared, self.fed_by = [], None, False, None
-        self.w2t = self.b2 = self.packed = self.group = None
+        self.w2t = self.b2 = self.packed = self.handles = self.group = None
         if f is None or p is None or p.loras:
             self.kind, self.ft_mod, self.pre_mod = "separate", ft_mod, pre_mod
             self.in_features = getattr(ft_mod, "in_features", None)
@@ -185,13 +215,16 @@ class PairLinear:
                 self.b2 = None if self.biases[0] is None else torch.stack(self.biases).unsqueeze(1)  # (2, 1, out)
             elif strategy == "onednn" and self.packed is None:
                 self.packed = tuple(torch.ops.mkldnn._reorder_linear_weight(w.detach()) for w in self.weights)
+                self.handles = tuple(next(_HANDLES) for _ in self.packed)  # for the compiled form (traced)
+                _PACKED.update(zip(self.handles, self.packed))
+                weakref.finalize(self, _drop_packed, self.handles)
 
     def sliced(self, n_out: int) -> "PairLinear":
         """A shallow copy holding no copies, cut to its first n_out outputs (views of the weights):
         what the GEMM measurement times (dgfast.gemm_choice), so that its candidates' copies are
         its own and a large layer can be timed on part of its columns."""
         s = copy.copy(self)
-        s.w2t = s.b2 = s.packed = s.group = None
+        s.w2t = s.b2 = s.packed = s.handles = s.group = None
         if self.key is not None and n_out < self.out_features:
             s.out_features = n_out
             s.weights = tuple(w[:n_out] for w in self.weights)
@@ -204,7 +237,8 @@ class PairLinear:
         if strategy == "bmm":
             self.w2t = self.b2 = None
         elif strategy == "onednn":
-            self.packed = None
+            _drop_packed(self.handles or ())
+            self.packed = self.handles = None
 
     def gives_halves(self, strategy: str) -> bool:
         """Whether a call with halves=True returns the two halves (per-half GEMMs) instead of one tensor."""
@@ -327,10 +361,24 @@ class PairLinear:
             y = ops.gelu_tanh(y, backend=backend)
         return y if shape is None else y.view(*shape, -1)
 
-    def traced(self, x, shape=None, *, gelu: bool = False, backend: str = "auto"):
-        """The paired call in plain functional ops (no out=, no copies, no in-place), for
-        torch.compile: inductor chooses its own GEMMs. Returns (2M, out) viewed as (*shape, out)."""
+    def traced(self, x, shape=None, *, strategy: str = "mm", gelu: bool = False, halves: bool = False,
+               backend: str = "auto"):
+        """The paired call in functional ops (no out=, no copies, no in-place), for torch.compile.
+        The "onednn" strategy, where the pair measured and chose it, stays: each half one
+        dgfast::packed_linear call on the prepacked weights (GELU fused), the halves returned as
+        such when halves=True; every other layer is F.linear per half and inductor picks the GEMM.
+        Returns (2M, out) viewed as (*shape, out), or the pair of halves."""
         xa, xb = _halves(x)
+        if strategy == "onednn" and self.handles is not None and self.kind == "stacked":
+            fuse = gelu and not self.loras
+            ya, yb = (packed_linear(xi.reshape(-1, self.in_features), b, h, self.out_features, fuse)
+                      for xi, b, h in zip((xa, xb), self.biases, self.handles))
+            if gelu and not fuse:
+                ya, yb = ops.gelu_tanh(ya, backend=backend), ops.gelu_tanh(yb, backend=backend)
+            if halves:
+                return ya, yb
+            out = torch.cat([ya, yb])
+            return out if shape is None else out.view(*shape, -1)
         if self.kind == "separate":
             out = torch.cat([self.ft_mod(xa).flatten(0, -2), self.pre_mod(xb).flatten(0, -2)])
         else:

@@ -267,12 +267,21 @@ class PairedDiT:
             out = self._run(h, c, self._paired_call(plan, backend, h), backend, impl, plan.group)
         return out[:n], out[n:]
 
+    def prepare_plan(self, x: torch.Tensor, backend=None) -> None:
+        """Measure (gemm="auto") the GEMM strategies for x's batch size now, eagerly, and make their
+        copies: a compiled forward_pair cannot measure while it is traced, and reads the plan."""
+        if not torch.compiler.is_compiling():
+            with torch.inference_mode():
+                self._plan_for(x, self._settings(backend)[0])
+
     def _forward_traced(self, x, t, y, null_label, backend):
         with torch.no_grad():
             backend, impl = self._settings(backend)
             n = x.shape[0]
             h, c = self._embed_tokens(x), self._embed_cond(t, y, null_label, n, cache=False)
-            out = self._run(h, c, _traced_call(backend), backend, impl)
+            plan = self._forced or self._plans.get(n)  # measured by prepare_plan before the first compiled call
+            strategies = plan.strategies if plan is not None and not plan.two_pass else {}
+            out = self._run(h, c, _traced_call(backend, strategies), backend, impl)
         return out[:n], out[n:]
 
     def _paired_call(self, plan, backend, like):
@@ -590,10 +599,11 @@ def _half_call(side: int, backend: str):
     return call
 
 
-def _traced_call(backend: str):
-    """call(pair_linear, x, ...) under torch.compile: functional ops only."""
+def _traced_call(backend: str, strategies: dict):
+    """call(pair_linear, x, ...) under torch.compile: functional ops only, the measured oneDNN
+    strategy kept where it was chosen (PairLinear.traced)."""
     def call(pl, z, shape=None, *, gelu=False, halves=False, role=None):
-        return pl.traced(z, shape, gelu=gelu, backend=backend)
+        return pl.traced(z, shape, strategy=strategies.get(pl.key, "mm"), gelu=gelu, halves=halves, backend=backend)
     return call
 
 

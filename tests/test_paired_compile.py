@@ -10,6 +10,7 @@ import torch
 from dgfast import gemm_choice, ops
 from dgfast.gemm_choice import TWO_PASS
 from dgfast.paired import pair
+from torch.library import opcheck
 
 from test_paired import finetune_of, inputs, lora_finetune, rand_dit, rel, share_with
 
@@ -108,4 +109,51 @@ def test_compiled_forward_pair_matches_eager():
     got = compiled(x, t, y, 1000, "torch")
     for g, w in zip(got, want):
         assert g.shape == w.shape and rel(g, w) <= TOL, rel(g, w)
+    torch._dynamo.reset()
+
+
+onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU float32)")
+
+
+@onednn
+@pytest.mark.parametrize("gelu", [False, True])
+def test_packed_linear_opcheck_and_twin(gelu):
+    """dgfast::packed_linear (oneDNN on a weight prepacked once, named by a handle) passes opcheck and
+    equals F.linear (+ tanh-GELU) on awkward shapes."""
+    from dgfast.pair_layers import PairLinear
+    g = torch.Generator().manual_seed(5)
+    ft_mod, pre_mod = torch.nn.Linear(37, 53), torch.nn.Linear(37, 53)
+    pl = PairLinear("blocks.0.mlp.fc1", "fc1", ft_mod, pre_mod)
+    pl.prepare("onednn")
+    x = torch.randn(19, 37, generator=g)
+    opcheck(torch.ops.dgfast.packed_linear, (x, ft_mod.bias.detach(), pl.handles[0], 53, gelu))
+    want = torch.nn.functional.linear(x, ft_mod.weight, ft_mod.bias).detach()
+    if gelu:
+        want = torch.nn.functional.gelu(want, approximate="tanh")
+    got = torch.ops.dgfast.packed_linear(x, ft_mod.bias.detach(), pl.handles[0], 53, gelu)
+    assert rel(got, want) <= TOL
+    handles = pl.handles
+    pl.release("onednn")
+    from dgfast import pair_layers
+    assert not set(handles) & set(pair_layers._PACKED)  # an unchosen candidate's copy is dropped
+
+
+@onednn
+def test_compiled_pair_keeps_the_measured_onednn_gemms():
+    """With the oneDNN strategy chosen, the traced paired forward keeps it (dgfast::packed_linear on the
+    prepacked weights, one graph) instead of handing inductor plain F.linear; compiled output within 1e-5."""
+    cfg = dict(input_size=8, patch_size=2, hidden_size=48, depth=1, num_heads=3)
+    p = pair(rand_dit(**cfg, seed=3), rand_dit(**cfg), gemm="onednn")
+    x, t, y = inputs()
+    want = p.forward_pair(x, t, y, 1000, backend="torch")  # eager: the plan's prepacked copies exist
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(p.forward_pair)(x, t, y, 1000, "torch")
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    used = {n.target._opname for g in explained.graphs for n in g.graph.nodes
+            if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "dgfast"}
+    assert "packed_linear" in used
+    torch._dynamo.reset()
+    got = torch.compile(p.forward_pair, fullgraph=True)(x, t, y, 1000, "torch")
+    for g_, w in zip(got, want):
+        assert g_.shape == w.shape and rel(g_, w) <= TOL, rel(g_, w)
     torch._dynamo.reset()
