@@ -364,10 +364,17 @@ class PairLinear:
     def traced(self, x, shape=None, *, strategy: str = "mm", gelu: bool = False, halves: bool = False,
                backend: str = "auto"):
         """The paired call in functional ops (no out=, no copies, no in-place), for torch.compile.
-        The "onednn" strategy, where the pair measured and chose it, stays: each half one
-        dgfast::packed_linear call on the prepacked weights (GELU fused), the halves returned as
-        such when halves=True; every other layer is F.linear per half and inductor picks the GEMM.
-        Returns (2M, out) viewed as (*shape, out), or the pair of halves."""
+        The strategy the pair measured and chose stays: "onednn" as one dgfast::packed_linear call
+        per half on the prepacked weights (GELU fused; the halves returned as such when halves=True),
+        "bmm" as one baddbmm over the stacked copy; every other layer is F.linear per half and inductor
+        picks the GEMM. Returns (2M, out) viewed as (*shape, out), or the pair of halves."""
+        if strategy == "bmm" and self.w2t is not None and self.kind == "stacked":
+            x2 = torch.stack([xi.reshape(-1, self.in_features) for xi in x]) if isinstance(x, tuple) else \
+                x.reshape(2, -1, self.in_features)
+            out = torch.baddbmm(self.b2, x2, self.w2t) if self.b2 is not None else torch.bmm(x2, self.w2t)
+            if gelu:
+                out = ops.gelu_tanh(out, backend=backend)
+            return out if shape is None else out.view(*shape, -1)
         xa, xb = _halves(x)
         if strategy == "onednn" and self.handles is not None and self.kind == "stacked":
             fuse = gelu and not self.loras

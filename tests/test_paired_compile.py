@@ -139,19 +139,21 @@ def test_packed_linear_opcheck_and_twin(gelu):
 
 
 @onednn
-def test_compiled_pair_keeps_the_measured_onednn_gemms():
-    """With the oneDNN strategy chosen, the traced paired forward keeps it (dgfast::packed_linear on the
-    prepacked weights, one graph) instead of handing inductor plain F.linear; compiled output within 1e-5."""
+@pytest.mark.parametrize("gemm,op", [("onednn", "dgfast.packed_linear"), ("bmm", "baddbmm")])
+def test_compiled_pair_keeps_the_measured_gemms(gemm, op):
+    """With a strategy chosen, the traced paired forward keeps it (oneDNN: dgfast::packed_linear on the
+    prepacked weights; bmm: one baddbmm over the stacked copy; one graph) instead of handing inductor
+    plain F.linear per half; compiled output within 1e-5."""
     cfg = dict(input_size=8, patch_size=2, hidden_size=48, depth=1, num_heads=3)
-    p = pair(rand_dit(**cfg, seed=3), rand_dit(**cfg), gemm="onednn")
+    p = pair(rand_dit(**cfg, seed=3), rand_dit(**cfg), gemm=gemm)
     x, t, y = inputs()
     want = p.forward_pair(x, t, y, 1000, backend="torch")  # eager: the plan's prepacked copies exist
     torch._dynamo.reset()
     explained = torch._dynamo.explain(p.forward_pair)(x, t, y, 1000, "torch")
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
-    used = {n.target._opname for g in explained.graphs for n in g.graph.nodes
-            if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "dgfast"}
-    assert "packed_linear" in used
+    used = {f"{n.target.namespace}.{n.target._opname}" if isinstance(n.target, torch._ops.OpOverload)
+            else getattr(n.target, "__name__", str(n.target)) for g in explained.graphs for n in g.graph.nodes}
+    assert op in used, sorted(used)
     torch._dynamo.reset()
     got = torch.compile(p.forward_pair, fullgraph=True)(x, t, y, 1000, "torch")
     for g_, w in zip(got, want):
