@@ -600,8 +600,8 @@ def _half_call(side: int, backend: str):
 
 
 def _traced_call(backend: str, strategies: dict):
-    """call(pair_linear, x, ...) under torch.compile: functional ops only, the measured oneDNN
-    strategy kept where it was chosen (PairLinear.traced)."""
+    """call(pair_linear, x, ...) under torch.compile: functional ops only, the measured oneDNN or
+    bmm strategy kept where it was chosen (PairLinear.traced)."""
     def call(pl, z, shape=None, *, gelu=False, halves=False, role=None):
         return pl.traced(z, shape, strategy=strategies.get(pl.key, "mm"), gelu=gelu, halves=halves, backend=backend)
     return call
