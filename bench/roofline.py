@@ -15,7 +15,7 @@ machine at hand:
 
 compile / floor is the most any implementation that keeps these kernels can gain over
 torch.compile (the goal of issue 12 is 1.05x). The floor is optimistic (each call timed alone with
-its operands in cache; in a forward the same calls took ~15% longer here), so the ceiling it gives is
+its operands in cache; in a forward the same calls took 15-20% longer here), so the ceiling it gives is
 generous. Floor and rows are measured in the same interleaved rounds (min over rounds): on a shared
 2-core machine a load on the other core moves both by 20% and more.
 

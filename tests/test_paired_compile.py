@@ -138,8 +138,8 @@ def test_packed_linear_opcheck_and_twin(gelu):
     assert not set(handles) & set(pair_layers._PACKED)  # an unchosen candidate's copy is dropped
 
 
-@onednn
-@pytest.mark.parametrize("gemm,op", [("onednn", "dgfast.packed_linear"), ("bmm", "baddbmm")])
+@pytest.mark.parametrize("gemm,op", [pytest.param("onednn", "dgfast.packed_linear", marks=onednn),
+                                     ("bmm", "baddbmm")])
 def test_compiled_pair_keeps_the_measured_gemms(gemm, op):
     """With a strategy chosen, the traced paired forward keeps it (oneDNN: dgfast::packed_linear on the
     prepacked weights; bmm: one baddbmm over the stacked copy; one graph) instead of handing inductor
