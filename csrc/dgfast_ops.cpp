@@ -10,12 +10,14 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // Hot loops are compiled for AVX-512, AVX2 and baseline x86-64, and the loader's ifunc resolver
@@ -24,12 +26,50 @@
 // FMA (contraction off) and its sums have a fixed order (see f32x16), so auto-vectorization
 // cannot change a result.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DGFAST_X86 1
 #define DGFAST_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
+#define DGFAST_X86 0
 #define DGFAST_SIMD
 #endif
 
 namespace {
+
+// The row and GELU kernels are instantiated per ISA at the native vector width (see f32x8) and
+// picked here: the best the CPU has, or one named by set_cpu_isa (tests compare every ISA's bits).
+enum Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"base", "avx2", "avx512f"};
+
+int best_isa() {
+#if DGFAST_X86
+  if (__builtin_cpu_supports("avx512f")) return kAvx512;
+  if (__builtin_cpu_supports("avx2")) return kAvx2;
+#endif
+  return kBase;
+}
+
+std::atomic<int> g_isa{-1};
+
+int cpu_isa() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v < 0) g_isa.store(v = best_isa(), std::memory_order_relaxed);
+  return v;
+}
+
+// Selects the ISA of the row and GELU kernels ("best", or one this CPU supports); returns the
+// previous one's name.
+std::string set_cpu_isa(const std::string& name) {
+  const std::string previous = kIsaNames[cpu_isa()];
+  int want = -1;
+  for (int i = 0; i < 3; ++i)
+    if (name == kIsaNames[i]) want = i;
+  if (name == "best") want = best_isa();
+  TORCH_CHECK(want >= 0, "set_cpu_isa: unknown ISA '", name, "'; expected best, base, avx2 or avx512f");
+  TORCH_CHECK(want <= best_isa(), "set_cpu_isa: this CPU does not support ", name, " (best: ",
+              kIsaNames[best_isa()], ")");
+  g_isa.store(want, std::memory_order_relaxed);
+  return previous;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Argument checks
@@ -333,61 +373,89 @@ std::vector<at::Tensor> guided_step_modes(const at::Tensor& x_in, const at::Tens
 // ---------------------------------------------------------------------------------------------
 // adaln_modulate / gated_residual_modulate
 // ---------------------------------------------------------------------------------------------
-// Row sums run on 16-float vectors (GCC/Clang vector extension: one zmm, two ymm or four xmm,
-// depending on the clone), two accumulators for two independent add chains. Lane-wise IEEE
-// arithmetic fixes the summation order, so every clone returns the same bits; the lanes are
-// combined in double. (Plain loops over a float[16] accumulator vectorize badly: GCC shuffles.)
+// The row loops run on GCC/Clang vector-extension types of the machine's native width: W = 16
+// floats (one zmm) on AVX-512, W = 8 (one ymm) elsewhere. Vectors wider than the target's
+// registers compile badly (an f32x16 on AVX2 went through the stack and integer registers, a
+// third of adaln_modulate's time), so each ISA gets its own instantiation and the CPU picks one
+// at run time (run_rows). Sums keep 32 partial sums, one per offset mod 32 (two f32x16 or four
+// f32x8 accumulators: the same lanes), combined by one fixed tree in double (lanes_total), so
+// every ISA returns the same bits.
 // Corrected two-pass moments: the second pass sums d = x - mean0 and d^2, and the sum of d repairs
 // the float rounding of the first-pass mean, which matters when a row's mean is large next to its
 // spread. The row is in L1 by then.
 
 typedef float f32x16 __attribute__((vector_size(64)));
-// The f32x16 helpers below are inlined, so no f32x16 crosses a call boundary; GCC's note that
-// passing one by value would depend on the clone's ISA does not apply.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef double f64x4 __attribute__((vector_size(32)));
+// The vector helpers below are inlined into one ISA's function, so no vector crosses a call
+// boundary; GCC's note that passing one by value would depend on the ISA does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
-constexpr int64_t kBlock = 32;  // floats per step of the vector loops: two f32x16
+constexpr int64_t kBlock = 32;  // floats per step of the vector loops (and partial sums kept)
 
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);  // unaligned load
-  return v;
+template <int W> struct Vec;
+// `u`: a 4-byte-aligned twin for unaligned loads and stores in native vectors.
+template <> struct Vec<16> {
+  typedef f32x16 v;
+  typedef float u __attribute__((vector_size(64), aligned(4), may_alias));
+};
+template <> struct Vec<8> {
+  typedef f32x8 v;
+  typedef float u __attribute__((vector_size(32), aligned(4), may_alias));
+};
+template <int W> using V = typename Vec<W>::v;
+template <int W> using Acc = V<W>[kBlock / W];  // the 32 partial sums
+
+#define DGFAST_INLINE inline __attribute__((always_inline))
+
+template <int W> DGFAST_INLINE V<W> vload(const float* p) {
+  return *reinterpret_cast<const typename Vec<W>::u*>(p);
+}
+template <int W> DGFAST_INLINE void vstore(float* p, V<W> v) {
+  *reinterpret_cast<typename Vec<W>::u*>(p) = v;
 }
 
-inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
-
-inline double lanes_total(f32x16 a, f32x16 b) {
-  double t = 0.0;
-  for (int l = 0; l < 16; ++l) t += a[l];
-  for (int l = 0; l < 16; ++l) t += b[l];
-  return t;
-}
-
-inline double row_sum(const float* x, int64_t D) {
-  f32x16 a = {}, b = {};
-  int64_t j = 0;
-  for (; j + kBlock <= D; j += kBlock) {
-    a += load16(x + j);
-    b += load16(x + j + 16);
+// Partial sum k (offset k mod 32) is lane k % W of accumulator k / W. Tree: s8[l] = (p[l] + p[l+16])
+// + (p[l+8] + p[l+24]) in double, then halves: five dependent adds instead of a 32-long chain.
+template <int W> DGFAST_INLINE double lanes_total(const Acc<W>& acc) {
+  f64x8 s8;
+  if constexpr (W == 16) {
+    const f64x8 a0 = __builtin_convertvector(__builtin_shufflevector(acc[0], acc[0], 0, 1, 2, 3, 4, 5, 6, 7), f64x8),
+                a1 = __builtin_convertvector(__builtin_shufflevector(acc[0], acc[0], 8, 9, 10, 11, 12, 13, 14, 15), f64x8),
+                b0 = __builtin_convertvector(__builtin_shufflevector(acc[1], acc[1], 0, 1, 2, 3, 4, 5, 6, 7), f64x8),
+                b1 = __builtin_convertvector(__builtin_shufflevector(acc[1], acc[1], 8, 9, 10, 11, 12, 13, 14, 15), f64x8);
+    s8 = (a0 + b0) + (a1 + b1);
+  } else {
+    s8 = (__builtin_convertvector(acc[0], f64x8) + __builtin_convertvector(acc[2], f64x8)) +
+         (__builtin_convertvector(acc[1], f64x8) + __builtin_convertvector(acc[3], f64x8));
   }
-  double t = lanes_total(a, b);
+  const f64x4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+template <int W> DGFAST_INLINE double row_sum(const float* x, int64_t D) {
+  Acc<W> acc = {};
+  int64_t j = 0;
+  for (; j + kBlock <= D; j += kBlock)
+    for (int k = 0; k < kBlock / W; ++k) acc[k] += vload<W>(x + j + k * W);
+  double t = lanes_total<W>(acc);
   for (; j < D; ++j) t += x[j];
   return t;
 }
 
 // y = LayerNorm(x) * (1 + scale) + shift, given the row's sum.
-inline void modulate_row(const float* x, double sum, const float* shift, const float* scale,
-                         float eps, int64_t D, float* y) {
+template <int W> DGFAST_INLINE void modulate_row(const float* x, double sum, const float* shift,
+                                                 const float* scale, float eps, int64_t D, float* y) {
   const float mean0 = static_cast<float>(sum / static_cast<double>(D));
-  f32x16 s0 = {}, s1 = {}, q0 = {}, q1 = {};
+  Acc<W> s = {}, q = {};
   int64_t j = 0;
-  for (; j + kBlock <= D; j += kBlock) {
-    const f32x16 d0 = load16(x + j) - mean0, d1 = load16(x + j + 16) - mean0;
-    s0 += d0;
-    s1 += d1;
-    q0 += d0 * d0;
-    q1 += d1 * d1;
-  }
-  double sd = lanes_total(s0, s1), sq = lanes_total(q0, q1);
+  for (; j + kBlock <= D; j += kBlock)
+    for (int k = 0; k < kBlock / W; ++k) {
+      const V<W> d = vload<W>(x + j + k * W) - mean0;
+      s[k] += d;
+      q[k] += d * d;
+    }
+  double sd = lanes_total<W>(s), sq = lanes_total<W>(q);
   for (; j < D; ++j) {
     const double d = x[j] - mean0;
     sd += d;
@@ -397,7 +465,9 @@ inline void modulate_row(const float* x, double sum, const float* shift, const f
   const double var = std::max(sq / static_cast<double>(D) - dmean * dmean, 0.0);
   const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps)), dm = static_cast<float>(dmean);
   // (x - mean0) is exact where it matters (x near mean0); dm is small and carries the correction.
-  for (j = 0; j < D; ++j) y[j] = (((x[j] - mean0) - dm) * rstd) * (1.0f + scale[j]) + shift[j];
+  for (j = 0; j + W <= D; j += W)
+    vstore<W>(y + j, (((vload<W>(x + j) - mean0) - dm) * rstd) * (1.0f + vload<W>(scale + j)) + vload<W>(shift + j));
+  for (; j < D; ++j) y[j] = (((x[j] - mean0) - dm) * rstd) * (1.0f + scale[j]) + shift[j];
 }
 
 struct RowArgs {
@@ -408,39 +478,67 @@ struct RowArgs {
   float eps;
 };
 
-DGFAST_SIMD void adaln_rows(const RowArgs& a, int64_t r0, int64_t r1) {
+template <int W> DGFAST_INLINE void adaln_rows(const RowArgs& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i = r / a.T, t = r % a.T;
     const float* h = a.h + i * a.hs0 + t * a.hs1;
-    modulate_row(h, row_sum(h, a.D), a.shift + i * a.ss0, a.scale + i * a.cs0, a.eps, a.D,
-                 a.out + r * a.D);
+    modulate_row<W>(h, row_sum<W>(h, a.D), a.shift + i * a.ss0, a.scale + i * a.cs0, a.eps, a.D,
+                    a.out + r * a.D);
   }
 }
 
 // h_new = h + gate * y and its sum in one pass, then the modulation from the row still in L1.
-DGFAST_SIMD void gated_rows(const RowArgs& a, int64_t r0, int64_t r1) {
+template <int W> DGFAST_INLINE void gated_rows(const RowArgs& a, int64_t r0, int64_t r1) {
   const int64_t D = a.D;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i = r / a.T, t = r % a.T;
     const float *h = a.h + i * a.hs0 + t * a.hs1, *y = a.y + i * a.ys0 + t * a.ys1,
                 *g = a.gate + i * a.gs0;
     float* hn = a.h_new + r * D;
-    f32x16 a0 = {}, a1 = {};
+    Acc<W> acc = {};
     int64_t j = 0;
-    for (; j + kBlock <= D; j += kBlock) {
-      const f32x16 v0 = load16(h + j) + load16(g + j) * load16(y + j),
-                   v1 = load16(h + j + 16) + load16(g + j + 16) * load16(y + j + 16);
-      store16(hn + j, v0);
-      store16(hn + j + 16, v1);
-      a0 += v0;
-      a1 += v1;
-    }
-    double sum = lanes_total(a0, a1);
+    for (; j + kBlock <= D; j += kBlock)
+      for (int k = 0; k < kBlock / W; ++k) {
+        const int64_t o = j + k * W;
+        const V<W> v = vload<W>(h + o) + vload<W>(g + o) * vload<W>(y + o);
+        vstore<W>(hn + o, v);
+        acc[k] += v;
+      }
+    double sum = lanes_total<W>(acc);
     for (; j < D; ++j) {
       hn[j] = h[j] + g[j] * y[j];
       sum += hn[j];
     }
-    modulate_row(hn, sum, a.shift + i * a.ss0, a.scale + i * a.cs0, a.eps, D, a.out + r * D);
+    modulate_row<W>(hn, sum, a.shift + i * a.ss0, a.scale + i * a.cs0, a.eps, D, a.out + r * D);
+  }
+}
+
+template <int W> DGFAST_INLINE void rows_w(const RowArgs& a, int64_t r0, int64_t r1, bool gated) {
+  if (gated)
+    gated_rows<W>(a, r0, r1);
+  else
+    adaln_rows<W>(a, r0, r1);
+}
+
+#if DGFAST_X86
+__attribute__((target("avx512f"))) void rows_avx512(const RowArgs& a, int64_t r0, int64_t r1, bool gated) {
+  rows_w<16>(a, r0, r1, gated);
+}
+__attribute__((target("avx2"))) void rows_avx2(const RowArgs& a, int64_t r0, int64_t r1, bool gated) {
+  rows_w<8>(a, r0, r1, gated);
+}
+#endif
+void rows_base(const RowArgs& a, int64_t r0, int64_t r1, bool gated) { rows_w<8>(a, r0, r1, gated); }
+
+using RowsFn = void (*)(const RowArgs&, int64_t, int64_t, bool);
+
+RowsFn rows_impl() {
+  switch (cpu_isa()) {
+#if DGFAST_X86
+    case kAvx512: return rows_avx512;
+    case kAvx2: return rows_avx2;
+#endif
+    default: return rows_base;
   }
 }
 
@@ -460,12 +558,8 @@ at::Tensor check_tokens(const at::Tensor& h, const char* op, const char* name) {
 
 void run_rows(const RowArgs& a, int64_t rows, bool gated) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.D, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    if (gated)
-      gated_rows(a, r0, r1);
-    else
-      adaln_rows(a, r0, r1);
-  });
+  const RowsFn fn = rows_impl();
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { fn(a, r0, r1, gated); });
 }
 
 at::Tensor adaln_modulate(const at::Tensor& h_in, const at::Tensor& shift_in,
@@ -545,15 +639,85 @@ inline float gelu_one(float v) {
   return 0.5f * v * (1.0f + (s - 1.0f));
 }
 
-DGFAST_SIMD void gelu_span(const float* x, const float* b, float* y, int64_t len) {
-  if (b != nullptr) {
-    for (int64_t j = 0; j < len; ++j) y[j] = gelu_one(x[j] + b[j]);  // x + bias rounded first, as torch
-  } else {
-    for (int64_t j = 0; j < len; ++j) y[j] = gelu_one(x[j]);
+// gelu_one on W lanes, op for op (so the same bits): the auto-vectorized scalar loop ran at a third
+// of this speed on AVX2 (the same native-width story as the row kernels).
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+template <int W> using I = std::conditional_t<W == 16, i32x16, i32x8>;
+
+// K vectors at once, each statement over all K: the GELU is one long dependent chain (~45 ops) per
+// vector, and interleaving K independent chains in program order lets the core overlap them
+// without looking far ahead (latency-bound otherwise: ~4 cycles per float on AVX2).
+constexpr int kGeluK = 4;
+#define DGFAST_EACH for (int k = 0; k < kGeluK; ++k)
+
+template <int W> DGFAST_INLINE void gelu_v(V<W> (&v)[kGeluK]) {
+  constexpr float kBeta = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa = 0.044715f;
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f,
+                  kLn2Lo = static_cast<float>(0.69314718055994531 - 0.693359375), kRound = 12582912.0f;
+  V<W> a[kGeluK], nf[kGeluK], r[kGeluK], p[kGeluK];
+  DGFAST_EACH a[k] = -2.0f * (kBeta * (v[k] + kKappa * (v[k] * v[k] * v[k])));
+  // exp_gelu, op for op
+  DGFAST_EACH a[k] = a[k] < -87.0f ? V<W>{} - 87.0f : (a[k] > 88.0f ? V<W>{} + 88.0f : a[k]);
+  DGFAST_EACH nf[k] = (a[k] * kLog2e + kRound) - kRound;
+  DGFAST_EACH r[k] = (a[k] - nf[k] * kLn2Hi) - nf[k] * kLn2Lo;
+  DGFAST_EACH p[k] = V<W>{} + 1.0f / 5040.0f;
+  DGFAST_EACH p[k] = p[k] * r[k] + 1.0f / 720.0f;
+  DGFAST_EACH p[k] = p[k] * r[k] + 1.0f / 120.0f;
+  DGFAST_EACH p[k] = p[k] * r[k] + 1.0f / 24.0f;
+  DGFAST_EACH p[k] = p[k] * r[k] + 1.0f / 6.0f;
+  DGFAST_EACH p[k] = p[k] * r[k] + 0.5f;
+  DGFAST_EACH p[k] = p[k] * r[k] + 1.0f;
+  DGFAST_EACH p[k] = p[k] * r[k] + 1.0f;
+  DGFAST_EACH {
+    const I<W> bits = (__builtin_convertvector(nf[k], I<W>) + 127) << 23;
+    p[k] = p[k] * reinterpret_cast<const V<W>&>(bits);
+  }
+  // gelu_one's tail: s = 2 / (1 + exp), 0.5 v (1 + (s - 1))
+  DGFAST_EACH p[k] = 2.0f / (1.0f + p[k]);
+  DGFAST_EACH v[k] = 0.5f * v[k] * (1.0f + (p[k] - 1.0f));
+}
+#undef DGFAST_EACH
+
+template <int W> DGFAST_INLINE void gelu_span_w(const float* x, const float* b, float* y, int64_t len) {
+  constexpr int64_t step = W * kGeluK;
+  int64_t j = 0;
+  V<W> v[kGeluK];
+  for (; j + step <= len; j += step) {  // x + bias rounded first, as torch
+    for (int k = 0; k < kGeluK; ++k)
+      v[k] = b != nullptr ? vload<W>(x + j + k * W) + vload<W>(b + j + k * W) : vload<W>(x + j + k * W);
+    gelu_v<W>(v);
+    for (int k = 0; k < kGeluK; ++k) vstore<W>(y + j + k * W, v[k]);
+  }
+  for (; j < len; ++j) y[j] = gelu_one(b != nullptr ? x[j] + b[j] : x[j]);
+}
+
+#if DGFAST_X86
+__attribute__((target("avx512f"))) void gelu_avx512(const float* x, const float* b, float* y, int64_t len) {
+  gelu_span_w<16>(x, b, y, len);
+}
+__attribute__((target("avx2"))) void gelu_avx2(const float* x, const float* b, float* y, int64_t len) {
+  gelu_span_w<8>(x, b, y, len);
+}
+#endif
+void gelu_base(const float* x, const float* b, float* y, int64_t len) { gelu_span_w<8>(x, b, y, len); }
+
+using GeluFn = void (*)(const float*, const float*, float*, int64_t);
+
+GeluFn gelu_impl() {
+  switch (cpu_isa()) {
+#if DGFAST_X86
+    case kAvx512: return gelu_avx512;
+    case kAvx2: return gelu_avx2;
+#endif
+    default: return gelu_base;
   }
 }
 
-at::Tensor gelu_tanh(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in) {
+// bias: (D,) over the last dim. out: a contiguous tensor of x's shape, x itself included
+// (elementwise, so in place is safe: a GEMM output dead after its GELU), or None for a new one.
+at::Tensor gelu_tanh(const at::Tensor& x_in, const std::optional<at::Tensor>& bias_in,
+                     const std::optional<at::Tensor>& out_in) {
   const char* op = "gelu_tanh";
   check_f32(x_in, op, "x");
   const at::Tensor x = x_in.contiguous();
@@ -565,13 +729,22 @@ at::Tensor gelu_tanh(const at::Tensor& x_in, const std::optional<at::Tensor>& bi
                 bias_in->sizes());
     bias = bias_in->contiguous();
   }
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out;
+  if (out_in.has_value()) {
+    out = *out_in;
+    check_f32(out, op, "out");
+    TORCH_CHECK(out.sizes() == x_in.sizes() && out.is_contiguous(), op, ": out must be a contiguous tensor of x's shape ",
+                x_in.sizes(), ", got ", out.sizes());
+  } else {
+    out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  }
   const int64_t total = x.numel();
   if (total == 0) return out;
   const float* xp = x.data_ptr<float>();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = out.data_ptr<float>();
   const int64_t D = bias.defined() ? x.size(-1) : total;  // spans never cross a bias row
+  const GeluFn gelu_span = gelu_impl();
   at::parallel_for(0, total, 16384, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end;) {
       const int64_t off = idx % D, len = std::min(end - idx, D - off);
@@ -609,7 +782,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_residual_modulate", &gated_residual_modulate, nogil,
         "(h + gate*y, adaln_modulate(h + gate*y, shift, scale))", arg("h"), arg("gate"), arg("y"),
         arg("shift"), arg("scale"), arg("eps"));
-  m.def("gelu_tanh", &gelu_tanh, nogil, "tanh-approximate GELU of x (+ bias)", arg("x"),
-        arg("bias") = py::none());
+  m.def("gelu_tanh", &gelu_tanh, nogil, "tanh-approximate GELU of x (+ bias), into out (x itself allowed)",
+        arg("x"), arg("bias") = py::none(), arg("out") = py::none());
   m.def("exp_backend", &exp_backend, "which exp guided_step uses to match torch.exp's bits");
+  m.def("cpu_isa", [] { return std::string(kIsaNames[cpu_isa()]); },
+        "the ISA the row and GELU kernels run (base, avx2 or avx512f)");
+  m.def("set_cpu_isa", &set_cpu_isa, "run the row and GELU kernels with this ISA ('best', or one the "
+        "CPU supports); returns the previous one", arg("name"));
 }

@@ -395,8 +395,26 @@ def gelu_tanh(x, bias=None, *, backend: str = "auto") -> Tensor:
     return _run("gelu_tanh", _chosen(backend, x), (x, bias))
 
 
+def gelu_tanh_(x, bias=None, *, backend: str = "auto") -> Tensor:
+    """gelu_tanh written into x itself (contiguous); returns x. For a GEMM output that is dead after
+    its GELU: no second multi-MB tensor, whose first touch costs page faults (bench/RESULTS.md)."""
+    if not x.is_contiguous():
+        raise ValueError(f"gelu_tanh_: x must be contiguous (it is written in place), got strides {x.stride()}")
+    _run("gelu_tanh_", _chosen(backend, x), (x, bias))
+    return x
+
+
 def gelu_tanh_torch(x, bias=None):
     return F.gelu(x if bias is None else x + bias, approximate="tanh")
+
+
+def gelu_tanh_torch_(x, bias=None) -> None:
+    x.copy_(gelu_tanh_torch(x, bias))
+
+
+def _in_place(_written) -> None:
+    """An in-place op's implementation returns nothing (its kernel returned the tensor it wrote)."""
+    return None
 
 
 def _cpp_gated_residual_modulate(h, gate, y, shift, scale, eps):
@@ -410,15 +428,17 @@ def _cpp_gated_residual_modulate(h, gate, y, shift, scale, eps):
 _IMPLS = {
     "torch": {"guided_step": _torch_step, "guided_step_with_state": functools.partial(_torch_step, return_state=True),
               "adaln_modulate": adaln_modulate_torch, "gated_residual_modulate": gated_residual_modulate_torch,
-              "gelu_tanh": gelu_tanh_torch},
+              "gelu_tanh": gelu_tanh_torch, "gelu_tanh_": gelu_tanh_torch_},
     "cpp": {"guided_step": _cpp_step, "guided_step_with_state": functools.partial(_cpp_step, return_state=True),
             "adaln_modulate": lambda h, shift, scale, eps: cpp_extension().adaln_modulate(h, shift, scale, eps),
             "gated_residual_modulate": _cpp_gated_residual_modulate,
-            "gelu_tanh": lambda x, bias: cpp_extension().gelu_tanh(x, bias)},
+            "gelu_tanh": lambda x, bias: cpp_extension().gelu_tanh(x, bias),
+            "gelu_tanh_": lambda x, bias: _in_place(cpp_extension().gelu_tanh(x, bias, x))},
     "triton": {"guided_step": _triton_step,
                "guided_step_with_state": functools.partial(_triton_step, return_state=True),
                "adaln_modulate": _triton_adaln_modulate, "gated_residual_modulate": _triton_gated_residual_modulate,
-               "gelu_tanh": _triton_gelu_tanh},
+               "gelu_tanh": _triton_gelu_tanh,
+               "gelu_tanh_": lambda x, bias, traceable=False: _in_place(_triton_gelu_tanh(x, bias, x, traceable=traceable))},
 }
 
 
@@ -427,7 +447,7 @@ def _op_output(out, like: Tensor):
     contiguous. The twins never return an input."""
     if isinstance(out, tuple):
         return tuple(_op_output(o, like) for o in out)
-    return out.to(like.dtype).contiguous()
+    return None if out is None else out.to(like.dtype).contiguous()  # None: an in-place op
 
 
 def _cpu_kernel(name: str, cpp_runs=lambda args: True):
@@ -482,6 +502,10 @@ def _gelu_tanh(x: Tensor, bias: Optional[Tensor]) -> Tensor:
     return _on_device("gelu_tanh", (x, bias), _triton_gelu_tanh)
 
 
+def _gelu_tanh_(x: Tensor, bias: Optional[Tensor]) -> None:
+    _on_device("gelu_tanh_", (x, bias), _IMPLS["triton"]["gelu_tanh_"])
+
+
 def _fake(x, *args):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
@@ -505,10 +529,11 @@ def _compile_rule(impl):
 _CPU_LIB = torch.library.Library("dgfast", "IMPL")  # keeps the CPU registrations alive
 
 
-def _define(name: str, impl, fake, cpp_runs=lambda args: True):
-    op = torch.library.triton_op(f"dgfast::{name}", impl, mutates_args=())
+def _define(name: str, impl, fake, cpp_runs=lambda args: True, mutates=()):
+    op = torch.library.triton_op(f"dgfast::{name}", impl, mutates_args=mutates)
     op.register_fake(fake)
-    op.register_torch_dispatch(FunctionalTensorMode, _compile_rule(impl))
+    if not mutates:  # an in-place op is functionalized by torch itself (the paired forward traces gelu_tanh)
+        op.register_torch_dispatch(FunctionalTensorMode, _compile_rule(impl))
     # Registered on the dispatcher directly, not with op.register_kernel: that adds a Python wrapper
     # (and its microseconds) to every call.
     _CPU_LIB.impl(name, _cpu_kernel(name, cpp_runs), "CPU")
@@ -521,4 +546,5 @@ _OPS = {
     "adaln_modulate": _define("adaln_modulate", _adaln_modulate, _fake),
     "gated_residual_modulate": _define("gated_residual_modulate", _gated_residual_modulate, _fake_pair),
     "gelu_tanh": _define("gelu_tanh", _gelu_tanh, _fake),
+    "gelu_tanh_": _define("gelu_tanh_", _gelu_tanh_, lambda x, bias: None, mutates=("x",)),
 }

@@ -268,14 +268,21 @@ class PairLinear:
                 torch.cat([ya, yb], out=workspace((ya.shape[0] * 2, *ya.shape[1:])))
         else:
             fuse = gelu and strategy == "onednn" and not self.loras  # not after a LoRA delta
+            # Stacked GEMMs before a GELU leave the bias to the GELU pass, per half (ATen's addmm and
+            # baddbmm first copy the broadcast bias into the output: a pass over it saved).
+            late_bias = gelu and not self.shared and not self.loras and self.biases[0] is not None
             if self.shared:
                 out = self._shared(x, strategy == "onednn", fuse)
             elif strategy == "bmm":
-                out = self._bmm(x, workspace)
+                out = self._bmm(x, workspace, bias=not late_bias)
             else:
-                out = self._mm(x, workspace)
-            if gelu and not fuse:
-                out = ops.gelu_tanh(out, backend=backend)
+                out = self._mm(x, workspace, bias=not late_bias)
+            if gelu and not fuse:  # in place: out is this call's own GEMM output
+                if late_bias:  # (2, M, out): each half with its model's bias
+                    for half, b in zip(out.view(2, -1, self.out_features).unbind(0), self.biases):
+                        ops.gelu_tanh_(half, b, backend=backend)
+                else:
+                    ops.gelu_tanh_(out, backend=backend)
         if shape is not None and tuple(out.shape[:-1]) != tuple(shape):
             out = out.view(*shape, -1)
         return out
@@ -312,23 +319,23 @@ class PairLinear:
         x, n_in = _whole(x), self.in_features
         return x if x.dim() == 3 and x.shape[0] == 2 and x.shape[2] == n_in else x.reshape(2, -1, n_in)
 
-    def _bmm(self, x, workspace):
+    def _bmm(self, x, workspace, bias: bool = True):
         x2 = self._rows2(x)
         buf = None if workspace is None else workspace((2, x2.shape[1], self.out_features))
-        out = torch.baddbmm(self.b2, x2, self.w2t, out=buf) if self.b2 is not None else \
+        out = torch.baddbmm(self.b2, x2, self.w2t, out=buf) if bias and self.b2 is not None else \
             torch.bmm(x2, self.w2t, out=buf)
         if self.loras:
             self._add_lora(x2[0], out[0])
         return out
 
-    def _mm(self, x, workspace):
+    def _mm(self, x, workspace, bias: bool = True):
         """Two GEMMs straight into the halves of one buffer: no concatenation afterwards (halves given
-        as a pair are read as they are)."""
+        as a pair are read as they are). bias=False: the caller adds the biases."""
         parts = [xi.reshape(-1, self.in_features) for xi in x] if isinstance(x, tuple) else self._rows2(x).unbind(0)
         shape = (2, parts[0].shape[0], self.out_features)
         out = parts[0].new_empty(shape) if workspace is None else workspace(shape)
         for xi, oi, w, b in zip(parts, out.unbind(0), self.weights, self.biases):
-            if b is not None:
+            if b is not None and bias:
                 torch.addmm(b, xi, w.t(), out=oi)
             else:
                 torch.mm(xi, w.t(), out=oi)
@@ -352,13 +359,15 @@ class PairLinear:
         runs it: F.linear on the model's weights (+ its LoRA delta), or its module."""
         if self.kind == "separate":
             y = (self.ft_mod, self.pre_mod)[side](x if x.dim() <= 3 else x.flatten(2))
+            if gelu:  # a module's output: not ours to overwrite
+                y = ops.gelu_tanh(y, backend=backend)
         else:
             x = x.reshape(-1, self.in_features)
             y = F.linear(x, self.weights[side], self.biases[side])
             if side == 0 and self.loras:
                 self._add_lora(x, y)
-        if gelu:
-            y = ops.gelu_tanh(y, backend=backend)
+            if gelu:  # in place: y is this call's own GEMM output
+                y = ops.gelu_tanh_(y, backend=backend)
         return y if shape is None else y.view(*shape, -1)
 
     def traced(self, x, shape=None, *, strategy: str = "mm", gelu: bool = False, halves: bool = False,

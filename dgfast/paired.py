@@ -70,7 +70,7 @@ class LayerRow:
 
 _BLOCK_LINEARS = (("ada", "adaLN_modulation.1"), ("qkv", "attn.qkv"), ("proj", "attn.proj"), ("fc1", "mlp.fc1"),
                   ("fc2", "mlp.fc2"))
-_WORKSPACE_ROLES = ("qkv", "proj", "fc2")  # outputs that are dead once the next op has read them
+_WORKSPACE_ROLES = ("qkv", "proj", "fc1", "fc2")  # outputs that are dead once the next op has read them
 _ADALN_ROLES = ("ada", "final_ada")         # n rows (one per sample), not n * tokens
 _STRATEGY_NOTE = {"bmm": "one baddbmm over a stacked (2,out,in) copy",
                   "onednn": "two oneDNN GEMMs (bias, GELU fused) on prepacked copies",
@@ -289,8 +289,9 @@ class PairedDiT:
 
         def call(pl, z, shape=None, *, gelu=False, halves=False, role=None):
             # Sub-layer outputs go to buffers reused block after block: each is dead once the next
-            # op has read it (SDPA reads qkv; the residual op reads proj / fc2). A fresh multi-MB
-            # tensor per call costs page faults on first touch (see "Fused ops (CPU)" in bench/RESULTS.md).
+            # op has read it (SDPA reads qkv, fc2 reads fc1 (GELU'd in place), the residual op reads
+            # proj / fc2). A fresh multi-MB tensor per call costs page faults on first touch (see
+            # "Fused ops (CPU)" in bench/RESULTS.md).
             out_buffer = None if role is None else (lambda shape: self._workspace(role, shape, like))
             return pl(z, shape, strategy=strategies.get(pl.key, "mm"), gelu=gelu, halves=halves, backend=backend,
                       workspace=out_buffer)
@@ -310,7 +311,7 @@ class PairedDiT:
         def mlp(i, xm):
             # fc1's output (GELU applied, fused into oneDNN's epilogue where it runs) goes to fc2 as
             # the GEMMs left it: per-half outputs stay halves, no concatenation in between.
-            z = call(blocks[i]["fc1"], xm, gelu=True, halves=True)
+            z = call(blocks[i]["fc1"], xm, gelu=True, halves=True, role="fc1")
             return call(blocks[i]["fc2"], z, (N, T), role="fc2")
 
         xm = blocks_forward(h, mods, final, attn, mlp, eps=self.norm_eps, mlp_eps=self.mlp_norm_eps,

@@ -75,6 +75,9 @@ def test_every_fused_op_is_registered_under_dgfast():
         op = getattr(torch.ops.dgfast, name).default
         assert op.namespace == "dgfast" and op._schema.name == f"dgfast::{name}"
         assert not op._schema.is_mutable  # functional: outputs are new tensors
+    in_place = torch.ops.dgfast.gelu_tanh_.default  # the one in-place op: it says so in its schema
+    assert in_place._schema.is_mutable and [a.alias_info.is_write for a in in_place._schema.arguments
+                                            if a.alias_info is not None] == [True]
 
 
 def test_guided_step_schema_names_the_guiding_output_and_the_step_mode():
@@ -100,6 +103,8 @@ def test_row_ops_opcheck(shape, layout):
 @pytest.mark.parametrize("shape,bias,layout", GELU_CASES)
 def test_gelu_tanh_opcheck(shape, bias, layout):
     opcheck(torch.ops.dgfast.gelu_tanh.default, gelu_args(shape, bias, layout))
+    x, b = gelu_args(shape, bias, layout)
+    opcheck(torch.ops.dgfast.gelu_tanh_.default, (x.contiguous(), b))  # in place: x must be contiguous
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
@@ -189,7 +194,9 @@ def test_other_cpu_dtypes_run_the_twin(dtype, spy):
         assert_bits(got, want.contiguous())
     x, b = gelu_args((4, 97), True, "transposed", dtype=dtype)
     assert_bits(torch.ops.dgfast.gelu_tanh(x, b), ops.gelu_tanh_torch(x, b).contiguous())
-    assert not any(cpp_calls)
+    x = x.contiguous()
+    assert_bits(ops.gelu_tanh_(x.clone(), b), ops.gelu_tanh_torch(x, b))
+    assert not any(cpp_calls) and not spy("cpp", "gelu_tanh_")
 
 
 @needs_cpp

@@ -3,7 +3,8 @@
 needs, see op_cases.assert_gelu_close) of the torch twin and of the exact function, the Triton kernel
 within 1e-6 of the twin, the twin itself accurate on the same terms; on the gelu shape table with and
 without bias, strided and transposed inputs, NaN where the reference has NaN. Then: the full float
-range and specials, fp16/bf16 and the launcher's out= (Triton), each implementation's errors, threads.
+range and specials, fp16/bf16 and the launcher's out= (Triton), each implementation's errors, threads;
+gelu_tanh_ (in place) against gelu_tanh on every implementation.
 """
 import math
 
@@ -41,6 +42,24 @@ def test_gelu_tanh(impl, shape, bias):
         assert_agrees(impl, out, ops.gelu_tanh_torch(x, b), v)
     if impl[0] != "triton":  # accurate on its own terms too (Triton: test_triton_accuracy_and_specials)
         assert_gelu_close(out.cpu(), gelu_exact(v).float().cpu(), v.cpu())
+
+
+@exp_overflow_is_fine
+@pytest.mark.parametrize("impl,shape", gelu_case_params("torch", "cpp", "triton"))
+def test_gelu_tanh_in_place(impl, shape):
+    """gelu_tanh_ writes into x the bits gelu_tanh returns (the same implementation), and returns x."""
+    x, b = gelu_inputs(shape, True, impl[1], seed=sum(shape) + 7)
+    y = x.clone()
+    assert ops.gelu_tanh_(y, b, backend=impl[0]) is y
+    assert torch.equal(y, ops.gelu_tanh(x, b, backend=impl[0]))
+    z = x[..., :1].contiguous()  # no bias (the same layout on both sides: torch's own GELU rounds by layout)
+    assert torch.equal(ops.gelu_tanh_(z.clone(), backend=impl[0]), ops.gelu_tanh(z, backend=impl[0]))
+
+
+def test_gelu_tanh_in_place_needs_a_contiguous_x():
+    x = torch.randn(8, 6).t()
+    with pytest.raises(ValueError, match="gelu_tanh_: x must be contiguous"):
+        ops.gelu_tanh_(x)
 
 
 @exp_overflow_is_fine
@@ -135,6 +154,9 @@ def test_cpp_module_errors():
         (lambda: EXT.gelu_tanh(x, torch.randn(1, 6)), r"bias must be \(D,\)"),
         (lambda: EXT.gelu_tanh(x.to(torch.int64), None), "x must be float32"),
         (lambda: ops.gelu_tanh(x.half(), backend="cpp"), "x must be float32"),
+        (lambda: EXT.gelu_tanh(x, None, torch.empty(4, 5)), "out must be a contiguous tensor of x's shape"),
+        (lambda: EXT.gelu_tanh(x, None, torch.empty(6, 4).t()), "out must be a contiguous tensor of x's shape"),
+        (lambda: EXT.gelu_tanh(x, None, x.double()), "out must be float32"),
     ]
     assert_each_raises(cases)
 
