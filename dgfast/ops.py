@@ -438,7 +438,8 @@ _IMPLS = {
                "guided_step_with_state": functools.partial(_triton_step, return_state=True),
                "adaln_modulate": _triton_adaln_modulate, "gated_residual_modulate": _triton_gated_residual_modulate,
                "gelu_tanh": _triton_gelu_tanh,
-               "gelu_tanh_": lambda x, bias, traceable=False: _in_place(_triton_gelu_tanh(x, bias, x, traceable=traceable))},
+               "gelu_tanh_": lambda x, bias, traceable=False: _in_place(_triton_gelu_tanh(x, bias, x,
+                                                                                          traceable=traceable))},
 }
 
 
