@@ -20,11 +20,12 @@
 #include <type_traits>
 #include <vector>
 
-// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64, and the loader's ifunc resolver
-// picks one per CPU: one binary, full-width SIMD on each machine (AVX-512 is 1.6x on the GELU's
-// arithmetic here), still runs on older CPUs. All clones return the same bits: the code has no
-// FMA (contraction off) and its sums have a fixed order (see f32x16), so auto-vectorization
-// cannot change a result.
+// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and one is picked per CPU: the
+// guided step's loops as target_clones (the loader's ifunc resolver picks), the row and GELU
+// kernels as per-ISA instantiations at the native vector width (cpu_isa picks; see f32x8). One
+// binary, full-width SIMD on each machine, still runs on older CPUs. Every ISA returns the same
+// bits: the code has no FMA (contraction off) and its sums have a fixed order, so the vector
+// width cannot change a result.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DGFAST_X86 1
 #define DGFAST_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -639,8 +640,8 @@ inline float gelu_one(float v) {
   return 0.5f * v * (1.0f + (s - 1.0f));
 }
 
-// gelu_one on W lanes, op for op (so the same bits): the auto-vectorized scalar loop ran at a third
-// of this speed on AVX2 (the same native-width story as the row kernels).
+// gelu_one on W lanes, op for op (so the same bits as its scalar tail). The auto-vectorized scalar
+// loop was latency-bound on AVX2 (1.37 ns per float; this form 0.92, bench/RESULTS.md).
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 template <int W> using I = std::conditional_t<W == 16, i32x16, i32x8>;
