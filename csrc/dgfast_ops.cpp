@@ -605,43 +605,16 @@ std::vector<at::Tensor> gated_residual_modulate(const at::Tensor& h_in, const at
 // gelu_tanh
 // ---------------------------------------------------------------------------------------------
 
-// exp(a) for the GELU sigmoid, branch-free so it vectorizes: a = n*ln2 + r with |r| <= ln2/2
-// (Cody-Waite: ln2 split so n*kLn2Hi is exact), then a degree-7 Taylor polynomial (truncation
-// below 1e-8 relative) scaled by 2^n built in the exponent bits. a is clamped to [-87, 88] so
-// 2^n stays a normal float; both ends only feed 2 / (1 + e), where they round to the limit anyway.
-inline float exp_gelu(float a) {
-  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f,
-                  kLn2Lo = static_cast<float>(0.69314718055994531 - 0.693359375),
-                  kRound = 12582912.0f;  // 1.5 * 2^23: (v + kRound) - kRound rounds v to an integer
-  a = a < -87.0f ? -87.0f : (a > 88.0f ? 88.0f : a);
-  const float nf = (a * kLog2e + kRound) - kRound;
-  const float r = (a - nf * kLn2Hi) - nf * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(nf) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(float));
-  return p * two_n;
-}
-
-// 0.5 * v * (1 + tanh(u)), u = sqrt(2/pi) * (v + 0.044715 v^3), torch's op order for u.
+// tanh-GELU: 0.5 * v * (1 + tanh(u)), u = sqrt(2/pi) * (v + 0.044715 v^3), torch's op order for u.
 // 1 + tanh(u) = 2 / (1 + exp(-2u)) has no cancellation. torch rounds tanh(u) to float before
 // adding 1; (s - 1) is that same rounding, so the two agree where it dominates (u << 0).
-inline float gelu_one(float v) {
-  constexpr float kBeta = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa = 0.044715f;
-  const float u = kBeta * (v + kKappa * (v * v * v));
-  const float s = 2.0f / (1.0f + exp_gelu(-2.0f * u));
-  return 0.5f * v * (1.0f + (s - 1.0f));
-}
-
-// gelu_one on W lanes, op for op (so the same bits as its scalar tail). The auto-vectorized scalar
-// loop was latency-bound on AVX2 (1.37 ns per float; this form 0.92, bench/RESULTS.md).
+// exp(a), branch-free: a = n*ln2 + r with |r| <= ln2/2 (Cody-Waite: ln2 split so n*kLn2Hi is exact),
+// then a degree-7 Taylor polynomial (truncation below 1e-8 relative) scaled by 2^n built in the
+// exponent bits. a is clamped to [-87, 88] so 2^n stays a normal float; both ends only feed
+// 2 / (1 + e), where they round to the limit anyway.
+// Written on W-float vectors (the auto-vectorized scalar loop was latency-bound on AVX2: 1.37 ns per
+// float; this form 0.92, bench/RESULTS.md); a span's tail runs the same code on a padded copy, so
+// every element gets the same ops, lane-wise.
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 template <int W> using I = std::conditional_t<W == 16, i32x16, i32x8>;
@@ -655,10 +628,11 @@ constexpr int kGeluK = 4;
 template <int W> DGFAST_INLINE void gelu_v(V<W> (&v)[kGeluK]) {
   constexpr float kBeta = static_cast<float>(M_SQRT2 * M_2_SQRTPI * 0.5), kKappa = 0.044715f;
   constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f,
-                  kLn2Lo = static_cast<float>(0.69314718055994531 - 0.693359375), kRound = 12582912.0f;
+                  kLn2Lo = static_cast<float>(0.69314718055994531 - 0.693359375),
+                  kRound = 12582912.0f;  // 1.5 * 2^23: (v + kRound) - kRound rounds v to an integer
   V<W> a[kGeluK], nf[kGeluK], r[kGeluK], p[kGeluK];
   DGFAST_EACH a[k] = -2.0f * (kBeta * (v[k] + kKappa * (v[k] * v[k] * v[k])));
-  // exp_gelu, op for op
+  // exp(a)
   DGFAST_EACH a[k] = a[k] < -87.0f ? V<W>{} - 87.0f : (a[k] > 88.0f ? V<W>{} + 88.0f : a[k]);
   DGFAST_EACH nf[k] = (a[k] * kLog2e + kRound) - kRound;
   DGFAST_EACH r[k] = (a[k] - nf[k] * kLn2Hi) - nf[k] * kLn2Lo;
@@ -674,7 +648,7 @@ template <int W> DGFAST_INLINE void gelu_v(V<W> (&v)[kGeluK]) {
     const I<W> bits = (__builtin_convertvector(nf[k], I<W>) + 127) << 23;
     p[k] = p[k] * reinterpret_cast<const V<W>&>(bits);
   }
-  // gelu_one's tail: s = 2 / (1 + exp), 0.5 v (1 + (s - 1))
+  // s = 2 / (1 + exp(-2u)), 0.5 v (1 + (s - 1))
   DGFAST_EACH p[k] = 2.0f / (1.0f + p[k]);
   DGFAST_EACH v[k] = 0.5f * v[k] * (1.0f + (p[k] - 1.0f));
 }
@@ -690,7 +664,15 @@ template <int W> DGFAST_INLINE void gelu_span_w(const float* x, const float* b, 
     gelu_v<W>(v);
     for (int k = 0; k < kGeluK; ++k) vstore<W>(y + j + k * W, v[k]);
   }
-  for (; j < len; ++j) y[j] = gelu_one(b != nullptr ? x[j] + b[j] : x[j]);
+  if (j < len) {  // the tail, zero-padded to one step (gelu(0) = 0)
+    float pad[step] = {};
+    const int64_t rest = len - j;
+    for (int64_t i = 0; i < rest; ++i) pad[i] = b != nullptr ? x[j + i] + b[j + i] : x[j + i];
+    for (int k = 0; k < kGeluK; ++k) v[k] = vload<W>(pad + k * W);
+    gelu_v<W>(v);
+    for (int k = 0; k < kGeluK; ++k) vstore<W>(pad + k * W, v[k]);
+    std::copy(pad, pad + rest, y + j);
+  }
 }
 
 #if DGFAST_X86
