@@ -279,7 +279,7 @@ class PairLinear:
                 out = self._mm(x, workspace, bias=not late_bias)
             if gelu and not fuse:  # in place: out is this call's own GEMM output
                 if late_bias:  # (2, M, out): each half with its model's bias
-                    for half, b in zip(out.view(2, -1, self.out_features).unbind(0), self.biases):
+                    for half, b in zip(out.unbind(0), self.biases):
                         ops.gelu_tanh_(half, b, backend=backend)
                 else:
                     ops.gelu_tanh_(out, backend=backend)
