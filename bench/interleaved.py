@@ -2,7 +2,10 @@
 
 pytest-benchmark runs each row's rounds back to back, so on a shared machine a load that comes or
 goes during the run lands on some rows only. Interleaving spreads it over all rows; the min over
-rounds is then the figure to compare (the median shows the spread).
+rounds is then the figure to compare (the median shows the spread). On a VM whose speed drifts by
+10-20% from minute to minute, the rows' mins can come from different windows: the last columns
+divide within each round (rows run seconds apart) and give the median of those ratios with their
+range, the figure that drift moves least.
 
     OMP_NUM_THREADS=1 python bench/interleaved.py [--pair full|lora] [--latent 32 16] [--rounds 4]
 """
@@ -35,6 +38,12 @@ def measure(pair: str, latent: int, rounds: int) -> dict:
     return times
 
 
+def per_round(peer: list, row: list) -> str:
+    """peer / row within each round: median [min-max]."""
+    r = [a / b for a, b in zip(peer, row)]
+    return f"{statistics.median(r):.3f}x [{min(r):.2f}-{max(r):.2f}]"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pair", nargs="*", default=["full"], choices=["full", "lora"])
@@ -43,8 +52,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     info = B.cpu_info()
     print(f"cpu: {info['cpu']}; isa: {info['isa']}; threads {torch.get_num_threads()}; torch {torch.__version__}")
-    print("| pair | latent, steps | row | min s | median s | min vs upstream eager | min vs upstream compile |")
-    print("|---|---|---|---|---|---|---|")
+    print("| pair | latent, steps | row | min s | median s | min vs upstream eager | min vs upstream compile "
+          "| per-round vs eager, median [range] | per-round vs compile, median [range] |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for pair in a.pair:
         for latent in a.latent:
             times = measure(pair, latent, a.rounds)
@@ -52,7 +62,9 @@ def main(argv=None) -> int:
             for impl, v in times.items():
                 print(f"| {pair} | {latent}, {B.STEPS[latent]} | {impl} | {best[impl]:.3f} | "
                       f"{statistics.median(v):.3f} | {best['upstream eager'] / best[impl]:.3f}x | "
-                      f"{best['upstream compile'] / best[impl]:.3f}x |", flush=True)
+                      f"{best['upstream compile'] / best[impl]:.3f}x | "
+                      f"{per_round(times['upstream eager'], v)} | {per_round(times['upstream compile'], v)} |",
+                      flush=True)
     return 0
 
 
