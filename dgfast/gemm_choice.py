@@ -158,15 +158,17 @@ def time_call(run: Callable[[], object], device: torch.device, label: tuple = ()
 
 @dataclass
 class Pick:
-    """One entry's timings (seconds per call, both halves) and the fastest strategy."""
+    """One entry's timings (seconds per call, both halves) and the strategy run: the fastest, unless
+    `chosen` overrides it (a choice priced together with the next layer's, dgfast.paired)."""
     entry: Entry
     times: dict            # strategy -> seconds
     two_pass: float
     source: str            # "measured", "memory" or "disk"
+    chosen: str = ""
 
     @property
     def choice(self) -> str:
-        return min(self.times, key=self.times.get)
+        return self.chosen or min(self.times, key=self.times.get)
 
 
 @dataclass

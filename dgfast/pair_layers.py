@@ -244,6 +244,10 @@ class PairLinear:
         """Whether a call with halves=True returns the two halves (per-half GEMMs) instead of one tensor."""
         return self.kind == "separate" or (not self.shared and strategy == "onednn")
 
+    def may_read_halves(self) -> bool:
+        """Whether some strategy of the layer feeding this one gives per-half outputs."""
+        return self.fed_by is not None and any(self.fed_by.gives_halves(s) for s in self.fed_by.strategies())
+
     def extra_bytes(self) -> int:
         """Bytes of the copies this layer holds (its share of an adaLN group's copy)."""
         if self.group is not None:

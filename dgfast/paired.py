@@ -407,10 +407,13 @@ class PairedDiT:
         budget (gemm_choice.measured_size). Shapes only: no tensor is touched (so DiT-XL/2's bound
         can be checked on meta models)."""
         like = next(iter(self.pos))
+        groups = self._by_key()
         full = [Entry(key, len(pls), n if key[0] in _ADALN_ROLES else n * self.num_tokens, key[2], key[3],
                       pls[0].strategies(), sliceable=key[0] not in _ADALN_ROLES)
-                for key, pls in self._by_key().items()]
-        rows, cols = gemm_choice.measured_size(full, like.device.type, like.element_size())
+                for key, pls in groups.items()]
+        # a layer that may read per-half input is timed a second time on one tensor (_price_with_feeder)
+        twice = [e for e in full if groups[e.key][0].may_read_halves()]
+        rows, cols = gemm_choice.measured_size(full + twice, like.device.type, like.element_size())
         return [e.cut(rows, cols) for e in full]
 
     def _measure(self, n, backend, like) -> Plan:
@@ -420,14 +423,40 @@ class PairedDiT:
         for e in self.measurement_entries(n):
             pl = reps[e.key]
             form = self._input_form(pl, chosen)
-            gelu = ops.resolve_backend(backend, like) if pl.role == "fc1" else ""  # the unfused GELU's cost
-            e = replace(e, key=e.key + (form, gelu), candidates=functools.partial(
-                self._candidate_runs, pl.sliced(e.out_features), e.rows, form, backend, like))
-            with torch.inference_mode():  # as in the forward (out= GEMMs on the weights need it)
-                p = gemm_choice.pick(e, like.device, like.dtype)
+            p = self._pick(pl, e, form, backend, like)
+            if form == "halves" and pl.may_read_halves():
+                p = self._price_with_feeder(pl, e, p, picks, chosen, backend, like)
             picks.append(p)
             chosen[pl.key] = p.choice
         return Plan(chosen, two_pass=gemm_choice.decide(picks), picks=picks, seconds=time.perf_counter() - t0)
+
+    def _pick(self, pl: PairLinear, e: Entry, form: str, backend, like) -> gemm_choice.Pick:
+        """The timings of entry e's candidates with the input in `form` (measured, or cached)."""
+        gelu = ops.resolve_backend(backend, like) if pl.role == "fc1" else ""  # the unfused GELU's cost
+        e = replace(e, key=e.key + (form, gelu), candidates=functools.partial(
+            self._candidate_runs, pl.sliced(e.out_features), e.rows, form, backend, like))
+        with torch.inference_mode():  # as in the forward (out= GEMMs on the weights need it)
+            return gemm_choice.pick(e, like.device, like.dtype)
+
+    def _price_with_feeder(self, pl, e, p, picks, chosen, backend, like) -> gemm_choice.Pick:
+        """fc1's fastest strategy left per-half outputs, so fc2 reads halves (its "bmm" first stacks
+        them: a copy of fc1's whole output). Chosen one layer at a time, fc1 never pays for that
+        copy; priced together it can lose to fc1's fastest one-tensor strategy plus fc2 on one
+        tensor. The cheaper pair of choices is kept (fc1's pick records the override)."""
+        feeder = next(q for q in picks if q.entry.key[:len(pl.fed_by.key)] == pl.fed_by.key)
+        whole = {s: t for s, t in feeder.times.items() if not pl.fed_by.gives_halves(s)}
+        if not whole:
+            return p
+        other = min(whole, key=whole.get)
+        alt = self._pick(pl, e, "full", backend, like)
+
+        def cost(q, s):
+            return q.entry.count * q.entry.scale * q.times[s]
+        if cost(feeder, other) + cost(alt, alt.choice) < cost(feeder, feeder.choice) + cost(p, p.choice):
+            feeder.chosen = other
+            chosen[pl.fed_by.key] = other
+            return alt
+        return p
 
     @staticmethod
     def _input_form(pl: PairLinear, chosen: dict) -> str:
@@ -579,7 +608,8 @@ def _plan_lines(n: int, plan: Plan) -> list[str]:
         times = ", ".join(f"{s} {1e3 * v:.3f}" for s, v in p.times.items())
         cols = "" if p.entry.out_features == n_out else f" cols {p.entry.out_features}"
         lines.append(f"  {role:<9} {kind:<7} {n_in}->{n_out} x{p.entry.count} rows {p.entry.rows}{cols}: "
-                     f"{p.choice:<6} [{times}; two-pass {1e3 * p.two_pass:.3f}]")
+                     f"{p.choice:<6} [{times}; two-pass {1e3 * p.two_pass:.3f}]"
+                     f"{' (priced with the next layer)' if p.chosen else ''}")
     pair, two = plan.totals()
     verdict = ("runs as two separate passes: its GEMMs measured slower than two-pass" if plan.two_pass
                else "runs paired")

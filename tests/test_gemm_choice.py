@@ -35,7 +35,9 @@ class FakeTimer:
         if self.run:
             for _ in range(WARMUP + REPS):
                 fn()
-        return self.times.get((key[0], strategy), self.times.get(strategy, 1.0))
+        form = key[5] if len(key) > 5 else None  # the input form the entry was timed in
+        return self.times.get((key[0], form, strategy),
+                              self.times.get((key[0], strategy), self.times.get(strategy, 1.0)))
 
 
 @pytest.fixture
@@ -89,6 +91,35 @@ def test_fastest_candidate_is_chosen(pre, fake_timer):
     assert qkv.w2t is not None and qkv.packed is None
     assert p.blocks[0]["fc1"].packed is not None and p.blocks[0]["fc1"].w2t is None
     assert all(b["fc2"].w2t is None and b["fc2"].packed is None for b in p.blocks)
+
+
+def test_fc1_choice_is_priced_with_what_it_costs_fc2(pre, fake_timer):
+    """fc1's oneDNN GEMMs are the fastest alone but leave halves, which fc2 then reads at a cost
+    (its "bmm" stacks them first); fc1's fastest one-tensor strategy plus fc2 on one tensor is
+    cheaper in total, so the pair runs that, and says so."""
+    ft = finetune_of(pre)
+    fake_timer({("fc1", "onednn"): 1e-3, ("fc1", "bmm"): 1.2e-3, ("fc1", "mm"): 1.5e-3,
+                ("fc2", "halves", "bmm"): 5e-3, ("fc2", "halves", "onednn"): 4e-3, ("fc2", "halves", "mm"): 4e-3,
+                ("fc2", "full", "bmm"): 1e-3, ("fc2", "full", "onednn"): 2e-3, ("fc2", "full", "mm"): 2e-3,
+                "bmm": 2e-3, "onednn": 3e-3, "mm": 1e-3, TWO_PASS: 1e-2})
+    p = pair(ft, pre)
+    assert_matches_two_forwards(p, ft, pre)
+    plan = p._plans[3]
+    got = {key[0]: s for key, s in plan.strategies.items()}
+    assert got["fc1"] == "bmm" and got["fc2"] == "bmm"
+    assert [pk.entry.key[5] for pk in plan.picks if pk.entry.key[0] == "fc2"] == ["full"]
+    fc1_line = next(line for line in p.report().splitlines() if line.strip().startswith("fc1"))
+    assert "bmm" in fc1_line and "priced with the next layer" in fc1_line
+    # the same timings but a cheap read of halves: fc1 keeps its oneDNN GEMMs, fc2 reads halves
+    gemm_choice._MEMORY.clear()  # the same shapes: measured again, not read from memory
+    ft2 = finetune_of(pre, seed=5)
+    p2 = pair(ft2, pre)
+    fake_timer({("fc1", "onednn"): 1e-3, ("fc1", "bmm"): 1.2e-3, ("fc1", "mm"): 1.5e-3,
+                ("fc2", "halves", "mm"): 1e-3, ("fc2", "full", "bmm"): 1e-3,
+                "bmm": 2e-3, "onednn": 3e-3, "mm": 1e-3, TWO_PASS: 1e-2})
+    assert_matches_two_forwards(p2, ft2, pre)
+    got = {key[0]: s for key, s in p2._plans[3].strategies.items()}
+    assert got["fc1"] == "onednn" and got["fc2"] == "mm"
 
 
 def test_adaln_bmm_choice_runs_as_one_group(pre, fake_timer):
