@@ -40,14 +40,14 @@ import torch
 
 STRATEGIES = ("bmm", "onednn", "mm")
 TWO_PASS = "two-pass"
-WARMUP, REPS = 1, 2           # calls per candidate: warm-up (oneDNN primitives, page faults) + timed, min kept
+WARMUP, REPS = 1, 2           # calls per candidate: warm-up (oneDNN primitives, page faults) + timed (round-robin), min kept
 BUDGET_S = 1.6                # estimated seconds of one pair's whole measurement on the reference machine
 ROW_STEPS = (512, 384, 256, 192, 128, 96, 64, 48, 32, 16)      # rows per half tried, largest first
 FEW_ROWS = 16                 # rows timed for layers that are not sliceable (adaLN)
 COL_STEPS = (4096, 2048, 1536, 1024, 768, 512, 384, 256)        # output columns tried (sliceable layers)
 TOLERANCE = 0.02              # the pair is kept unless its GEMMs are > 2% slower than two-pass: timing noise
 REFERENCE_SPEED = {"cpu": (35e9, 10e9), "cuda": (20e12, 2e12)}   # (FLOP/s, weight bytes/s)
-FORMAT = 1                    # disk cache format
+FORMAT = 2                    # disk cache format (2: candidates timed round-robin)
 
 
 def onednn_available(t: torch.Tensor) -> bool:
@@ -126,29 +126,41 @@ def measured_size(entries: list[Entry], device_type: str, itemsize: int = 4) -> 
 # Timing
 # ----------------------------------------------------------------------------------------------
 
-def time_call(run: Callable[[], object], device: torch.device, label: tuple = ()) -> float:
-    """Seconds of one run(): WARMUP untimed calls, then the fastest of REPS (CUDA: event-timed).
+def warm_up(run: Callable[[], object], device: torch.device, label: tuple = ()) -> None:
+    """WARMUP untimed calls of run() (oneDNN primitives, page faults of the first outputs).
 
     `label` is (entry key, strategy): unused here, for fake timers in tests (monkeypatch this
-    function) to return chosen times."""
+    function and time_call)."""
     for _ in range(WARMUP):
         run()
+
+
+def time_call(run: Callable[[], object], device: torch.device, label: tuple = ()) -> float:
+    """Seconds of one timed run() (CUDA: event-timed). `label` as in warm_up."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        best = math.inf
-        for _ in range(REPS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / 1e3)
-        return best
-    best = math.inf
-    for _ in range(REPS):
-        t0 = time.perf_counter()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         run()
-        best = min(best, time.perf_counter() - t0)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
+
+
+def time_candidates(runs: dict, device: torch.device, key: tuple) -> dict:
+    """{name: seconds per call} of every run: each warmed up, then REPS rounds that time every
+    candidate once in turn, the fastest rep kept. Round-robin, not one candidate's reps after
+    another's: a machine whose speed drifts between seconds (a shared VM: 10-20% measured, see
+    bench/RESULTS.md) then slows all candidates of a round alike instead of whichever ran last."""
+    for name, run in runs.items():
+        warm_up(run, device, (key, name))
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(REPS):
+        for name, run in runs.items():
+            best[name] = min(best[name], time_call(run, device, (key, name)))
     return best
 
 
@@ -210,8 +222,9 @@ def pick(entry: Entry, device: torch.device, dtype: torch.dtype) -> Pick:
         _MEMORY[key] = stored
         return Pick(entry, dict(stored[0]), stored[1], "disk")
     runs = entry.candidates()
-    times = {s: time_call(runs[s], device, (entry.key, s)) for s in entry.strategies}
-    two = time_call(runs[TWO_PASS], device, (entry.key, TWO_PASS))
+    measured = time_candidates({s: runs[s] for s in (*entry.strategies, TWO_PASS)}, device, entry.key)
+    two = measured.pop(TWO_PASS)
+    times = measured
     _MEMORY[key] = (times, two)
     disk_store(key, times, two)
     return Pick(entry, times, two, "measured")

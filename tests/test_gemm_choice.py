@@ -23,18 +23,23 @@ CFG_DEPTH = 3  # test_paired.CFG's depth
 
 
 class FakeTimer:
-    """gemm_choice.time_call's stand-in: runs nothing unless run=True (then each candidate as often
-    as the real timer would), returns times[strategy] (or times[(role, strategy)])."""
+    """gemm_choice.time_call's and warm_up's stand-in: runs nothing unless run=True (then each
+    candidate as often as the real ones would), returns times[strategy] (or times[(role, strategy)],
+    times[(role, input form, strategy)]); labels: one per candidate measured (at its warm-up)."""
 
     def __init__(self, times, run=False):
         self.times, self.run, self.labels = times, run, []
 
-    def __call__(self, fn, device, label=()):
-        key, strategy = label
+    def warm(self, fn, device, label=()):
         self.labels.append(label)
         if self.run:
-            for _ in range(WARMUP + REPS):
+            for _ in range(WARMUP):
                 fn()
+
+    def __call__(self, fn, device, label=()):
+        key, strategy = label
+        if self.run:
+            fn()
         form = key[5] if len(key) > 5 else None  # the input form the entry was timed in
         return self.times.get((key[0], form, strategy),
                               self.times.get((key[0], strategy), self.times.get(strategy, 1.0)))
@@ -49,6 +54,7 @@ def fake_timer(monkeypatch):
     def install(times, run=False):
         timer = FakeTimer(times, run)
         monkeypatch.setattr(gemm_choice, "time_call", timer)
+        monkeypatch.setattr(gemm_choice, "warm_up", timer.warm)
         return timer
     return install
 
@@ -390,17 +396,20 @@ def test_measurement_leaves_the_random_stream_alone(pre, monkeypatch):
     assert p._plans[3].seconds > 0 and "measured in" in p.report()
 
 
-def test_real_timer_warms_up_and_keeps_the_fastest_rep(monkeypatch):
-    clock = iter([0.0, 3.0, 10.0, 11.0])  # two timed reps: 3 s, then 1 s
+def test_real_timer_warms_up_then_times_round_robin(monkeypatch):
+    """Every candidate warmed up, then REPS rounds timing each candidate once in turn (a machine
+    drifting mid-measurement slows a round's candidates alike); the fastest rep is kept."""
+    clock = iter([0.0, 3.0, 10.0, 12.0, 20.0, 21.0, 30.0, 30.5])  # a: 3 s then 1 s; b: 2 s then 0.5 s
     monkeypatch.setattr(gemm_choice.time, "perf_counter", lambda: next(clock))
-    calls = []
-    assert gemm_choice.time_call(lambda: calls.append(1), torch.device("cpu")) == 1.0
-    assert len(calls) == WARMUP + REPS == 3
+    order = []
+    runs = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    assert gemm_choice.time_candidates(runs, torch.device("cpu"), ("key",)) == {"a": 1.0, "b": 0.5}
+    assert WARMUP == 1 and REPS == 2 and order == ["a", "b", "a", "b", "a", "b"]
 
 
 def test_cuda_timer_and_identity_dry_run(monkeypatch):
-    """The CUDA branches without a GPU: events around each timed rep (elapsed ms -> s, fastest
-    kept), the GPU's name and capability as the machine identity."""
+    """The CUDA branches without a GPU: events around each timed call (elapsed ms -> s), the GPU's
+    name and capability as the machine identity."""
     elapsed = iter([7.0, 4.0])
     recorded = []
 
@@ -420,8 +429,9 @@ def test_cuda_timer_and_identity_dry_run(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     calls = []
+    assert gemm_choice.time_call(lambda: calls.append(1), torch.device("cuda")) == 0.007
     assert gemm_choice.time_call(lambda: calls.append(1), torch.device("cuda")) == 0.004
-    assert len(calls) == WARMUP + REPS and len(recorded) == 2 * REPS
+    assert len(calls) == 2 and len(recorded) == 4  # one timed call each, between two events
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Some GPU")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
     assert gemm_choice.machine_id.__wrapped__(torch.device("cuda", 0)) == "cuda:Some GPU:(9, 0)"
