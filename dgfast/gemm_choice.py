@@ -40,7 +40,7 @@ import torch
 
 STRATEGIES = ("bmm", "onednn", "mm")
 TWO_PASS = "two-pass"
-WARMUP, REPS = 1, 2           # calls per candidate: warm-up (oneDNN primitives, page faults) + timed (round-robin), min kept
+WARMUP, REPS = 1, 2           # per candidate: warm-up calls (oneDNN primitives, page faults), timed reps (min kept)
 BUDGET_S = 1.6                # estimated seconds of one pair's whole measurement on the reference machine
 ROW_STEPS = (512, 384, 256, 192, 128, 96, 64, 48, 32, 16)      # rows per half tried, largest first
 FEW_ROWS = 16                 # rows timed for layers that are not sliceable (adaLN)
