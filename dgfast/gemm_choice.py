@@ -222,9 +222,8 @@ def pick(entry: Entry, device: torch.device, dtype: torch.dtype) -> Pick:
         _MEMORY[key] = stored
         return Pick(entry, dict(stored[0]), stored[1], "disk")
     runs = entry.candidates()
-    measured = time_candidates({s: runs[s] for s in (*entry.strategies, TWO_PASS)}, device, entry.key)
-    two = measured.pop(TWO_PASS)
-    times = measured
+    times = time_candidates({s: runs[s] for s in (*entry.strategies, TWO_PASS)}, device, entry.key)
+    two = times.pop(TWO_PASS)
     _MEMORY[key] = (times, two)
     disk_store(key, times, two)
     return Pick(entry, times, two, "measured")
