@@ -268,8 +268,16 @@ def test_diffusers_modules_convert_in_sample_and_the_pipeline():
 # ----------------------------------------------------------------------------------------------
 
 class Boom:
+    """The C++ extension with every fused op of the forward and the step raising. weights_digest
+    (the pair cache's weight check, dgfast.pair_cache) computes nothing of the samples and runs
+    under every backend."""
     def __getattr__(self, name):
+        if name == "weights_digest":
+            return _REAL_CPP.weights_digest
         raise AssertionError(f"a fused C++ op ({name}) ran")
+
+
+_REAL_CPP = ops.cpp_extension()
 
 
 @pytest.mark.skipif(ops.cpp_extension() is None, reason="the C++ ops are what backend='auto' would run")

@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from dgfast.pair_cache import WeightsIdentity, cache_entry, fingerprint, get_pair
+from dgfast import ops
+from dgfast.pair_cache import WeightsIdentity, _digest_torch, cache_entry, fingerprint, get_pair
 
 from test_paired import finetune_of, inputs, rand_dit, rel
 
@@ -122,3 +123,51 @@ def test_sampled_check_is_an_opt_out(monkeypatch):
     monkeypatch.setenv("DGFAST_WEIGHTS_CHECK", "bogus")
     with pytest.raises(ValueError, match="DGFAST_WEIGHTS_CHECK"):
         WeightsIdentity(ft, pre)
+
+
+def _digest_inputs():
+    """Awkward tensors for the digest: odd lengths, byte counts not a multiple of 4, every dtype
+    width, a 0-d tensor, an unaligned view, and one long enough to be split across threads."""
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, (1,))))  # fresh inputs each run
+    return [torch.randn(7, generator=g), torch.randn(3, 5, generator=g).t(),
+            torch.randint(0, 256, (13,), dtype=torch.uint8, generator=g)[1:],
+            torch.randn(11, generator=g).to(torch.bfloat16), torch.randn(5, dtype=torch.float64, generator=g),
+            torch.tensor(3.0), torch.rand(6, generator=g) > 0.5, torch.randn(4, dtype=torch.complex64, generator=g),
+            torch.randn((1 << 18) + 3, generator=g), torch.randint(-99, 99, (9,), dtype=torch.int16, generator=g)]
+
+
+@pytest.mark.skipif(ops.cpp_extension() is None or not hasattr(ops.cpp_extension(), "weights_digest"),
+                    reason="the C++ weights_digest is not built")
+def test_cpp_digest_matches_its_torch_twin():
+    """The C++ digest (one pass, threads, per-ISA code) gives the torch twin's integers, on every ISA
+    this CPU has and for 1 and 2 threads."""
+    ext = ops.cpp_extension()
+    tensors = _digest_inputs()
+    twin = [int(_digest_torch(t)) for t in tensors]
+    threads, isa = torch.get_num_threads(), ext.cpu_isa()
+    try:
+        for name in ("base", "avx2", "avx512f"):
+            try:
+                ext.set_cpu_isa(name)
+            except RuntimeError:  # not on this CPU
+                continue
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                assert ext.weights_digest([t.contiguous() for t in tensors]).tolist() == twin, (name, n)
+    finally:
+        torch.set_num_threads(threads)
+        ext.set_cpu_isa(isa)
+
+
+def test_digest_sees_one_bit_anywhere():
+    """Flipping any single bit of a tensor's bytes changes its digest (twin; the C++ op is compared
+    with it above), including the padded last word of an odd byte count."""
+    for t in _digest_inputs()[:8]:
+        base = int(_digest_torch(t))
+        raw = t.contiguous().reshape(-1).view(torch.uint8) if not t.is_complex() else \
+            torch.view_as_real(t).contiguous().reshape(-1).view(torch.uint8)
+        for byte in range(raw.numel()):
+            for bit in (0, 7):
+                edited = raw.clone()
+                edited[byte] ^= 1 << bit
+                assert int(_digest_torch(edited)) != base, (t.dtype, byte, bit)
