@@ -89,7 +89,8 @@ def test_gpu_summary_takes_the_e2e_rows(gpu_e2e, tmp_path):
 
 
 def test_ratios_table(monkeypatch):
-    """bench/ratios.py: each row's speedup over both peers, from pytest-benchmark's JSON."""
+    """bench/ratios.py: each row's speedup over both peers, from pytest-benchmark's JSON (one entry
+    per row: an older file)."""
     monkeypatch.syspath_prepend(BENCH)
     import ratios
     info = dict(cpu="Test CPU", isa="avx2 fma", threads=1, torch="x")
@@ -98,9 +99,24 @@ def test_ratios_table(monkeypatch):
         for impl, med in (("upstream eager", 4.0), ("upstream compile", 3.0), ("dgfast", 2.0))]}
     rows = ratios.table(data)
     dg = next(r for r in rows if r[1] == "dgfast")
-    assert dg[2:] == ["2.000", "2.000x", "1.500x"]
-    assert next(r for r in rows if r[1] == "upstream compile")[3:] == ["1.333x", "1.000x"]
+    assert dg[2:] == ["1", "2.000", "2.000x", "1.500x", "-", "-"]
+    assert next(r for r in rows if r[1] == "upstream compile")[4:6] == ["1.333x", "1.000x"]
     assert "avx2 fma" in rows[-1][0] and "Test CPU" in rows[-1][0]
+
+
+def test_ratios_per_round(monkeypatch):
+    """Interleaved rounds: the median over a row's rounds, and the ratio within each round, which a
+    drift between rounds does not move (here the machine is twice as slow in round 1)."""
+    monkeypatch.syspath_prepend(BENCH)
+    import ratios
+    times = {"upstream eager": [4.0, 8.0, 4.4], "upstream compile": [3.0, 6.0, 3.3], "dgfast": [2.5, 5.0, 2.4]}
+    data = {"benchmarks": [
+        {"group": "g", "params": {"impl": impl, "rnd": r}, "extra_info": dict(impl=impl, round=r),
+         "stats": {"median": t}} for r in range(3) for impl, ts in times.items() for t in [ts[r]]]}
+    dg = next(r for r in ratios.table(data) if r[1] == "dgfast")
+    assert dg[2:4] == ["3", "2.500"]
+    assert dg[5] == f"{3.3 / 2.5:.3f}x"  # ratio of medians
+    assert dg[7] == "1.200x [1.20-1.38]"  # per round: 3/2.5, 6/5, 3.3/2.4
 
 
 @pytest.fixture
