@@ -376,7 +376,8 @@ class PairLinear:
 
     def traced(self, x, shape=None, *, strategy: str = "mm", gelu: bool = False, halves: bool = False,
                backend: str = "auto"):
-        """The paired call in functional ops (no out=, no copies, no in-place), for torch.compile.
+        """The paired call for torch.compile: no out=, no workspace, no copies; GELU in place only on
+        the GEMM's own fresh output (inductor re-inplaces the op, as eager writes it).
         The strategy the pair measured and chose stays: "onednn" as one dgfast::packed_linear call
         per half on the prepacked weights (GELU fused; the halves returned as such when halves=True),
         "bmm" as one baddbmm over the stacked copy; every other layer is F.linear per half and inductor
@@ -384,9 +385,14 @@ class PairLinear:
         if strategy == "bmm" and self.w2t is not None and self.kind == "stacked":
             x2 = torch.stack([xi.reshape(-1, self.in_features) for xi in x]) if isinstance(x, tuple) else \
                 x.reshape(2, -1, self.in_features)
-            out = torch.baddbmm(self.b2, x2, self.w2t) if self.b2 is not None else torch.bmm(x2, self.w2t)
-            if gelu:
-                out = ops.gelu_tanh(out, backend=backend)
+            if gelu and self.b2 is not None and not self.loras:  # each half's bias in its GELU pass, as eager
+                out = torch.bmm(x2, self.w2t)
+                for half, b in zip(out.unbind(0), self.biases):
+                    ops.gelu_tanh_(half, b, backend=backend)
+            else:
+                out = torch.baddbmm(self.b2, x2, self.w2t) if self.b2 is not None else torch.bmm(x2, self.w2t)
+                if gelu:
+                    out = ops.gelu_tanh_(out, backend=backend)
             return out if shape is None else out.view(*shape, -1)
         xa, xb = _halves(x)
         if strategy == "onednn" and self.handles is not None and self.kind == "stacked":
@@ -408,7 +414,7 @@ class PairLinear:
                 ya = ya + torch.mm(torch.mm(xa, At), Bt) * s + (0 if b_B is None else b_B * s)
             out = torch.cat([ya, yb])
         if gelu:
-            out = ops.gelu_tanh(out, backend=backend)
+            out = ops.gelu_tanh_(out, backend=backend)
         return out if shape is None else out.view(*shape, -1)
 
     def tensors(self):
