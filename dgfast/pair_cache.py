@@ -12,8 +12,9 @@ between them.
 
 What the exact check costs: one read of every value. On the CPU it is one C++ call over all
 tensors (weights_digest in csrc/dgfast_ops.cpp: two 32-bit hash sums of each tensor's bytes,
-threaded, order-free); elsewhere, or without the extension, the torch twin `_digest_torch` (int64
-arithmetic, ~10x the memory traffic, fine at GPU bandwidth). Measured 2026-12-07 on one core of an
+threaded, order-free), or its torch twin `_digest_torch` without the extension; on a GPU a
+linear hash of the bits plus float row sums (`_digest_linear`: a few kernels per tensor, a few ms
+at GPU bandwidth). Measured 2026-12-07 on one core of an
 Intel Xeon VM (AVX-512): two DiT-S/2 (65.4M values, 262 MB) 37 ms on one thread, 21 ms on two
 (the torch formulation it replaced: 71 ms, ~12 bytes of traffic per value); 0.42 ns per value in
 cache on AVX-512, 0.59 on AVX2. Two DiT-XL/2 (2 x 675M values) are therefore ~0.4 s on one such
@@ -128,6 +129,70 @@ def _digest_torch(t: torch.Tensor) -> torch.Tensor:
     return ((s2 & _MASK) << 32) | (s1 & _MASK)  # int64 bits of (sum2 << 32) | sum1
 
 
+# The GPU digest: a few kernels per tensor (the torch twin of the C++ op above takes ~25, and a
+# GPU call is launch-bound): two integers per tensor, _weighted_sum of its bits and of its float
+# row sums' bits. Different integers from the CPU's, which is fine: a digest is only ever compared
+# with one taken on the same device.
+
+_BLOCK = 1 << 20      # multipliers are made in blocks of this many values, each from its own seed
+_ROW = 1024           # values per partial sum of content_digest's float sums
+_MULTIPLIERS: dict = {}  # device -> odd pseudo-random int32 multipliers (grown by blocks; a prefix never changes)
+
+
+def _multipliers(device: torch.device, numel: int) -> torch.Tensor:
+    have = _MULTIPLIERS.get(device)
+    size = 0 if have is None else have.numel()
+    if size < numel:
+        blocks = [torch.randint(-2 ** 31, 2 ** 31, (_BLOCK,), dtype=torch.int32,
+                                generator=torch.Generator().manual_seed(0x5EED + k)) | 1
+                  for k in range(size // _BLOCK, -(-numel // _BLOCK))]
+        new = torch.cat(blocks).to(device)
+        have = _MULTIPLIERS[device] = new if have is None else torch.cat([have, new])
+    return have[:numel]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bit patterns as a flat int32 tensor (a view where the layout allows; 1- and 2-byte
+    values widened, 8- and 16-byte ones split into int32 words)."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    size = t.element_size()
+    if size == 4:
+        return t.view(torch.int32).reshape(-1)
+    flat = t.reshape(-1)
+    if size > 4:
+        return flat.view(torch.int32)
+    return flat.view(torch.int16 if size == 2 else torch.uint8).to(torch.int32)
+
+
+def _weighted_sum(bits: torch.Tensor) -> torch.Tensor:
+    """sum(bits * r) for the fixed odd multipliers r: any single changed value changes it (r is
+    odd, so r * delta is never 0 modulo 2**32); several changed values cancel only by a
+    coincidence of ~2**-32 -- unless they all move by the same power of two, which the float
+    sums of content_digest catch."""
+    r = _multipliers(bits.device, bits.numel())
+    return (bits * r).sum(dtype=torch.int64)  # exact in int64 (no integer dot on GPUs)
+
+
+def _float_sums(t: torch.Tensor) -> torch.Tensor:
+    """Sums of consecutive _ROW values in float32: a whole-tensor scaling or sign flip changes them
+    (while moving every value's bits by the same power of two). Rows are summed one per thread, so
+    the result does not depend on the thread count."""
+    flat = t.detach().reshape(-1)
+    m = flat.numel() // _ROW * _ROW
+    return torch.cat([flat[:m].view(-1, _ROW).sum(1, dtype=torch.float32),
+                      flat[m:].sum(0, keepdim=True, dtype=torch.float32)])
+
+
+def _digest_linear(t: torch.Tensor) -> list:
+    out = [_weighted_sum(_bits(t))]
+    if t.is_floating_point():
+        out.append(_weighted_sum(_float_sums(t).view(torch.int32)))
+    return out
+
+
 def _cpp_digest():
     """The C++ weights_digest, or None (no extension, or one built before it existed)."""
     from dgfast.ops import cpp_extension
@@ -139,8 +204,8 @@ def content_digest(ft: nn.Module, pre: nn.Module) -> tuple:
     """One 64-bit integer per parameter and buffer of both models (shared tensors once) that
     changes whenever any value does (two 32-bit hash sums over its bytes; see weights_digest in
     csrc/dgfast_ops.cpp). Reads every value once; see the module docstring for the cost. CPU
-    tensors go to the C++ op in one call; other devices (or no extension) run the torch twin.
-    Meta tensors (no values) are skipped."""
+    tensors go to the C++ op in one call (its torch twin without the extension); GPU tensors to
+    _digest_linear (two integers each, a few kernels). Meta tensors (no values) are skipped."""
     groups: dict = {}
     seen: set = set()
     with torch.inference_mode():  # reads inference tensors too; bumps nothing
@@ -155,8 +220,10 @@ def content_digest(ft: nn.Module, pre: nn.Module) -> tuple:
             cpp = _cpp_digest() if device.type == "cpu" else None
             if cpp is not None:
                 out += cpp([t if t.is_contiguous() else t.contiguous() for t in tensors]).tolist()
+            elif device.type == "cpu":
+                out += torch.stack([_digest_torch(t) for t in tensors]).tolist()
             else:
-                out += torch.stack([_digest_torch(t) for t in tensors]).tolist()  # one sync per device
+                out += torch.stack([v for t in tensors for v in _digest_linear(t)]).tolist()  # one sync
         return tuple(out)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dgfast import ops
-from dgfast.pair_cache import WeightsIdentity, _digest_torch, cache_entry, fingerprint, get_pair
+from dgfast.pair_cache import WeightsIdentity, _digest_linear, _digest_torch, cache_entry, fingerprint, get_pair
 
 from test_paired import finetune_of, inputs, rand_dit, rel
 
@@ -161,13 +161,22 @@ def test_cpp_digest_matches_its_torch_twin():
 
 def test_digest_sees_one_bit_anywhere():
     """Flipping any single bit of a tensor's bytes changes its digest (twin; the C++ op is compared
-    with it above), including the padded last word of an odd byte count."""
+    with it above), including the padded last word of an odd byte count; and the GPU's digest too
+    (run here on CPU tensors), whose float sums catch uniform edits (x2, negation)."""
     for t in _digest_inputs()[:8]:
         base = int(_digest_torch(t))
         raw = t.contiguous().reshape(-1).view(torch.uint8) if not t.is_complex() else \
             torch.view_as_real(t).contiguous().reshape(-1).view(torch.uint8)
+        linear = [int(v) for v in _digest_linear(t.contiguous())]
         for byte in range(raw.numel()):
             for bit in (0, 7):
                 edited = raw.clone()
                 edited[byte] ^= 1 << bit
                 assert int(_digest_torch(edited)) != base, (t.dtype, byte, bit)
+                changed = edited.view(t.dtype).view(t.shape) if not t.is_complex() else None
+                if changed is not None and t.is_contiguous():
+                    assert [int(v) for v in _digest_linear(changed)] != linear, (t.dtype, byte, bit)
+    w = torch.randn(1000)
+    for edited in (w * 2, -w):
+        assert [int(v) for v in _digest_linear(edited)] != [int(v) for v in _digest_linear(w)]
+        assert int(_digest_torch(edited)) != int(_digest_torch(w))
