@@ -13,8 +13,9 @@ separate dgfast DiT forwards run): a pair whose chosen GEMMs are slower in total
 runs two-pass instead (TOLERANCE is the timing noise allowed before that happens).
 
 Bounded cost: each entry is timed on `rows` of its rows per half (a subset of M when M is large),
-WARMUP + REPS calls per candidate, and the rows are chosen so that the whole measurement is
-estimated at <= BUDGET_S on a reference machine of each device type (REFERENCE_SPEED: CPU 35 GFLOP/s
+WARMUP + REPS calls per candidate (more, up to MAX_REPS, where the machine is faster than the
+reference and the entry's estimate leaves room), and the rows are chosen so that the whole
+measurement is estimated at <= BUDGET_S on a reference machine of each device type (REFERENCE_SPEED: CPU 35 GFLOP/s
 and 10 GB/s, the slowest CPU this project measured on). `estimate_seconds` is that estimate; tests
 check it for DiT-XL/2 shapes and that the measurement runs exactly the GEMMs it counts.
 
@@ -41,13 +42,14 @@ import torch
 STRATEGIES = ("bmm", "onednn", "mm")
 TWO_PASS = "two-pass"
 WARMUP, REPS = 1, 2           # per candidate: warm-up calls (oneDNN primitives, page faults), timed reps (min kept)
+MAX_REPS = 6                  # timed reps while the measurement stays within its estimate (time_candidates)
 BUDGET_S = 1.6                # estimated seconds of one pair's whole measurement on the reference machine
 ROW_STEPS = (512, 384, 256, 192, 128, 96, 64, 48, 32, 16)      # rows per half tried, largest first
 FEW_ROWS = 16                 # rows timed for layers that are not sliceable (adaLN)
 COL_STEPS = (4096, 2048, 1536, 1024, 768, 512, 384, 256)        # output columns tried (sliceable layers)
 TOLERANCE = 0.02              # the pair is kept unless its GEMMs are > 2% slower than two-pass: timing noise
 REFERENCE_SPEED = {"cpu": (35e9, 10e9), "cuda": (20e12, 2e12)}   # (FLOP/s, weight bytes/s)
-FORMAT = 2                    # disk cache format (2: candidates timed round-robin)
+FORMAT = 3                    # disk cache format (2: candidates timed round-robin; 3: up to MAX_REPS reps)
 
 
 def onednn_available(t: torch.Tensor) -> bool:
@@ -150,17 +152,27 @@ def time_call(run: Callable[[], object], device: torch.device, label: tuple = ()
     return time.perf_counter() - t0
 
 
-def time_candidates(runs: dict, device: torch.device, key: tuple) -> dict:
+def time_candidates(runs: dict, device: torch.device, key: tuple, allowance: float = 0.0) -> dict:
     """{name: seconds per call} of every run: each warmed up, then REPS rounds that time every
     candidate once in turn, the fastest rep kept. Round-robin, not one candidate's reps after
     another's: a machine whose speed drifts between seconds (a shared VM: 10-20% measured, see
-    bench/RESULTS.md) then slows all candidates of a round alike instead of whichever ran last."""
+    bench/RESULTS.md) then slows all candidates of a round alike instead of whichever ran last.
+
+    More rounds, up to MAX_REPS, while the warm-up and the rounds so far plus one more (at the
+    rounds' mean cost) stay within `allowance` seconds, the entry's estimate on the reference
+    machine (estimate_seconds): a machine faster than the reference spends what it saves on more
+    reps, which makes its pick steadier (candidates are often within a few % of each other), and
+    the measurement still ends within the budget."""
     for name, run in runs.items():
         warm_up(run, device, (key, name))
     best = dict.fromkeys(runs, math.inf)
-    for _ in range(REPS):
+    spent, rounds = 0.0, 0
+    while rounds < REPS or (rounds < MAX_REPS and spent / rounds * (WARMUP + rounds + 1) <= allowance):
         for name, run in runs.items():
-            best[name] = min(best[name], time_call(run, device, (key, name)))
+            t = time_call(run, device, (key, name))
+            best[name] = min(best[name], t)
+            spent += t
+        rounds += 1
     return best
 
 
@@ -222,7 +234,8 @@ def pick(entry: Entry, device: torch.device, dtype: torch.dtype) -> Pick:
         _MEMORY[key] = stored
         return Pick(entry, dict(stored[0]), stored[1], "disk")
     runs = entry.candidates()
-    times = time_candidates({s: runs[s] for s in (*entry.strategies, TWO_PASS)}, device, entry.key)
+    allowance = estimate_seconds([entry], device.type, torch.empty((), dtype=dtype).element_size())
+    times = time_candidates({s: runs[s] for s in (*entry.strategies, TWO_PASS)}, device, entry.key, allowance)
     two = times.pop(TWO_PASS)
     _MEMORY[key] = (times, two)
     disk_store(key, times, two)
@@ -251,7 +264,7 @@ def machine_id(device: torch.device) -> str:
 def cache_key(entry: Entry, device: torch.device, dtype: torch.dtype) -> str:
     threads = torch.get_num_threads() if device.type == "cpu" else 0
     return json.dumps([torch.__version__, machine_id(device), str(dtype), threads, list(entry.key), entry.rows,
-                       entry.out_features, list(entry.strategies), WARMUP, REPS])
+                       entry.out_features, list(entry.strategies), WARMUP, REPS, MAX_REPS])
 
 
 def cache_path() -> str | None:

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dgfast
 from dgfast import gemm_choice, pair_layers
-from dgfast.gemm_choice import REPS, STRATEGIES, TWO_PASS, WARMUP, estimate_seconds
+from dgfast.gemm_choice import MAX_REPS, REPS, STRATEGIES, TWO_PASS, WARMUP, estimate_seconds
 from dgfast.models import DiT
 from dgfast.pair_layers import PairLinear
 from dgfast.paired import PairedDiT, pair
@@ -405,6 +405,23 @@ def test_real_timer_warms_up_then_times_round_robin(monkeypatch):
     runs = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
     assert gemm_choice.time_candidates(runs, torch.device("cpu"), ("key",)) == {"a": 1.0, "b": 0.5}
     assert WARMUP == 1 and REPS == 2 and order == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_spare_time_buys_more_reps_within_the_allowance(monkeypatch):
+    """A machine faster than the reference takes more timed rounds (up to MAX_REPS) while the
+    warm-up plus the rounds so far plus one more stay within the entry's allowance; none beyond it."""
+    calls = []
+
+    def fake_time(run, device, label=()):
+        calls.append(label[1])
+        return 0.5  # a round of two candidates: 1 s
+    monkeypatch.setattr(gemm_choice, "time_call", fake_time)
+    monkeypatch.setattr(gemm_choice, "warm_up", lambda run, device, label=(): None)
+    runs = {"a": lambda: None, "b": lambda: None}
+    for allowance, rounds in ((0.0, REPS), (4.0, 3), (4.9, 3), (5.0, 4), (1e9, MAX_REPS)):
+        calls.clear()
+        gemm_choice.time_candidates(runs, torch.device("cpu"), ("key",), allowance)
+        assert calls.count("a") == calls.count("b") == rounds, allowance  # WARMUP (1) + rounds within allowance
 
 
 def test_cuda_timer_and_identity_dry_run(monkeypatch):
