@@ -17,7 +17,8 @@ WARMUP + REPS calls per candidate (more, up to MAX_REPS, where the machine is fa
 reference and the entry's estimate leaves room), and the rows are chosen so that the whole
 measurement is estimated at <= BUDGET_S on a reference machine of each device type (REFERENCE_SPEED: CPU 35 GFLOP/s
 and 10 GB/s, the slowest CPU this project measured on). `estimate_seconds` is that estimate; tests
-check it for DiT-XL/2 shapes and that the measurement runs exactly the GEMMs it counts.
+check it for DiT-XL/2 shapes and that the measurement runs exactly the GEMMs it counts (at REPS;
+the extra reps only where measured time leaves room).
 
 Caching: results are kept in memory per (device, dtype, threads, layer shape, measured rows) and
 on disk in a JSON file (DGFAST_GEMM_CACHE=0 turns the disk cache off; DGFAST_GEMM_CACHE=<path>.json
