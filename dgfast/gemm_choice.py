@@ -235,7 +235,7 @@ def pick(entry: Entry, device: torch.device, dtype: torch.dtype) -> Pick:
         _MEMORY[key] = stored
         return Pick(entry, dict(stored[0]), stored[1], "disk")
     runs = entry.candidates()
-    allowance = estimate_seconds([entry], device.type, torch.empty((), dtype=dtype).element_size())
+    allowance = estimate_seconds([entry], device.type, dtype.itemsize)
     times = time_candidates({s: runs[s] for s in (*entry.strategies, TWO_PASS)}, device, entry.key, allowance)
     two = times.pop(TWO_PASS)
     _MEMORY[key] = (times, two)

@@ -272,9 +272,7 @@ class PairLinear:
                 torch.cat([ya, yb], out=workspace((ya.shape[0] * 2, *ya.shape[1:])))
         else:
             fuse = gelu and strategy == "onednn" and not self.loras  # not after a LoRA delta
-            # Stacked GEMMs before a GELU leave the bias to the GELU pass, per half (ATen's addmm and
-            # baddbmm first copy the broadcast bias into the output: a pass over it saved).
-            late_bias = gelu and not self.shared and not self.loras and self.biases[0] is not None
+            late_bias = self._bias_in_gelu(gelu)
             if self.shared:
                 out = self._shared(x, strategy == "onednn", fuse)
             elif strategy == "bmm":
@@ -282,14 +280,24 @@ class PairLinear:
             else:
                 out = self._mm(x, workspace, bias=not late_bias)
             if gelu and not fuse:  # in place: out is this call's own GEMM output
-                if late_bias:  # (2, M, out): each half with its model's bias
-                    for half, b in zip(out.unbind(0), self.biases):
-                        ops.gelu_tanh_(half, b, backend=backend)
-                else:
-                    ops.gelu_tanh_(out, backend=backend)
+                self._gelu_(out, late_bias, backend)
         if shape is not None and tuple(out.shape[:-1]) != tuple(shape):
             out = out.view(*shape, -1)
         return out
+
+    def _bias_in_gelu(self, gelu: bool) -> bool:
+        """Whether stacked GEMMs before a GELU leave the bias to the GELU pass, per half (ATen's addmm
+        and baddbmm first copy the broadcast bias into the output: a pass over it saved)."""
+        return gelu and not self.shared and not self.loras and self.biases[0] is not None
+
+    def _gelu_(self, out, late_bias: bool, backend) -> None:
+        """GELU in place on this layer's own GEMM output; with late_bias, each (M, out) half of the
+        (2, M, out) output with its model's bias."""
+        if late_bias:
+            for half, b in zip(out.unbind(0), self.biases):
+                ops.gelu_tanh_(half, b, backend=backend)
+        else:
+            ops.gelu_tanh_(out, backend=backend)
 
     def _per_half(self, x, gelu, backend):
         """Each half on its own: the models' modules ("separate") or oneDNN on the prepacked copies."""
@@ -385,14 +393,11 @@ class PairLinear:
         if strategy == "bmm" and self.w2t is not None and self.kind == "stacked":
             x2 = torch.stack([xi.reshape(-1, self.in_features) for xi in x]) if isinstance(x, tuple) else \
                 x.reshape(2, -1, self.in_features)
-            if gelu and self.b2 is not None and not self.loras:  # each half's bias in its GELU pass, as eager
-                out = torch.bmm(x2, self.w2t)
-                for half, b in zip(out.unbind(0), self.biases):
-                    ops.gelu_tanh_(half, b, backend=backend)
-            else:
-                out = torch.baddbmm(self.b2, x2, self.w2t) if self.b2 is not None else torch.bmm(x2, self.w2t)
-                if gelu:
-                    out = ops.gelu_tanh_(out, backend=backend)
+            late_bias = self._bias_in_gelu(gelu)  # as eager; in place: inductor re-inplaces the op
+            out = torch.baddbmm(self.b2, x2, self.w2t) if self.b2 is not None and not late_bias else \
+                torch.bmm(x2, self.w2t)
+            if gelu:
+                self._gelu_(out, late_bias, backend)
             return out if shape is None else out.view(*shape, -1)
         xa, xb = _halves(x)
         if strategy == "onednn" and self.handles is not None and self.kind == "stacked":
