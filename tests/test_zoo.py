@@ -78,6 +78,9 @@ def test_metric_separates_domains():
     other = metric(data.render(dom.glyphs[idx], **data.source_style(len(idx), g)), labels)
     assert same["fd"] * 5 < other["fd"]
     assert same["accuracy"] > 0.9
+    # the wash reading: the target's top-to-bottom paper change, which source paper (flat) never has
+    assert same["wash"] == pytest.approx(metric.reference_wash, rel=0.1)
+    assert other["wash"] < 0.5 * same["wash"]
 
 
 def test_training_tables_match_the_sampler():

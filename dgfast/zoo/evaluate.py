@@ -181,7 +181,8 @@ def _score(args, finetuned, pretrained, info, metric, K: int, per_seed: dict, ke
         x = sample_mode(finetuned, pretrained, info, mode, w, y, seeds, steps=args.steps, backend=args.backend, **extra)
         r = {**metric(x, y), "seconds": round(time.time() - t0, 2)}
         per_seed.setdefault(key, []).append(r)
-        print(f"seed {s}  {key:12s}  FD {r['fd']:8.3f}  acc {r['accuracy']:.3f}  ({r['seconds']:.0f}s)", flush=True)
+        print(f"seed {s}  {key:12s}  FD {r['fd']:8.3f}  acc {r['accuracy']:.3f}  wash {r['wash']:.3f}  "
+              f"({r['seconds']:.0f}s)", flush=True)
 
 
 def _pair_once(args, finetuned, pretrained, info, K: int) -> None:
