@@ -219,7 +219,7 @@ def content_digest(ft: nn.Module, pre: nn.Module) -> tuple:
         for device, tensors in groups.items():
             cpp = _cpp_digest() if device.type == "cpu" else None
             if cpp is not None:
-                out += cpp([t.contiguous() for t in tensors])  # a no-op for contiguous ones.tolist()
+                out += cpp([t.contiguous() for t in tensors]).tolist()  # contiguous(): a no-op for most
             elif device.type == "cpu":
                 out += torch.stack([_digest_torch(t) for t in tensors]).tolist()
             else:

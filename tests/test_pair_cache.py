@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dgfast import ops
-from dgfast.pair_cache import WeightsIdentity, _digest_linear, _digest_torch, cache_entry, fingerprint, get_pair
+from dgfast.pair_cache import (WeightsIdentity, _digest_linear, _digest_torch, cache_entry, content_digest,
+                               fingerprint, get_pair)
 
 from test_paired import finetune_of, inputs, rand_dit, rel
 
@@ -157,6 +158,15 @@ def test_cpp_digest_matches_its_torch_twin():
     finally:
         torch.set_num_threads(threads)
         ext.set_cpu_isa(isa)
+
+
+def test_content_digest_is_plain_integers():
+    """The weight check keeps Python ints (one per tensor, the C++ op's or the twin's), not tensors:
+    the stored digest is compared on every sample() call and must not hold views of a result."""
+    a, b = rand_dit(), rand_dit()
+    digest = content_digest(a, b)
+    assert digest and all(type(v) is int for v in digest)
+    assert digest == content_digest(a, b)
 
 
 def test_digest_sees_one_bit_anywhere():
