@@ -6,11 +6,15 @@ moved by a random affine map at 32x32, coloured and area-downsampled to 16x16 (a
 - **source** ("many inks"): all ten digits, ink and paper colours drawn uniformly from the RGB cube
   (with a minimum luminance contrast), flat paper, any stroke weight, +-15 degree rotation. The broad
   domain the model is pre-trained on (the ImageNet of this toy).
-- **target** ("teal on a sand-to-mint wash"): five digits (0, 2, 4, 6, 8 = target classes 0..4) in
-  dark teal ink on paper that fades from sand at the top to mint at the bottom, medium strokes,
-  nearly upright. The ink and the top colour are one corner of the source domain, the vertical wash
-  is outside it (source paper is flat): a real shift the fine-tune must learn, as a photo domain's
-  lighting or texture is new to ImageNet. Fine-tuning sees only `SHOTS` glyphs per class.
+- **target** ("black on a yellow-to-cyan wash"): five digits (0, 2, 4, 6, 8 = target classes 0..4)
+  in black ink on paper that fades from yellow at the top to cyan at the bottom, medium strokes,
+  nearly upright. The colours are corners of the source's RGB cube, the vertical wash is outside
+  the source (source paper is flat): a real shift the fine-tune must learn, as a photo domain's
+  lighting or texture is new to ImageNet. Every channel of the target's colours is 0 or 1, so
+  guidance that extrapolates the appearance past the target (DoG's domain term does: README's
+  model card) is clamped away when samples become pixels (DiT's scripts clamp every sample to 0..255);
+  a first target inside the cube (teal on a sand-to-mint wash) let DoG overshoot it, and DoG's lead
+  over CFG then depended on the pre-trained draw. Fine-tuning sees only `SHOTS` glyphs per class.
 - **probe** (encoder training only): any ink, any paper (flat or gradient), any weight: a superset
   of both domains, so the metric encoder is not tuned to either.
 
@@ -122,14 +126,14 @@ def source_style(n: int, g: torch.Generator) -> dict:
                 shift=(torch.rand(n, 2, generator=g) - 0.5) * 0.2)
 
 
-TARGET_INK = (0.10, 0.40, 0.45)     # dark teal
-TARGET_PAPER = (0.85, 0.75, 0.55)   # sand, at the top of the paper
-TARGET_WASH = (0.55, 0.80, 0.75)    # mint, at the bottom
+TARGET_INK = (0.0, 0.0, 0.0)      # black
+TARGET_PAPER = (1.0, 1.0, 0.0)    # yellow, at the top of the paper
+TARGET_WASH = (0.0, 1.0, 1.0)     # cyan, at the bottom
 
 
 def target_style(n: int, g: torch.Generator) -> dict:
-    """Teal ink on a sand-to-mint vertical wash, medium strokes, nearly upright. Colours as the
-    source could draw them, the wash as it never does (source paper is flat)."""
+    """Black ink on a yellow-to-cyan vertical wash, medium strokes, nearly upright. Colours as the
+    source could draw them (its cube's corners), the wash as it never does (source paper is flat)."""
     def jitter(c, s):
         return (torch.tensor(c) + s * torch.randn(n, 3, generator=g)).clamp(0, 1)
     paper = jitter(TARGET_PAPER, 0.04)
