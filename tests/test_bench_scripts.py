@@ -156,16 +156,20 @@ def test_frontier_quick(frontier, tmp_path):
 
 def test_frontier_merge_makes_one_table_of_runs_side_by_side(frontier, tmp_path):
     """--merge: the records of per-seed folders join OUT's (nothing sampled without --points), the table
-    is over all seeds; a folder made with other settings is a one-line error naming it."""
-    def run_dir(name, seeds, scale=1.2):
+    is over all seeds; a folder made with other settings (another scale, another pair's weights) is a
+    one-line error naming it."""
+    shipped = frontier.pair_digest(None)
+
+    def run_dir(name, seeds, scale=1.2, pair=shipped):
         recs = [dict(point=p, seed=s, seconds=10.0 if p == "ddpm:250" else 1.0, ft_forwards=5, pre_forwards=5,
                      fd=10.0 + s + (0.5 if p != "ddpm:250" else 0), accuracy=0.9, n=16.0)
                 for p in ("ddpm:250", "ddim:25") for s in seeds]
-        setup = dict(scale=scale, samples=16, zoo="shipped dgfast/zoo", batch=500, baseline="ddpm:250")
+        setup = dict(scale=scale, samples=16, zoo="shipped dgfast/zoo", pair=pair, batch=500, baseline="ddpm:250")
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(dict(setup=setup, records=recs)))
         return str(tmp_path / name)
     a, b, c = run_dir("a", [1]), run_dir("b", [2, 3]), run_dir("c", [4], scale=1.5)
+    remade = run_dir("d", [5], pair="0" * 12)  # the same folder's earlier pair
     out = tmp_path / "out"
     args = ["--scale", "1.2", "--samples", "16", "--out", str(out), "--threads", "1"]
     assert frontier.main(args + ["--merge", a, b]) == 0
@@ -177,7 +181,10 @@ def test_frontier_merge_makes_one_table_of_runs_side_by_side(frontier, tmp_path)
     with pytest.raises(SystemExit):
         frontier.main(args + ["--merge", a, c])
     with pytest.raises(ValueError, match="--merge .*c: made with other settings .*scale 1.5"):
-        frontier.merge_records([], [c], dict(scale=1.2, samples=16, zoo="shipped dgfast/zoo", batch=500))
+        frontier.merge_records([], [c], dict(scale=1.2, samples=16, zoo="shipped dgfast/zoo", pair=shipped, batch=500))
+    with pytest.raises(ValueError, match="--merge .*d: made with other settings .*pair '000000000000'"):
+        frontier.merge_records([], [remade], dict(scale=1.2, samples=16, zoo="shipped dgfast/zoo", pair=shipped,
+                                                  batch=500))
 
 
 def test_frontier_points_and_forwards(frontier):
