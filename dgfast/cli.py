@@ -102,9 +102,9 @@ def _add_guidance_arguments(g) -> None:
     one.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     one.add_argument("--scheduler", choices=list(NAMED_SCHEDULERS), default=None,
                      help="a diffusers scheduler on DiT's schedule instead of --sampler (needs diffusers; "
-                          "--num-sampling-steps an int). dpmpp-2m-sde-karras with --num-sampling-steps 16 "
-                          "--guidance-interval 0.6 1: 1/21 of DDPM-250's forwards at about its FD on the "
-                          "embedded pair (bench/RESULTS.md)")
+                          "--num-sampling-steps an int). dpmpp-2m-sde-karras with --num-sampling-steps 17 "
+                          "--guidance-interval 0.4 1 --pretrained-every 2: 1/21 of DDPM-250's forwards at about "
+                          "its FD on the embedded pair (bench/RESULTS.md)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("START", "STOP"),
                    help="guide only steps int(START*N) <= i < int(STOP*N) of N (step 0 the noisiest); the "

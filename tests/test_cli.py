@@ -821,29 +821,30 @@ def test_guidance_interval_and_scheduler_flags_are_checked(ckpts, tmp_path, caps
 
 
 def test_zoo_pair_with_the_recommended_scheduler(tmp_path, capsys, one_thread):
-    """--scheduler dpmpp-2m-sde-karras --guidance-interval 0.6 1 (README's recommendation, there with 16
-    steps; per-sample seeds reach the SDE's step noise too)
-    writes what dgfast.sample gives with the same settings; a resume without the interval is refused."""
+    """--scheduler dpmpp-2m-sde-karras --guidance-interval 0.4 1 --pretrained-every 2 (README's
+    recommendation, there with 17 steps; per-sample seeds reach the SDE's step noise too) writes what
+    dgfast.sample gives with the same settings; a resume without the interval is refused."""
     pytest.importorskip("diffusers")
     import dgfast.zoo
     out = tmp_path / "dog"
-    flags = ["--scheduler", "dpmpp-2m-sde-karras", "--num-sampling-steps", "5", "--guidance-interval", "0.6", "1"]
+    interval = ["--guidance-interval", "0.4", "1"]
+    flags = ["--scheduler", "dpmpp-2m-sde-karras", "--num-sampling-steps", "6", "--pretrained-every", "2"]
     with one_thread():
-        assert cli.main(_zoo_args(out, *flags)) == 0
+        assert cli.main(_zoo_args(out, *flags, *interval)) == 0
         ft, pre, _ = dgfast.zoo.load_pair()
         y = torch.tensor([sample_label(0, i, 5) for i in range(2)])
-        want = dgfast.sample(ft, pre, None, y, guidance_scale=1.5, steps=5, null_label=10, noise="per-sample",
-                             seeds=[sample_seed(0, i) for i in range(2)], scheduler="dpmpp-2m-sde-karras",
-                             guidance_interval=(0.6, 1.0))
-        other = dgfast.sample(ft, pre, None, y, guidance_scale=1.5, steps=5, null_label=10, noise="per-sample",
-                              seeds=[sample_seed(0, i) for i in range(2)], scheduler="dpmpp-2m-sde-karras")
+        common = dict(guidance_scale=1.5, steps=6, null_label=10, noise="per-sample",
+                      seeds=[sample_seed(0, i) for i in range(2)], scheduler="dpmpp-2m-sde-karras")
+        want = dgfast.sample(ft, pre, None, y, guidance_interval=(0.4, 1.0), pretrained_every=2, **common)
+        others = [dgfast.sample(ft, pre, None, y, pretrained_every=2, **common),
+                  dgfast.sample(ft, pre, None, y, guidance_interval=(0.4, 1.0), **common)]
     got = torch.stack([torch.from_numpy(np.load(out / f"{i:06d}.npy")) for i in range(2)])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert (got - other).abs().max() > 1e-3  # the interval reached the sampler
+    assert all((got - other).abs().max() > 1e-3 for other in others)  # both controls reached the sampler
     capsys.readouterr()
-    assert cli.main(_zoo_args(out, *flags[:-3], "--resume")) == 2
-    assert "guidance_interval: [0.6, 1.0] -> None" in capsys.readouterr().err
-    assert cli.main(_zoo_args(out, *flags, "--resume")) == 0
+    assert cli.main(_zoo_args(out, *flags, "--resume")) == 2
+    assert "guidance_interval: [0.4, 1.0] -> None" in capsys.readouterr().err
+    assert cli.main(_zoo_args(out, *flags, *interval, "--resume")) == 0
 
 
 def test_no_null_row_is_needed_for_a_table_of_num_classes_rows(tmp_path, capsys, one_thread):
