@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from dgfast import samplers
-from dgfast.zoo import ZOO_DIR, load_pair
+from dgfast.checkpoint import weights_digest
+from dgfast.zoo import load_pair
 from dgfast.zoo.demo import best_scales
 from dgfast.zoo.evaluate import balanced_labels, check_zoo_dir, sample_mode, sample_seeds
 
@@ -399,13 +400,9 @@ def check_args(args) -> None:
 SAME_SETUP = ("scale", "samples", "zoo", "pair", "batch")
 
 
-def pair_digest(zoo_dir: str | None) -> str:
-    """The first 12 hex digits of a SHA-256 over the pair's two weight files."""
-    h = hashlib.sha256()
-    for name in ("finetuned", "pretrained"):
-        with open(os.path.join(zoo_dir or ZOO_DIR, f"{name}.safetensors"), "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:12]
+def pair_digest(finetuned, pretrained) -> str:
+    """The first 12 hex digits of a SHA-256 over the two models' weight digests (the CLI's resume check)."""
+    return hashlib.sha256((weights_digest(finetuned) + weights_digest(pretrained)).encode()).hexdigest()[:12]
 
 
 def load_records(path: str, setup: dict, resume: bool) -> list:
@@ -482,7 +479,7 @@ def main(argv=None) -> int:
     samples = args.samples or (16 if args.quick else 1000)
     baseline = args.baseline or (quick_points()[0].name if args.quick else BASELINE)
     setup = dict(scale=scale, samples=samples, zoo=args.zoo_dir or "shipped dgfast/zoo",
-                 pair=pair_digest(args.zoo_dir), batch=args.batch,
+                 pair=pair_digest(*models[:2]), batch=args.batch,
                  baseline=baseline, torch=torch.__version__, threads=torch.get_num_threads(), machine=machine())
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from dgfast.zoo import load_pair
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
@@ -158,7 +160,7 @@ def test_frontier_merge_makes_one_table_of_runs_side_by_side(frontier, tmp_path)
     """--merge: the records of per-seed folders join OUT's (nothing sampled without --points), the table
     is over all seeds; a folder made with other settings (another scale, another pair's weights) is a
     one-line error naming it."""
-    shipped = frontier.pair_digest(None)
+    shipped = frontier.pair_digest(*load_pair()[:2])
 
     def run_dir(name, seeds, scale=1.2, pair=shipped):
         recs = [dict(point=p, seed=s, seconds=10.0 if p == "ddpm:250" else 1.0, ft_forwards=5, pre_forwards=5,
