@@ -46,13 +46,13 @@ FULL = (0.0, 1.0)
 STEP_COUNTS = (25, 20, 15, 10, 8)
 CURVES = ("dpm2m", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde-karras", "dpmpp-3m-karras", "dpmpp-3m-sde-karras",
           "unipc", "unipc-karras")
-# the guidance controls are tried on the best curves (bench/RESULTS.md): the SDE solver on the 16x16 pair
+# the guidance controls are tried on the best curves (bench/RESULTS.md): the SDE solver on the 16x16 pairs
 # (the ODE solvers stop short of DDPM-250's FD at any step count there), the Karras ODE solvers on the 8x8 one
 BEST = ("dpmpp-2m-sde-karras", "unipc-karras", "dpmpp-2m-karras")
 # Kynkaenniemi et al. 2024 guide the middle noise levels; (a, 1) only skips the noisiest steps
 INTERVALS = ((0.2, 0.8), (0.3, 0.7), (0.1, 0.6))
 NOISY_START_OFF = ((0.2, 1.0), (0.3, 1.0))
-# with Karras sigmas the SDE solver's first half needs no guidance on the 16x16 pair: guide only the clean end
+# with Karras sigmas the SDE solver's first half needs no guidance on the teal 16x16 pair: guide only the clean end
 LATE_ONLY = ((0.5, 1.0), (0.6, 1.0))
 BASELINE = "ddpm:250"
 # the saturated pair's pick (bench/RESULTS.md, 2026-12-07): 17 SDE steps, guided on the last 60% with the
